@@ -1,0 +1,3 @@
+from hvkit.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""The `hvkit` command. Each concern has its own module of subcommands; this one wires
+them together and turns every HvkitError into one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from hvkit import __version__
+from hvkit.errors import HvkitError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hvkit")
+@click.option("-v", "--verbose", count=True, help="Log what hvkit does (-vv: also QMP traffic).")
+def cli(verbose: int) -> None:
+    """hvkit: fork, hypercalls, identification and sharing for the memory of real VMs.
+
+    Start with 'hvkit demo'. Every command takes --help; commands whose output is data
+    take --json. Set HVKIT_CACHE and HVKIT_RUNTIME to move hvkit's cache
+    (default ~/.cache/hvkit) and its VMs' runtime folders (default /dev/shm/hvkit).
+    """
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 1), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
+
+
+def _register() -> None:
+    from hvkit.cli import demo, guest, vm
+
+    cli.add_command(vm.vm)
+    cli.add_command(guest.guest)
+    cli.add_command(demo.demo)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except HvkitError as e:
+        click.echo(f"hvkit: error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("hvkit: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("hvkit: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)

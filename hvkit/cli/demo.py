@@ -1,0 +1,108 @@
+"""`hvkit demo`: the main job on the default guest, step by step.
+
+Each capability adds its steps here as it lands; a step returns a one-line result and
+the demo prints a table of steps with their timings (or JSON).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Callable
+
+import click
+
+from hvkit.cli.output import console, json_option, print_json, status_console
+from hvkit.config import Paths
+from hvkit.guest import build_default_guest
+from hvkit.qemu import VM
+from hvkit.units import mib
+
+HEARTBEAT = r"HVKIT-HEARTBEAT (\d+)"
+
+
+def _last_heartbeat(vm: VM) -> int:
+    beats = re.findall(HEARTBEAT, vm.console())
+    return int(beats[-1]) if beats else -1
+
+
+def _wait_heartbeats(vm: VM, count: int, timeout: float = 30.0) -> int:
+    """The heartbeat number after `count` more heartbeats."""
+    start = _last_heartbeat(vm)
+    deadline = time.monotonic() + timeout
+    while _last_heartbeat(vm) < start + count:
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the guest's heartbeat stalled at {start}")
+        vm._raise_if_dead("during the demo")
+        time.sleep(0.1)
+    return _last_heartbeat(vm)
+
+
+@click.command()
+@click.option("--memory", "-m", default="256M", show_default=True, help="Guest RAM.")
+@json_option
+def demo(memory: str, as_json: bool) -> None:
+    """Boot the default guest, show it is alive, and stop it cleanly."""
+    paths = Paths.from_env()
+    steps: list[dict] = []
+    out = console()
+
+    def step(title: str, action: Callable[[], str]) -> None:
+        with status_console().status(title + " ..."):
+            t0 = time.monotonic()
+            result = action()
+        steps.append({"step": title, "result": result, "seconds": round(time.monotonic() - t0, 3)})
+        if not as_json:
+            out.print(f"[green]✓[/] {title}: {result} [dim]({steps[-1]['seconds']:.2f} s)[/]")
+
+    guest = {}
+    step("prepare the default guest",
+         lambda: (guest.setdefault("a", build_default_guest(paths)), f"kernel {guest['a'].release}")[1])
+    vm = {}
+
+    def boot() -> str:
+        vm["vm"] = VM.start(f"demo-{os.getpid()}", memory=memory, workload="alloc:32", paths=paths)
+        ready = re.search(r"HVKIT-READY (.*)", vm["vm"].console()).group(1)
+        return f"{vm['vm'].name} ready ({vm['vm'].spec.accel}): {ready.strip()}"
+
+    try:
+        step("boot the guest", boot)
+        machine: VM = vm["vm"]
+        step("watch its heartbeat", lambda: f"heartbeat reached {_wait_heartbeats(machine, 2)}")
+
+        def pause_resume() -> str:
+            machine.pause()
+            before = _last_heartbeat(machine)
+            time.sleep(2.0)
+            during = _last_heartbeat(machine)
+            machine.resume()
+            after = _wait_heartbeats(machine, 1)
+            return f"paused at beat {before}, still {during} after 2 s, resumed to {after}"
+
+        step("pause and resume", pause_resume)
+
+        def truth() -> str:
+            t = machine.ground_truth()
+            return (f"MemTotal {mib(t.meminfo['MemTotal']):.0f} MiB, MemFree {mib(t.meminfo['MemFree']):.0f} MiB, "
+                    f"{len(t.processes)} processes, {t.kpageflags.size} page frames; "
+                    f"host holds {mib(machine.host_memory()):.0f} MiB of its RAM file")
+
+        step("read the guest's own memory report", truth)
+
+        def stop() -> str:
+            pid, folder = machine.pid, machine.rundir.path
+            machine.stop()
+            left = [str(folder)] if folder.exists() else []
+            left += [f"pid {pid}"] if os.path.exists(f"/proc/{pid}") and machine.is_alive() else []
+            return "stopped, nothing left behind" if not left else f"left behind: {', '.join(left)}"
+
+        step("stop it", stop)
+    finally:
+        if "vm" in vm and vm["vm"].is_alive():
+            vm["vm"].stop()
+    total = sum(s["seconds"] for s in steps)
+    if as_json:
+        print_json({"steps": steps, "seconds": round(total, 3)})
+    else:
+        out.print(f"demo finished in {total:.1f} s")

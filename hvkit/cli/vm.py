@@ -1,0 +1,132 @@
+"""`hvkit vm ...`: start, list, pause, resume, stop VMs and read their consoles."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from hvkit.cli.output import console, json_option, print_json, print_table
+from hvkit.guest.workload import NAMES as WORKLOADS
+from hvkit.qemu import VM
+from hvkit.qemu.accel import ACCELS
+from hvkit.units import mib
+
+
+@click.group()
+def vm() -> None:
+    """Run real Linux guests in QEMU (RAM in a host file, control over QMP)."""
+
+
+@vm.command()
+@click.option("--name", help="VM name (default: vm1, vm2, ...).")
+@click.option("--memory", "-m", default="256M", show_default=True, help="Guest RAM, e.g. 256M, 1G.")
+@click.option("--cpus", default=1, show_default=True, type=int, help="Virtual CPUs.")
+@click.option("--kernel", type=click.Path(path_type=Path), help="bzImage to boot (default: the default guest's kernel).")
+@click.option("--initrd", type=click.Path(path_type=Path), help="Your own initramfs (default: hvkit's, which runs --workload).")
+@click.option("--append", default="", help="Extra kernel command line.")
+@click.option("--workload", help=f"What hvkit's init runs: {', '.join(WORKLOADS)}, as NAME or NAME:MIB (default idle).")
+@click.option("--accel", type=click.Choice(ACCELS), default="auto", show_default=True,
+              help="QEMU accelerator; auto probes whether KVM really beats TCG here.")
+@click.option("--cpu-model", help="QEMU -cpu model (e.g. max, for 5-level paging under TCG).")
+@click.option("--no-wait", is_flag=True, help="Return once QEMU runs, before the guest is ready.")
+@json_option
+def start(name, memory, cpus, kernel, initrd, append, workload, accel, cpu_model, no_wait, as_json) -> None:
+    """Start a VM in the background; it keeps running after this command returns."""
+    t0 = time.monotonic()
+    machine = VM.start(name, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd, append=append,
+                       workload=workload, accel=accel, cpu_model=cpu_model, wait=not no_wait)
+    elapsed = time.monotonic() - t0
+    if as_json:
+        print_json({**machine.status().to_json(), "start_seconds": round(elapsed, 3)})
+        return
+    ready = "ready" if machine.spec.workload and not no_wait else "started"
+    console().print(f"VM [bold]{machine.name}[/] {ready} in {elapsed:.1f} s "
+                    f"(pid {machine.pid}, {machine.spec.accel}, {mib(machine.spec.memory):.0f} MiB, "
+                    f"RAM file {machine.ram_path})")
+
+
+@vm.command(name="list")
+@json_option
+def list_(as_json) -> None:
+    """List VMs with their state and host memory; dead VMs are shown once and cleaned up."""
+    rows = VM.list()
+    if as_json:
+        print_json([r.to_json() for r in rows])
+        return
+    if not rows:
+        console().print("no VMs")
+        return
+    print_table(
+        ["name", "state", "pid", "cpus", "memory MiB", "host MiB", "uptime s", "accel", "workload"],
+        [[r.name, r.state, r.pid, r.cpus,
+          f"{mib(r.memory):.0f}", f"{mib(r.host_memory):.1f}",
+          f"{r.uptime:.0f}" if r.uptime is not None else "", r.accel, r.workload] for r in rows],
+    )
+    for r in rows:
+        if r.state == "dead":
+            console().print(f"{r.name} is dead ({r.reason}); its leftovers were removed")
+
+
+def _simple(verb: str, method: str, helptext: str):
+    @vm.command(name=verb, help=helptext)
+    @click.argument("name")
+    def command(name: str) -> None:
+        getattr(VM.attach(name), method)()
+        console().print(f"VM {name}: {verb} done")
+
+    return command
+
+
+_simple("pause", "pause", "Pause a VM (its vCPUs stop; memory stays).")
+_simple("resume", "resume", "Resume a paused VM.")
+_simple("stop", "stop", "Stop a VM: QEMU ends and its runtime folder is removed.")
+
+
+@vm.command()
+@click.argument("name")
+@click.option("-n", "--lines", type=int, default=0, help="Only the last N lines.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing as the console grows (Ctrl-C ends).")
+def log(name: str, lines: int, follow: bool) -> None:
+    """Print a VM's serial console."""
+    machine = VM.attach(name)
+    text = machine.console()
+    if lines:
+        text = "\n".join(text.splitlines()[-lines:]) + "\n"
+    sys.stdout.write(text)
+    seen = len(machine.console())
+    while follow:
+        time.sleep(0.5)
+        if not machine.is_alive():
+            click.echo(f"[VM {name} stopped]", err=True)
+            return
+        text = machine.console()
+        sys.stdout.write(text[seen:])
+        sys.stdout.flush()
+        seen = len(text)
+
+
+@vm.command()
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also save the raw export here.")
+@json_option
+def groundtruth(name: str, output: Path | None, as_json: bool) -> None:
+    """Ask the default guest for its own view of its memory (meminfo, buddyinfo,
+    kpageflags, processes), exported through its second serial port."""
+    truth = VM.attach(name).ground_truth(save_to=output)
+    summary = {
+        "mem_total_mib": mib(truth.meminfo.get("MemTotal", 0)),
+        "mem_free_mib": mib(truth.meminfo.get("MemFree", 0)),
+        "buddy_free_mib": mib(truth.free_pages_by_buddyinfo() * 4096),
+        "page_frames": int(truth.kpageflags.size),
+        "processes": [p.__dict__ for p in truth.processes],
+    }
+    if as_json:
+        print_json(summary)
+        return
+    console().print(f"MemTotal {summary['mem_total_mib']:.1f} MiB, MemFree {summary['mem_free_mib']:.1f} MiB, "
+                    f"free in buddy lists {summary['buddy_free_mib']:.1f} MiB, "
+                    f"{summary['page_frames']} page frames, {len(truth.processes)} processes"
+                    + (f"; raw export in {output}" if output else ""))

@@ -1,0 +1,67 @@
+"""Fetches Debian packages into hvkit's cache without installing them.
+
+The default guest is made of Debian's own binaries (the cloud kernel, busybox). They
+are downloaded with `apt-get download` and unpacked with `dpkg-deb -x`, which needs no
+root and leaves the host's package database alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from hvkit.errors import HvkitError
+
+log = logging.getLogger(__name__)
+
+CLOUD_KERNEL_META = "linux-image-cloud-amd64"
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
+    if shutil.which(cmd[0]) is None:
+        raise HvkitError(f"{cmd[0]} is not installed, so {what} is impossible",
+                         "hvkit fetches its guest with Debian's apt and dpkg")
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise HvkitError(f"{what} failed: {detail}",
+                         "run 'apt-get update' as root if the package lists are missing or old")
+    return proc.stdout
+
+
+def resolve_cloud_kernel() -> str:
+    """The package name of the archive's current cloud kernel, e.g.
+    'linux-image-6.1.0-56-cloud-amd64', from what the meta-package depends on."""
+    out = _run(["apt-cache", "depends", CLOUD_KERNEL_META], f"looking up {CLOUD_KERNEL_META}")
+    for line in out.splitlines():
+        m = re.match(r"\s*Depends:\s*(linux-image-\S+-cloud-amd64)\s*$", line)
+        if m:
+            return m.group(1)
+    raise HvkitError(f"apt knows no kernel behind {CLOUD_KERNEL_META}",
+                     "run 'apt-get update' as root so apt has the package lists")
+
+
+def fetch_and_unpack(package: str, dest: Path) -> Path:
+    """Unpacks `package` into `dest` (once: a finished `dest` is reused) and returns it."""
+    done = dest / ".unpacked"
+    if done.exists():
+        return dest
+    log.info("downloading %s", package)
+    with tempfile.TemporaryDirectory(prefix="hvkit-apt-") as tmp:
+        Path(tmp).chmod(0o777)  # apt's download user (_apt) must be able to write here
+        _run(["apt-get", "download", package], f"downloading {package}", cwd=Path(tmp))
+        debs = sorted(Path(tmp).glob("*.deb"))
+        if not debs:
+            raise HvkitError(f"apt-get download {package} produced no .deb file")
+        staging = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        _run(["dpkg-deb", "-x", str(debs[0]), str(staging)], f"unpacking {debs[0].name}")
+        (staging / ".unpacked").write_text(debs[0].name + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.rename(dest)
+    return dest

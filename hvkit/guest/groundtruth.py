@@ -1,0 +1,98 @@
+"""The default guest's own account of its memory, exported on request through its
+second serial port (the `dump` request of files/init), parsed into plain data.
+
+Tests compare this with what hvkit finds from outside the guest, so it is kept raw:
+/proc/meminfo, buddyinfo, zoneinfo, vmstat, iomem, /proc/kpageflags (one 64-bit word
+of KPF_* bits per page frame) and /proc/<pid>/stat of every process.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hvkit.errors import HvkitError
+
+
+@dataclass(frozen=True)
+class GuestProcess:
+    pid: int
+    name: str
+    state: str
+    ppid: int
+
+
+@dataclass
+class GroundTruth:
+    meminfo: dict[str, int]  # bytes, by /proc/meminfo key
+    buddyinfo: dict[tuple[int, str], list[int]]  # (node, zone) -> free blocks per order
+    kpageflags: np.ndarray  # uint64 per page frame number
+    processes: list[GuestProcess]
+    text: dict[str, str] = field(default_factory=dict)  # raw zoneinfo, vmstat, iomem
+
+    def free_pages_by_buddyinfo(self) -> int:
+        return sum(n << order for counts in self.buddyinfo.values() for order, n in enumerate(counts))
+
+
+def _sections(raw: str) -> dict[str, str]:
+    begin = raw.find("HVKIT-GT-BEGIN")
+    end = raw.find("HVKIT-GT-END", begin)
+    if begin < 0 or end < 0:
+        raise HvkitError("the guest's ground-truth export is incomplete",
+                         "is the guest the hvkit default guest, and still running?")
+    body = raw[raw.index("\n", begin) + 1 : end]
+    out: dict[str, str] = {}
+    for chunk in ("\n" + body).split("\n@@ ")[1:]:
+        header, _, content = chunk.partition("\n")
+        out[header.split()[0]] = content
+    return out
+
+
+def _meminfo(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"(\S+):\s+(\d+)(?:\s+kB)?", line)
+        if m:
+            out[m.group(1)] = int(m.group(2)) * (1024 if "kB" in line else 1)
+    return out
+
+
+def _buddyinfo(text: str) -> dict[tuple[int, str], list[int]]:
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"Node (\d+), zone\s+(\S+)\s+(.*)", line)
+        if m:
+            out[(int(m.group(1)), m.group(2))] = [int(x) for x in m.group(3).split()]
+    return out
+
+
+def _processes(text: str) -> list[GuestProcess]:
+    procs = []
+    for line in text.splitlines():
+        # comm may hold spaces and parentheses: it runs from the first '(' to the last ')'
+        m = re.match(r"(\d+) \((.*)\) (\S) (-?\d+)", line)
+        if m:
+            procs.append(GuestProcess(int(m.group(1)), m.group(2), m.group(3), int(m.group(4))))
+    return sorted(procs, key=lambda p: p.pid)
+
+
+def parse_ground_truth(raw: str) -> GroundTruth:
+    s = _sections(raw)
+    missing = {"meminfo", "buddyinfo", "kpageflags", "procs"} - s.keys()
+    if missing:
+        raise HvkitError(f"the guest's ground-truth export lacks {', '.join(sorted(missing))}")
+    try:
+        flags = gzip.decompress(base64.b64decode("".join(s["kpageflags"].split())))
+    except (ValueError, OSError) as e:
+        raise HvkitError(f"the guest's kpageflags export is damaged: {e}") from None
+    return GroundTruth(
+        meminfo=_meminfo(s["meminfo"]),
+        buddyinfo=_buddyinfo(s["buddyinfo"]),
+        kpageflags=np.frombuffer(flags, dtype="<u8").copy(),
+        processes=_processes(s["procs"]),
+        text={k: s[k] for k in ("zoneinfo", "vmstat", "iomem") if k in s},
+    )

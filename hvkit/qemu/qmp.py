@@ -1,0 +1,34 @@
+"""Blocking QMP calls on top of the `qemu.qmp` library (which is asyncio-only).
+
+Each call connects, runs one command and disconnects: hvkit commands are short-lived
+processes, and QEMU's QMP socket takes one client at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
+
+from hvkit.errors import HvkitError, VMDied
+
+
+async def _execute(sock: Path, command: str, args: dict | None, timeout: float) -> Any:
+    client = QMPClient("hvkit")
+    await asyncio.wait_for(client.connect(str(sock)), timeout)
+    try:
+        return await asyncio.wait_for(client.execute(command, args), timeout)
+    finally:
+        await client.disconnect()
+
+
+def qmp(sock: Path, command: str, args: dict | None = None, timeout: float = 10.0) -> Any:
+    """The result of QMP `command`; HvkitError if QEMU refuses it, VMDied if it is gone."""
+    try:
+        return asyncio.run(_execute(sock, command, args, timeout))
+    except ExecuteError as e:
+        raise HvkitError(f"QEMU refused {command}: {e.error.desc}") from None
+    except (ConnectError, OSError, EOFError, asyncio.TimeoutError) as e:
+        raise VMDied(f"QEMU does not answer on {sock} ({type(e).__name__}: {e})") from None

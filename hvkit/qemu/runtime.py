@@ -1,0 +1,97 @@
+"""A VM's runtime folder: everything one QEMU process owns, in one place.
+
+    <runtime>/<name>/vm.json      what was started (VMSpec) and QEMU's pid
+                     ram          guest RAM (memory-backend-file, share=on)
+                     qmp.sock     QMP control socket
+                     ctl.sock     the guest's second serial port (ground-truth requests)
+                     console.log  the guest's serial console
+                     qemu.log     QEMU's own stdout/stderr
+
+The folder exists exactly as long as the VM: `hvkit vm stop` removes it, and a VM
+found dead has its folder removed by whoever notices first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hvkit.errors import HvkitError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise HvkitError(f"invalid VM name {name!r}",
+                         "use up to 40 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+@dataclass
+class VMSpec:
+    """What a VM was started with: enough to describe it and to start its like again."""
+
+    name: str
+    memory: int  # bytes
+    cpus: int
+    kernel: str
+    initrd: str | None
+    append: str
+    accel: str
+    workload: str | None = None  # set for the default guest only
+    kernel_release: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    command: list[str] = field(default_factory=list)
+
+
+class RuntimeDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    ram = property(lambda self: self.path / "ram")
+    qmp_sock = property(lambda self: self.path / "qmp.sock")
+    ctl_sock = property(lambda self: self.path / "ctl.sock")
+    console_log = property(lambda self: self.path / "console.log")
+    qemu_log = property(lambda self: self.path / "qemu.log")
+    spec_file = property(lambda self: self.path / "vm.json")
+
+    def claim(self) -> None:
+        """Creates the folder; FileExistsError if another VM has it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if len(str(self.qmp_sock)) > _SOCKET_PATH_MAX:
+            raise HvkitError(f"the runtime folder {self.path} is too deep for a socket path",
+                             "set HVKIT_RUNTIME to a shorter folder")
+        os.mkdir(self.path)
+
+    def write_spec(self, spec: VMSpec) -> None:
+        tmp = self.spec_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(spec), indent=2) + "\n")
+        tmp.replace(self.spec_file)
+
+    def read_spec(self) -> VMSpec | None:
+        try:
+            return VMSpec(**json.loads(self.spec_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def tail(self, which: Path, lines: int = 5) -> str:
+        try:
+            text = which.read_text(errors="replace")
+        except OSError:
+            return ""
+        kept = [line for line in text.splitlines() if line.strip()]
+        return "\n".join(kept[-lines:]).strip()

@@ -1,0 +1,473 @@
+"""The QEMU engine: real Linux guests in qemu-system-x86_64, controlled over QMP.
+
+A VM is a QEMU process started in the background (it outlives the hvkit command that
+started it) plus its runtime folder (see runtime.py). Guest RAM is a
+`memory-backend-file` with share=on, so hvkit can read the guest's memory from the host
+file and later give pages of it back. Everything about a VM can be found again from its
+folder alone: `VM.attach(name)` in another process sees what `VM.start` made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvkit.config import Paths
+from hvkit.errors import HvkitError, VMDied, VMNotFound
+from hvkit.guest import GroundTruth, Workload, build_default_guest, parse_ground_truth
+from hvkit.kernel import read_kernel_image
+from hvkit.qemu.accel import ACCELS, best_accel
+from hvkit.qemu.qmp import qmp
+from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name
+from hvkit.units import MiB, format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+READY_MARKER = "HVKIT-READY"
+MIN_MEMORY = 16 * MiB
+
+
+def qemu_binary() -> str:
+    """Path of qemu-system-x86_64 ($HVKIT_QEMU overrides), or a clear error."""
+    wanted = os.environ.get("HVKIT_QEMU", "qemu-system-x86_64")
+    found = shutil.which(wanted)
+    if not found:
+        raise HvkitError(f"QEMU is not installed ({wanted} not found)",
+                         "run ./setup.sh, or apt-get install qemu-system-x86")
+    return found
+
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_memory(memory: str | int) -> int:
+    size = parse_size(memory)
+    if size < MIN_MEMORY or size % MiB:
+        raise HvkitError(f"invalid memory size {memory!r}", "give whole MiB, at least 16M")
+    if size > _host_memory_bytes():
+        raise HvkitError(f"memory size {format_size(size)} is more than this host has "
+                         f"({format_size(_host_memory_bytes() // MiB * MiB)})")
+    return size
+
+
+def _pid_runs_in(pid: int, rundir: RuntimeDir) -> bool:
+    """Whether `pid` is a live (not zombie) QEMU of this runtime folder: a pid that was
+    reused by another process does not count."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X") and str(rundir.path).encode() in cmdline
+
+
+@dataclass(frozen=True)
+class VMStatus:
+    """One row of `hvkit vm list`."""
+
+    name: str
+    state: str  # running, paused, dead, or another QEMU run state
+    pid: int | None
+    memory: int
+    cpus: int
+    accel: str
+    host_memory: int  # bytes of the RAM file that the host has allocated
+    uptime: float | None
+    workload: str | None
+    reason: str = ""  # why a dead VM died, as far as its logs say
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+class VM:
+    """A QEMU VM. Start one with VM.start(), find a running one with VM.attach(name);
+    used as a context manager, a VM that this object started is stopped on exit."""
+
+    def __init__(self, rundir: RuntimeDir, spec: VMSpec,
+                 process: subprocess.Popen | None = None) -> None:
+        self.rundir = rundir
+        self.spec = spec
+        self._process = process  # set only in the process that started QEMU
+
+    # ---- finding VMs ----------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, name: str, paths: Paths | None = None) -> "VM":
+        """The running VM called `name`. A VM found dead is cleaned up and reported."""
+        paths = paths or Paths.from_env()
+        rundir = RuntimeDir(paths.vm_dir(check_name(name)))
+        spec = rundir.read_spec()
+        if spec is None:
+            raise VMNotFound(f"no VM named {name!r}", "see 'hvkit vm list' for the VMs there are")
+        vm = cls(rundir, spec)
+        if not vm.is_alive():
+            reason = vm._death_reason()
+            vm._cleanup()
+            raise VMDied(f"VM {name!r} is dead ({reason}); its leftovers were removed")
+        return vm
+
+    @classmethod
+    def list(cls, paths: Paths | None = None) -> list[VMStatus]:
+        """Every VM of the runtime folder; dead ones are listed once, then cleaned up."""
+        paths = paths or Paths.from_env()
+        if not paths.runtime.is_dir():
+            return []
+        rows = []
+        for d in sorted(paths.runtime.iterdir()):
+            rundir = RuntimeDir(d)
+            spec = rundir.read_spec()
+            if spec is None:
+                continue
+            vm = cls(rundir, spec)
+            rows.append(vm.status())
+            if rows[-1].state == "dead":
+                vm._cleanup()
+        return rows
+
+    # ---- starting -------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        name: str | None = None,
+        *,
+        memory: str | int = "256M",
+        cpus: int = 1,
+        kernel: str | Path | None = None,
+        initrd: str | Path | None = None,
+        append: str = "",
+        workload: str | Workload | None = None,
+        accel: str = "auto",
+        cpu_model: str | None = None,
+        paths: Paths | None = None,
+        wait: bool = True,
+        timeout: float = 120.0,
+    ) -> "VM":
+        """Starts a VM in the background and returns once QEMU answers on QMP (and, for
+        hvkit's own init, once the guest printed its ready marker).
+
+        Without `kernel`, the default guest (built on first use). Without `initrd`,
+        hvkit's initramfs, whose init runs `workload`; with your own initrd, the guest
+        is yours and hvkit does not wait for a ready marker."""
+        paths = paths or Paths.from_env()
+        size = _check_memory(memory)
+        if not 1 <= int(cpus) <= 64:
+            raise HvkitError(f"invalid CPU count {cpus}", "give 1 to 64")
+        if accel not in ACCELS:
+            raise HvkitError(f"unknown accelerator {accel!r}", f"choose one of {', '.join(ACCELS)}")
+        binary = qemu_binary()
+        if workload is not None and initrd is not None:
+            raise HvkitError("a workload needs hvkit's own initramfs", "leave out --initrd")
+        workload = Workload.parse(workload) if isinstance(workload, str) else workload
+
+        kernel_path, initrd_path, release = cls._boot_files(paths, kernel, initrd)
+        hvkit_init = initrd is None
+        if hvkit_init:
+            workload = workload or Workload()
+        cmdline = " ".join(filter(None, [
+            "" if "console=" in append else "console=ttyS0",
+            "panic=-1 quiet" if hvkit_init else "",
+            workload.kernel_args() if workload else "",
+            append,
+        ]))
+        name = check_name(name) if name else cls._free_name(paths)
+        rundir = RuntimeDir(paths.vm_dir(name))
+        cls._claim(rundir)
+        try:
+            chosen = best_accel(binary, paths.runtime) if accel == "auto" else accel
+            spec = VMSpec(name=name, memory=size, cpus=int(cpus), kernel=str(kernel_path),
+                          initrd=str(initrd_path) if initrd_path else None, append=cmdline,
+                          accel=chosen, workload=str(workload) if workload else None,
+                          kernel_release=release)
+            spec.command = cls._command(binary, rundir, spec, cpu_model)
+            vm = cls(rundir, spec)
+            vm._launch(timeout)
+            if wait and hvkit_init:
+                vm.wait_for_console(READY_MARKER, timeout=timeout)
+            return vm
+        except BaseException:
+            # whatever went wrong (including Ctrl-C), leave nothing running or behind
+            if "vm" in locals():
+                vm._kill()
+            rundir.remove()
+            raise
+
+    @staticmethod
+    def _boot_files(paths: Paths, kernel, initrd) -> tuple[Path, Path | None, str | None]:
+        if kernel is None:
+            guest = build_default_guest(paths)
+            return guest.kernel, Path(initrd) if initrd else guest.initrd, guest.release
+        image = read_kernel_image(kernel)
+        if not image.bootable:
+            raise HvkitError(f"{kernel} is a vmlinux; QEMU boots a bzImage",
+                             "pass the vmlinuz of the same kernel")
+        if initrd is None:
+            initrd_path = build_default_guest(paths).initrd
+        else:
+            initrd_path = Path(initrd)
+            if not initrd_path.is_file():
+                raise HvkitError(f"initrd file {initrd} does not exist", "check --initrd")
+        return image.path.resolve(), initrd_path.resolve(), image.release
+
+    @staticmethod
+    def _free_name(paths: Paths) -> str:
+        n = 1
+        while paths.vm_dir(f"vm{n}").exists():
+            n += 1
+        return f"vm{n}"
+
+    @classmethod
+    def _claim(cls, rundir: RuntimeDir) -> None:
+        try:
+            rundir.claim()
+            return
+        except FileExistsError:
+            pass
+        spec = rundir.read_spec()
+        if spec is not None and cls(rundir, spec).is_alive():
+            raise HvkitError(f"a VM named {rundir.name!r} is already running",
+                             "choose another --name, or stop it with 'hvkit vm stop'")
+        rundir.remove()  # leftovers of a dead VM, or of a start that never finished
+        rundir.claim()
+
+    @staticmethod
+    def _command(binary: str, rundir: RuntimeDir, spec: VMSpec, cpu_model: str | None) -> list[str]:
+        size = format_size(spec.memory)
+        cmd = [
+            binary, "-name", f"hvkit-{spec.name}",
+            "-machine", "pc,memory-backend=ram0", "-accel", spec.accel,
+            "-m", size, "-smp", str(spec.cpus),
+            "-object", f"memory-backend-file,id=ram0,size={size},mem-path={rundir.ram},share=on",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", spec.kernel, "-append", spec.append,
+            "-chardev", f"file,id=con,path={rundir.console_log}", "-serial", "chardev:con",
+            "-chardev", f"socket,id=ctl,path={rundir.ctl_sock},server=on,wait=off",
+            "-serial", "chardev:ctl",
+            "-qmp", f"unix:{rundir.qmp_sock},server=on,wait=off",
+        ]
+        if spec.initrd:
+            cmd += ["-initrd", spec.initrd]
+        if cpu_model:
+            cmd += ["-cpu", cpu_model]
+        return cmd
+
+    def _launch(self, timeout: float) -> None:
+        log.info("starting %s: %s", self.name, " ".join(self.spec.command))
+        with self.rundir.qemu_log.open("wb") as out:
+            self._process = subprocess.Popen(
+                self.spec.command, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,  # Ctrl-C on the hvkit command does not reach QEMU
+            )
+        self.spec.pid = self._process.pid
+        self.spec.started_at = time.time()
+        self.rundir.write_spec(self.spec)
+        deadline = time.monotonic() + timeout
+        while not self.rundir.qmp_sock.exists():
+            self._raise_if_dead("while starting")
+            if time.monotonic() > deadline:
+                raise HvkitError(f"QEMU did not open its QMP socket within {timeout:.0f} s")
+            time.sleep(0.02)
+        try:
+            qmp(self.rundir.qmp_sock, "query-status")
+        except VMDied:
+            # QEMU opens its sockets before it checks the rest of its command line, so a
+            # refused connection usually means it is exiting: report what it said.
+            self._wait_gone(2.0)
+            self._raise_if_dead("while starting")
+            raise
+
+    # ---- state ----------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int | None:
+        return self.spec.pid
+
+    @property
+    def ram_path(self) -> Path:
+        return self.rundir.ram
+
+    def is_alive(self) -> bool:
+        if self._process is not None:  # our own child: its pid cannot have been reused
+            return self._process.poll() is None
+        return self.pid is not None and _pid_runs_in(self.pid, self.rundir)
+
+    def _death_reason(self) -> str:
+        """What the logs say about why QEMU is gone: QEMU's own error, else the console."""
+        qemu_said = self.rundir.tail(self.rundir.qemu_log, 3)
+        if qemu_said:
+            return f"QEMU said: {qemu_said}"
+        console = self.rundir.tail(self.rundir.console_log, 200)
+        panic = [line for line in console.splitlines() if "Kernel panic" in line]
+        if panic:
+            return f"guest: {panic[-1].strip()}"
+        return "QEMU exited without a message"
+
+    def _raise_if_dead(self, when: str) -> None:
+        if not self.is_alive():
+            raise VMDied(f"VM {self.name!r} died {when}: {self._death_reason()}")
+
+    def run_state(self) -> str:
+        """QEMU's run state ('running', 'paused', ...), or 'dead'."""
+        if not self.is_alive():
+            return "dead"
+        try:
+            return qmp(self.rundir.qmp_sock, "query-status")["status"]
+        except VMDied:
+            return "dead"
+
+    def host_memory(self) -> int:
+        """Bytes of guest RAM the host holds (allocated blocks of the RAM file)."""
+        try:
+            return self.rundir.ram.stat().st_blocks * 512
+        except OSError:
+            return 0
+
+    def status(self) -> VMStatus:
+        state = self.run_state()
+        started = self.spec.started_at
+        return VMStatus(
+            name=self.name, state=state, pid=self.pid, memory=self.spec.memory,
+            cpus=self.spec.cpus, accel=self.spec.accel, host_memory=self.host_memory(),
+            uptime=time.time() - started if started and state != "dead" else None,
+            workload=self.spec.workload,
+            reason=self._death_reason() if state == "dead" else "",
+        )
+
+    # ---- control --------------------------------------------------------------------
+
+    def qmp(self, command: str, args: dict | None = None, timeout: float = 10.0):
+        self._raise_if_dead(f"before {command}")
+        try:
+            return qmp(self.rundir.qmp_sock, command, args, timeout)
+        except VMDied:
+            self._raise_if_dead(f"during {command}")
+            raise
+
+    def pause(self) -> None:
+        self.qmp("stop")
+
+    def resume(self) -> None:
+        self.qmp("cont")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends QEMU (politely over QMP, then by signal) and removes the runtime folder."""
+        if self.is_alive():
+            try:
+                qmp(self.rundir.qmp_sock, "quit", timeout=timeout)
+            except (VMDied, HvkitError):
+                pass
+            if not self._wait_gone(timeout):
+                self._kill()
+        self._cleanup()
+
+    def _wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.is_alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _kill(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not self.is_alive():
+                return
+            try:
+                os.kill(self.pid, sig)
+            except (ProcessLookupError, TypeError):
+                return
+            self._wait_gone(3.0)
+
+    def _cleanup(self) -> None:
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=5)  # reap our child: no zombie left
+            except subprocess.TimeoutExpired:
+                pass
+        self.rundir.remove()
+
+    def __enter__(self) -> "VM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._process is not None:
+            self.stop()
+
+    # ---- the guest's console and control port ----------------------------------------
+
+    def console(self) -> str:
+        try:
+            return self.rundir.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for_console(self, pattern: str, timeout: float = 60.0, after: int = 0) -> re.Match:
+        """The first match of regex `pattern` in the console from character `after` on;
+        VMDied if QEMU exits first, HvkitError on timeout."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            m = regex.search(self.console(), after)
+            if m:
+                return m
+            self._raise_if_dead(f"while waiting for {pattern!r} on its console")
+            if time.monotonic() > deadline:
+                tail = self.rundir.tail(self.rundir.console_log, 3) or "(console empty)"
+                raise HvkitError(f"VM {self.name!r} did not print {pattern!r} within "
+                                 f"{timeout:.0f} s; its console ends: {tail}")
+            time.sleep(0.05)
+
+    def request(self, line: str, until: str, timeout: float = 60.0) -> str:
+        """Sends one request line to the guest's control port (ttyS1) and returns what
+        the guest answered up to and including the line that contains `until`."""
+        state = self.run_state()
+        if state != "running":
+            raise HvkitError(f"VM {self.name!r} is {state}; the guest answers only while it runs",
+                             "resume it first" if state == "paused" else None)
+        buf = bytearray()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.rundir.ctl_sock))
+            s.sendall(line.encode() + b"\n")
+            deadline = time.monotonic() + timeout
+            marker = until.encode()
+            while marker not in buf or not buf.rstrip(b"\r").endswith(b"\n"):
+                if time.monotonic() > deadline:
+                    raise HvkitError(f"the guest of {self.name!r} did not answer {line!r} "
+                                     f"within {timeout:.0f} s", "is it hvkit's default guest?")
+                try:
+                    chunk = s.recv(1 << 16)
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    self._raise_if_dead(f"while answering {line!r}")
+                    raise HvkitError(f"the control port of {self.name!r} closed mid-answer")
+                buf += chunk
+        text = buf.decode(errors="replace")
+        end = text.index(until)
+        return text[: text.index("\n", end) + 1]
+
+    def ground_truth(self, save_to: Path | None = None, timeout: float = 120.0) -> GroundTruth:
+        """The guest's own view of its memory and processes (default guest only),
+        exported through its second serial port; the raw export is also written to
+        `save_to` when given."""
+        tag = f"{os.getpid()}-{time.monotonic_ns()}"
+        raw = self.request(f"dump {tag}", until=f"HVKIT-GT-END {tag}", timeout=timeout)
+        raw = raw[raw.find(f"HVKIT-GT-BEGIN {tag}") :]
+        if save_to is not None:
+            Path(save_to).write_text(raw)
+        return parse_ground_truth(raw)

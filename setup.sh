@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs everything hvkit needs on a fresh Debian machine, then runs `hvkit demo`.
+# Safe to run again: each step checks first and does only what is missing.
+#
+#   ./setup.sh            install, build the default guest, run the demo
+#   ./setup.sh --no-demo  install and build only (what the test script uses)
+set -euo pipefail
+cd "$(dirname "$0")"
+demo=1
+[ "${1:-}" = "--no-demo" ] && demo=0
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+# 1. Debian packages (root needed only when something is missing).
+#    qemu-system-x86: runs the guests; gcc + libc6-dev: build the guest's static helper;
+#    python3-venv: the project's virtual environment; cpio: a test reads hvkit's initramfs
+#    back with it. apt/dpkg (always there) fetch the guest kernel and busybox.
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v gcc >/dev/null || need+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+command -v cpio >/dev/null || need+=(cpio)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+    say "installing Debian packages: ${need[*]}"
+    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+# 2. Python packages, in a virtual environment of the checkout.
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    python3 -m venv .venv
+fi
+stamp=.venv/.hvkit-installed
+if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "installing hvkit and its Python dependencies into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+
+# 3. The default guest (Debian cloud kernel + busybox initramfs), cached.
+say "preparing the default guest"
+.venv/bin/hvkit guest build
+
+if [ $demo -eq 1 ]; then
+    say "running hvkit demo"
+    .venv/bin/hvkit demo
+    echo
+    echo "hvkit is installed in .venv: run '.venv/bin/hvkit --help' (or 'source .venv/bin/activate')."
+fi

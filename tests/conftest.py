@@ -1,0 +1,70 @@
+"""Shared fixtures. Tests boot real guests in real QEMU; to keep CI short, one small
+guest is booted per session and shared by every test that only observes it.
+
+Every test runs with its own runtime folder (HVKIT_RUNTIME) so it never touches the
+user's VMs, and the session ends by checking that no QEMU of that folder is left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from hvkit.config import Paths
+from hvkit.guest import build_default_guest
+from hvkit.qemu import VM
+
+
+def _qemus_of(folder: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(folder).encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="session")
+def paths() -> Paths:
+    runtime = Path(tempfile.mkdtemp(prefix="hvt-", dir="/dev/shm"))
+    os.environ["HVKIT_RUNTIME"] = str(runtime)
+    p = Paths.from_env()
+    yield p
+    for row in VM.list(p):
+        VM.attach(row.name, p).stop() if row.state != "dead" else None
+    leftovers = _qemus_of(runtime)
+    for pid in leftovers:
+        os.kill(pid, 9)
+    shutil.rmtree(runtime, ignore_errors=True)
+    assert not leftovers, f"QEMU processes left running: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def guest(paths):
+    return build_default_guest(paths)
+
+
+@pytest.fixture(scope="session")
+def shared_vm(paths, guest):
+    """One idle 256 MiB default guest for all tests that only look at it."""
+    with VM.start("shared", memory="256M", workload="idle", paths=paths) as vm:
+        yield vm
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Runs `hvkit ARGS` as a user would, in a child process."""
+    return subprocess.run([sys.executable, "-m", "hvkit", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def qemus_of(folder: Path) -> list[int]:
+    return _qemus_of(folder)
