@@ -36,8 +36,12 @@ fi
 stamp=.venv/.hvkit-installed
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     say "installing hvkit and its Python dependencies into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test]'
+    if ! { .venv/bin/python -m pip install --upgrade pip &&
+           .venv/bin/python -m pip install -e '.[test]'; } > .venv/pip.log 2>&1; then
+        tail -20 .venv/pip.log
+        echo "setup.sh: installing the Python packages failed (full log: .venv/pip.log)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 
