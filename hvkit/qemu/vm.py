@@ -24,6 +24,7 @@ from hvkit.config import Paths
 from hvkit.errors import HvkitError, VMDied, VMNotFound
 from hvkit.guest import GroundTruth, Workload, build_default_guest, parse_ground_truth
 from hvkit.kernel import read_kernel_image
+from hvkit.memory import RamFileMemory
 from hvkit.qemu.accel import ACCELS, best_accel
 from hvkit.qemu.qmp import qmp
 from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name
@@ -328,6 +329,16 @@ class VM:
             return qmp(self.rundir.qmp_sock, "query-status")["status"]
         except VMDied:
             return "dead"
+
+    def memory(self) -> "RamFileMemory":
+        """The guest's physical memory, read from its RAM file (close it when done)."""
+        return RamFileMemory(self.rundir.ram)
+
+    def dump_core(self, path: Path) -> Path:
+        """Writes guest memory as a QEMU dump-guest-memory ELF core (VM paused meanwhile)."""
+        self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{Path(path).resolve()}"},
+                 timeout=600)
+        return Path(path)
 
     def host_memory(self) -> int:
         """Bytes of guest RAM the host holds (allocated blocks of the RAM file)."""

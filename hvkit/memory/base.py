@@ -1,0 +1,144 @@
+"""The GuestMemory interface: guest-physical ranges backed by offsets of one host file.
+
+A guest-physical address (GPA) is not a file offset: QEMU's PC machine puts RAM above
+3 GiB at 4 GiB and up, and an ELF core stores its segments wherever it likes. Each
+backend describes its layout as MemoryRange rows; reading is then the same for all.
+Reads use pread(2), never a mapping: on tmpfs a read through a mapping allocates pages
+for holes, which would undo what sharing gave back.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hvkit.errors import HvkitError
+
+PAGE_SIZE = 4096
+
+
+class GuestAddressError(HvkitError):
+    """A guest-physical address that no RAM backs (often: a wild pointer in the guest)."""
+
+
+@dataclass(frozen=True)
+class MemoryRange:
+    gpa: int  # first guest-physical address
+    size: int  # bytes
+    offset: int  # where the range starts in the backing file
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """Guest-physical memory backed by one host file (see the backends)."""
+
+    def __init__(self, path: Path, ranges: list[MemoryRange]) -> None:
+        self.path = Path(path)
+        self.ranges = sorted(ranges, key=lambda r: r.gpa)
+        self._starts = [r.gpa for r in self.ranges]
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    # -- layout ----------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Bytes of RAM (not counting holes between ranges)."""
+        return sum(r.size for r in self.ranges)
+
+    @property
+    def max_pfn(self) -> int:
+        """One past the highest page frame number backed by RAM."""
+        return self.ranges[-1].end // PAGE_SIZE if self.ranges else 0
+
+    def _range_of(self, gpa: int) -> MemoryRange:
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or gpa >= self.ranges[i].end:
+            raise GuestAddressError(f"guest-physical address {gpa:#x} is not in RAM")
+        return self.ranges[i]
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        try:
+            r = self._range_of(gpa)
+        except GuestAddressError:
+            return False
+        return gpa + size <= r.end
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """`size` bytes at `gpa`; the span may cross ranges but not a hole in RAM."""
+        out = bytearray()
+        while size > 0:
+            r = self._range_of(gpa)
+            n = min(size, r.end - gpa)
+            chunk = os.pread(self._fd, n, r.offset + gpa - r.gpa)
+            if len(chunk) < n:  # a file shorter than its layout (truncated dump)
+                chunk += bytes(n - len(chunk))
+            out += chunk
+            gpa += n
+            size -= n
+        return bytes(out)
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.read(gpa, 8))[0]
+
+    def read_array(self, gpa: int, count: int, dtype: str) -> np.ndarray:
+        dt = np.dtype(dtype)
+        return np.frombuffer(self.read(gpa, count * dt.itemsize), dtype=dt)
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(gpa, size) of the parts that hold data; file holes (pages never written or
+        given back) are skipped, found with SEEK_DATA/SEEK_HOLE without reading them."""
+        out = []
+        for r in self.ranges:
+            pos, end = r.offset, r.offset + r.size
+            while pos < end:
+                try:
+                    start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError:  # no data after pos
+                    break
+                if start >= end:
+                    break
+                stop = min(os.lseek(self._fd, start, os.SEEK_HOLE), end)
+                out.append((r.gpa + start - r.offset, stop - start))
+                pos = stop
+        return out
+
+    def find(self, needle: bytes, limit: int = 16, chunk: int = 16 << 20) -> list[int]:
+        """Guest-physical addresses of up to `limit` occurrences of `needle`."""
+        hits: list[int] = []
+        for gpa, size in self.data_extents():
+            pos = gpa
+            while pos < gpa + size and len(hits) < limit:
+                n = min(chunk + len(needle), gpa + size - pos)
+                data = self.read(pos, n)
+                i = data.find(needle)
+                while i >= 0 and len(hits) < limit:
+                    hits.append(pos + i)
+                    i = data.find(needle, i + 1)
+                pos += chunk
+        return sorted(set(hits))
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path}, {self.size >> 20} MiB in {len(self.ranges)} ranges)"
