@@ -14,10 +14,12 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 # 1. Debian packages (root needed only when something is missing).
 #    qemu-system-x86: runs the guests; gcc + libc6-dev: build the guest's static helper;
 #    python3-venv: the project's virtual environment; cpio: a test reads hvkit's initramfs
-#    back with it. apt/dpkg (always there) fetch the guest kernel and busybox.
+#    back with it; make: runs the guest kernel's build system for the layout interface.
+#    apt/dpkg (always there) fetch the guest kernel, busybox and kernel headers.
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v gcc >/dev/null || need+=(gcc)
+command -v make >/dev/null || need+=(make)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 command -v cpio >/dev/null || need+=(cpio)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
@@ -48,6 +50,16 @@ fi
 # 3. The default guest (Debian cloud kernel + busybox initramfs), cached.
 say "preparing the default guest"
 .venv/bin/hvkit guest build
+
+# 4. The compiler the guest kernel was built with (Debian's headers name it as a
+#    linux-compiler-gcc-* dependency): the layout interface is compiled with it.
+release=$(.venv/bin/hvkit guest build --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["release"])')
+compiler=$(apt-cache depends "linux-headers-$release" 2>/dev/null | sed -n 's/^ *Depends: \(linux-compiler-gcc-[^ ]*\)$/\1/p' | head -1)
+if [ -n "$compiler" ] && ! dpkg -s "$compiler" >/dev/null 2>&1; then
+    say "installing $compiler (the compiler of kernel $release)"
+    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$compiler"
+fi
 
 if [ $demo -eq 1 ]; then
     say "running hvkit demo"

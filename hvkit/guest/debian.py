@@ -45,23 +45,42 @@ def resolve_cloud_kernel() -> str:
                      "run 'apt-get update' as root so apt has the package lists")
 
 
-def fetch_and_unpack(package: str, dest: Path) -> Path:
-    """Unpacks `package` into `dest` (once: a finished `dest` is reused) and returns it."""
+def fetch_and_unpack(packages: str | list[str], dest: Path) -> Path:
+    """Unpacks `packages` together into `dest` (once: a finished `dest` is reused) and
+    returns it. Packages that refer to each other by relative paths (kernel headers and
+    their kbuild scripts) must share one `dest`."""
+    packages = [packages] if isinstance(packages, str) else packages
     done = dest / ".unpacked"
     if done.exists():
         return dest
-    log.info("downloading %s", package)
+    log.info("downloading %s", " ".join(packages))
     with tempfile.TemporaryDirectory(prefix="hvkit-apt-") as tmp:
         Path(tmp).chmod(0o777)  # apt's download user (_apt) must be able to write here
-        _run(["apt-get", "download", package], f"downloading {package}", cwd=Path(tmp))
+        _run(["apt-get", "download", *packages], f"downloading {' '.join(packages)}", cwd=Path(tmp))
         debs = sorted(Path(tmp).glob("*.deb"))
-        if not debs:
-            raise HvkitError(f"apt-get download {package} produced no .deb file")
+        if len(debs) != len(packages):
+            raise HvkitError(f"apt-get download {' '.join(packages)} produced {len(debs)} .deb files")
         staging = dest.with_name(dest.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        _run(["dpkg-deb", "-x", str(debs[0]), str(staging)], f"unpacking {debs[0].name}")
-        (staging / ".unpacked").write_text(debs[0].name + "\n")
+        for deb in debs:
+            _run(["dpkg-deb", "-x", str(deb), str(staging)], f"unpacking {deb.name}")
+        (staging / ".unpacked").write_text("".join(d.name + "\n" for d in debs))
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
     return dest
+
+
+def package_depends(package: str) -> list[str]:
+    """The packages `package` depends on directly, by apt's current lists."""
+    out = _run(["apt-cache", "depends", package], f"looking up {package}")
+    return [m.group(1) for m in re.finditer(r"^\s*Depends:\s*(\S+)\s*$", out, re.M)]
+
+
+def archive_has(package: str) -> bool:
+    """Whether apt can download `package` (it has a candidate version)."""
+    if shutil.which("apt-cache") is None:
+        return False
+    out = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True).stdout
+    m = re.search(r"Candidate:\s*(\S+)", out)
+    return bool(m and m.group(1) != "(none)")

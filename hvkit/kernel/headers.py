@@ -1,0 +1,81 @@
+"""Kernel build trees of exactly the guest's kernel version, for compiling the layout
+interface against.
+
+Debian: `linux-headers-<release>` with what it depends on (the -common headers and
+linux-kbuild) unpacked together into the cache without root. Its top Makefile includes
+an absolute /usr/src/... path, which is pointed into the cache. Anything else:
+`--headers DIR` with a prepared tree (one where `make modules_prepare` has run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvkit.errors import HvkitError
+from hvkit.guest import debian
+
+
+@dataclass(frozen=True)
+class KernelTree:
+    root: Path  # where `make -C root M=<dir> modules` works
+    release: str
+
+    @property
+    def config(self) -> Path:
+        return self.root / ".config"
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.config.read_bytes()).hexdigest()[:16]
+
+    def compiler(self) -> str | None:
+        """The C compiler the kernel was built with, if the tree says (Debian does)."""
+        variables = self.root / ".kernelvariables"
+        if variables.exists():
+            m = re.search(r"^CC\s*=.*?(gcc-\d+)\s*$", variables.read_text(), re.M)
+            if m:
+                return m.group(1)
+        return None
+
+
+def prepared_tree(path: str | Path, release: str | None = None) -> KernelTree:
+    """A kernel tree given by the user (--headers DIR), checked for what a build needs."""
+    root = Path(path)
+    missing = [p for p in (".config", "Makefile", "include/generated/autoconf.h")
+               if not (root / p).exists()]
+    if missing:
+        raise HvkitError(f"{root} is not a prepared kernel tree (it lacks {', '.join(missing)})",
+                         "give the kernel's build tree after 'make modules_prepare', or its headers package")
+    found = root / "include/config/kernel.release"
+    tree_release = found.read_text().strip() if found.exists() else None
+    if release and tree_release and tree_release != release:
+        raise HvkitError(f"the headers in {root} are for kernel {tree_release}, the guest runs {release}")
+    return KernelTree(root, release or tree_release or "unknown")
+
+
+def debian_tree(release: str, cache: Path) -> KernelTree:
+    """Debian's headers of kernel `release`, fetched into the cache on first use."""
+    package = f"linux-headers-{release}"
+    dest = cache / "headers" / release
+    if not (dest / ".unpacked").exists():
+        if not debian.archive_has(package):
+            raise HvkitError(f"Debian's archive has no {package}",
+                             "pass --headers DIR with a prepared build tree of that kernel")
+        deps = [d for d in debian.package_depends(package)
+                if d.startswith(("linux-headers-", "linux-kbuild-"))]
+        debian.fetch_and_unpack([package, *deps], dest)
+    root = dest / "usr" / "src" / package
+    makefile = root / "Makefile"
+    text = makefile.read_text()
+    fixed = re.sub(r"include /usr/src/", f"include {dest}/usr/src/", text)
+    if fixed != text:
+        makefile.write_text(fixed)
+    tree = KernelTree(root, release)
+    cc = tree.compiler()
+    if cc and shutil.which(cc) is None:
+        raise HvkitError(f"kernel {release} was built with {cc}, which is not installed",
+                         f"apt-get install {cc}")
+    return tree
