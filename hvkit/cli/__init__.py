@@ -28,10 +28,11 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from hvkit.cli import demo, guest, vm
+    from hvkit.cli import demo, guest, introspect, vm
 
     cli.add_command(vm.vm)
     cli.add_command(guest.guest)
+    cli.add_command(introspect.ps)
     cli.add_command(demo.demo)
 
 

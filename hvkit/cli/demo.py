@@ -16,6 +16,8 @@ import click
 from hvkit.cli.output import console, json_option, print_json, status_console
 from hvkit.config import Paths
 from hvkit.guest import build_default_guest
+from hvkit.introspect import list_tasks
+from hvkit.introspect.source import open_guest
 from hvkit.qemu import VM
 from hvkit.units import mib
 
@@ -89,6 +91,20 @@ def demo(memory: str, as_json: bool) -> None:
                     f"host holds {mib(machine.host_memory()):.0f} MiB of its RAM file")
 
         step("read the guest's own memory report", truth)
+
+        def processes() -> str:
+            own = {p.pid for p in machine.ground_truth().processes}
+            with open_guest(machine.name, paths=paths) as g:
+                walk = list_tasks(g.kernel, g.layout)
+            found = {t.pid for t in walk.tasks}
+            verdict = "the same pids the guest reports" if found == own else \
+                f"differs from the guest's own list by {sorted(found ^ own)}"
+            user = ", ".join(f"{t.name}({t.pid}): {t.pages} pages" for t in walk.tasks if t.mm)
+            return (f"{len(found)} processes found from outside ({verdict}); user processes {user}; "
+                    f"VM paused {g.paused_for * 1000:.0f} ms, layout of kernel {g.layout.release} "
+                    "compiled from its headers")
+
+        step("list its processes from outside (identify)", processes)
 
         def stop() -> str:
             pid, folder = machine.pid, machine.rundir.path

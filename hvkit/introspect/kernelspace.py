@@ -1,0 +1,144 @@
+"""The guest kernel's place in guest-physical memory, and kernel virtual -> physical.
+
+A RAM file has no CPU registers, so everything comes from memory: the kernel's banner
+(known from the kernel file) is found in RAM, which gives the physical address of the
+kernel image (`_text`); the image's own variables then give the rest of this boot's
+KASLR: `phys_base` (image virtual -> physical), `page_offset_base` (the direct map),
+`vmemmap_base` (the struct page array), and `__pgtable_l5_enabled` (4 or 5 levels).
+Addresses outside the image and the direct map are translated by walking the kernel's
+page tables from `init_top_pgt`.
+
+Layers, as in Volatility: GuestMemory (physical) -> KernelSpace (kernel virtual) ->
+per-process page tables (pagetables.py).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+from hvkit.errors import HvkitError
+from hvkit.introspect.pagetables import translate
+from hvkit.kernel.symbols import KernelSymbols
+from hvkit.memory import GuestAddressError, GuestMemory
+
+START_KERNEL_MAP = 0xFFFFFFFF80000000
+KERNEL_IMAGE_SPAN = 1 << 30  # KERNEL_IMAGE_SIZE: the image mapping is at most 1 GiB
+GiB = 1 << 30
+U64 = (1 << 64) - 1  # phys_base is "negative" when KASLR slid the image further virtually
+
+
+class KernelMismatch(HvkitError):
+    """The kernel file given is not the kernel that runs in this memory."""
+
+
+class GuestInconsistent(HvkitError):
+    """Guest memory says something impossible (corrupt, or a guest that lies)."""
+
+
+def _canonical_kernel(va: int) -> bool:
+    return va >> 47 == (1 << 17) - 1
+
+
+@dataclass
+class KernelSpace:
+    mem: GuestMemory
+    symbols: KernelSymbols
+    phys_text: int  # guest-physical address of _text
+    phys_base: int  # the kernel's phys_base: image virtual = physical + START_KERNEL_MAP - phys_base
+    page_offset_base: int  # start of the direct map of all physical memory
+    vmemmap_base: int  # virtual address of struct page for pfn 0
+    levels: int  # page-table levels: 4 or 5
+    top_pgt: int  # guest-physical address of init_top_pgt (the kernel's page tables)
+
+    @classmethod
+    def locate(cls, mem: GuestMemory, symbols: KernelSymbols) -> "KernelSpace":
+        phys_text = _image_base(mem, symbols)
+
+        def image_u64(name: str) -> int:
+            return mem.read_u64(phys_text + symbols[name] - symbols["_text"])
+
+        phys_base = image_u64("phys_base")
+        page_offset_base = image_u64("page_offset_base")
+        vmemmap_base = image_u64("vmemmap_base")
+        for name, value in (("page_offset_base", page_offset_base), ("vmemmap_base", vmemmap_base)):
+            if not _canonical_kernel(value) or value % GiB:
+                raise GuestInconsistent(f"{name} = {value:#x} is not a kernel region base")
+        if (phys_base - phys_text) % (2 << 20):
+            raise GuestInconsistent(f"phys_base = {phys_base:#x} does not fit the image at {phys_text:#x}")
+        l5 = "__pgtable_l5_enabled" in symbols and struct.unpack(
+            "<I", mem.read(phys_text + symbols["__pgtable_l5_enabled"] - symbols["_text"], 4))[0] == 1
+        top_pgt = phys_text + symbols["init_top_pgt"] - symbols["_text"]
+        return cls(mem, symbols, phys_text, phys_base, page_offset_base, vmemmap_base,
+                   5 if l5 else 4, top_pgt)
+
+    # -- kernel virtual addresses --------------------------------------------------------
+
+    @property
+    def virt_slide(self) -> int:
+        """Runtime minus link-time virtual address of the kernel image (KASLR)."""
+        runtime_text = (self.phys_text - self.phys_base + START_KERNEL_MAP) & U64
+        return runtime_text - self.symbols["_text"]
+
+    def symbol_va(self, name: str) -> int:
+        return self.symbols[name] + self.virt_slide
+
+    def symbol_pa(self, name: str) -> int:
+        return self.phys_text + self.symbols[name] - self.symbols["_text"]
+
+    def va_to_pa(self, va: int) -> int:
+        """Guest-physical address of kernel virtual address `va`; GuestAddressError when
+        it is not mapped to RAM."""
+        if START_KERNEL_MAP <= va < START_KERNEL_MAP + KERNEL_IMAGE_SPAN:
+            pa = (va - START_KERNEL_MAP + self.phys_base) & U64
+        elif self.page_offset_base <= va < self.page_offset_base + (self.mem.max_pfn << 12):
+            pa = va - self.page_offset_base
+        else:
+            pa = translate(self.mem, self.top_pgt, va, self.levels)
+        if not self.mem.contains(pa):
+            raise GuestAddressError(f"kernel address {va:#x} maps to {pa:#x}, outside RAM")
+        return pa
+
+    def read(self, va: int, size: int) -> bytes:
+        """Bytes at kernel virtual `va`, page by page (virtually contiguous only)."""
+        out = bytearray()
+        while size > 0:
+            n = min(size, 4096 - (va & 0xFFF))
+            out += self.mem.read(self.va_to_pa(va), n)
+            va += n
+            size -= n
+        return bytes(out)
+
+    def read_u64(self, va: int) -> int:
+        return struct.unpack("<Q", self.read(va, 8))[0]
+
+
+def _image_base(mem: GuestMemory, symbols: KernelSymbols) -> int:
+    """Guest-physical address of _text: where the banner sits, among the places that
+    hold its text (the log buffer or page cache may hold copies), such that the image
+    is aligned and its init_uts_ns names the same release."""
+    text = symbols["_text"]
+    hits = mem.find(symbols.banner.encode(), limit=16)
+    for hit in hits:
+        base = hit - (symbols["linux_banner"] - text)
+        if base < 0 or base % (2 << 20):
+            continue
+        if "init_uts_ns" in symbols:
+            uts = base + symbols["init_uts_ns"] - text
+            if not mem.contains(uts, 512) or symbols.release.encode() not in mem.read(uts, 512):
+                continue
+        return base
+    if hits:
+        raise GuestInconsistent(f"the kernel's banner is in memory ({len(hits)} times), but never "
+                                "where a kernel image could start")
+    raise KernelMismatch(f"the kernel file ({symbols.release}) is not the kernel in this memory"
+                         f"{_running_kernel_hint(mem)}", "pass the guest's own kernel with --kernel")
+
+
+def _running_kernel_hint(mem: GuestMemory) -> str:
+    for gpa in mem.find(b"Linux version ", limit=8):
+        m = re.match(rb"Linux version (\S+) \(", mem.read(gpa, 200))
+        if m:
+            return f"; the memory runs kernel {m.group(1).decode('ascii', 'replace')}"
+    return "; no Linux kernel banner was found in it at all"

@@ -1,0 +1,74 @@
+"""What `hvkit identify`/`hvkit ps` read: a running hvkit VM (by name), a raw RAM file,
+or a QEMU dump-guest-memory ELF core; and everything needed to read it (the kernel's
+symbols and compiled layout). A running VM is paused while it is read, then resumed."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from hvkit.config import Paths
+from hvkit.errors import HvkitError
+from hvkit.introspect.kernelspace import KernelSpace
+from hvkit.kernel.headers import debian_tree, prepared_tree
+from hvkit.kernel.image import read_kernel_image
+from hvkit.kernel.layout import Layout, build_layout
+from hvkit.kernel.symbols import load_symbols
+from hvkit.memory import ElfCoreMemory, GuestMemory, RamFileMemory
+from hvkit.qemu import VM
+
+
+@dataclass
+class Guest:
+    """A guest's memory with what it takes to read it as its kernel does."""
+
+    memory: GuestMemory
+    kernel: KernelSpace
+    layout: Layout
+    paused_for: float = 0.0  # seconds a running VM was paused (filled in on exit)
+
+
+def _open_memory(source: str, paths: Paths) -> tuple[GuestMemory, Path | None, VM | None]:
+    path = Path(source)
+    if path.exists():
+        with path.open("rb") as f:
+            magic = f.read(4)
+        memory = ElfCoreMemory(path) if magic == b"\x7fELF" else RamFileMemory(path)
+        return memory, None, None
+    if "/" in source:
+        raise HvkitError(f"{source} does not exist", "give a VM name, a RAM file or an ELF core")
+    vm = VM.attach(source, paths)
+    return vm.memory(), Path(vm.spec.kernel), vm
+
+
+@contextlib.contextmanager
+def open_guest(source: str, kernel: str | Path | None = None, headers: str | Path | None = None,
+               paths: Paths | None = None) -> Iterator[Guest]:
+    """The guest in `source`, ready to read; a running VM stays paused inside the block."""
+    import time
+
+    paths = paths or Paths.from_env()
+    memory, vm_kernel, vm = _open_memory(source, paths)
+    try:
+        kernel_file = Path(kernel) if kernel else vm_kernel
+        if kernel_file is None:
+            raise HvkitError(f"reading {source} needs the guest's kernel", "pass --kernel FILE (its bzImage or vmlinux)")
+        release = read_kernel_image(kernel_file).release
+        tree = prepared_tree(headers, release) if headers else debian_tree(release, paths.cache)
+        symbols = load_symbols(kernel_file, paths.cache, tree.config)
+        layout = build_layout(tree, paths.cache)
+        paused = vm is not None and vm.run_state() == "running"
+        t0 = time.monotonic()
+        if paused:
+            vm.pause()
+        guest = Guest(memory, KernelSpace.locate(memory, symbols), layout)
+        try:
+            yield guest
+        finally:
+            if paused:
+                vm.resume()
+            guest.paused_for = time.monotonic() - t0 if paused else 0.0
+    finally:
+        memory.close()
