@@ -114,24 +114,29 @@ class KernelSpace:
         return struct.unpack("<Q", self.read(va, 8))[0]
 
 
+IMAGE_ALIGN = 2 << 20  # x86-64 loads the kernel at a multiple of 2 MiB (CONFIG_PHYSICAL_ALIGN)
+
+
 def _image_base(mem: GuestMemory, symbols: KernelSymbols) -> int:
-    """Guest-physical address of _text: where the banner sits, among the places that
-    hold its text (the log buffer or page cache may hold copies), such that the image
-    is aligned and its init_uts_ns names the same release."""
+    """Guest-physical address of _text. The image starts on a 2 MiB boundary, so the
+    banner can only be at `linux_banner - _text` past one: those few places are read
+    (2,048 for 4 GiB) instead of searching all of RAM. A candidate counts when its
+    init_uts_ns also names the release (copies of the banner text elsewhere do not)."""
     text = symbols["_text"]
-    hits = mem.find(symbols.banner.encode(), limit=16)
-    for hit in hits:
-        base = hit - (symbols["linux_banner"] - text)
-        if base < 0 or base % (2 << 20):
-            continue
-        if "init_uts_ns" in symbols:
-            uts = base + symbols["init_uts_ns"] - text
-            if not mem.contains(uts, 512) or symbols.release.encode() not in mem.read(uts, 512):
+    banner = symbols.banner.encode()
+    offset = symbols["linux_banner"] - text
+    for r in mem.ranges:
+        first = -(-r.gpa // IMAGE_ALIGN) * IMAGE_ALIGN
+        for base in range(first, r.end - offset - len(banner), IMAGE_ALIGN):
+            if not mem.contains(base + offset, len(banner)) or mem.read(base + offset, len(banner)) != banner:
                 continue
-        return base
-    if hits:
-        raise GuestInconsistent(f"the kernel's banner is in memory ({len(hits)} times), but never "
-                                "where a kernel image could start")
+            if "init_uts_ns" in symbols:
+                uts = base + symbols["init_uts_ns"] - text
+                if not mem.contains(uts, 512) or symbols.release.encode() not in mem.read(uts, 512):
+                    continue
+            return base
+    if mem.find(banner, limit=1):
+        raise GuestInconsistent("the kernel's banner is in memory, but never where a kernel image could start")
     raise KernelMismatch(f"the kernel file ({symbols.release}) is not the kernel in this memory"
                          f"{_running_kernel_hint(mem)}", "pass the guest's own kernel with --kernel")
 
