@@ -39,8 +39,9 @@ def paths() -> Paths:
     os.environ["HVKIT_RUNTIME"] = str(runtime)
     p = Paths.from_env()
     yield p
-    for row in VM.list(p):
-        VM.attach(row.name, p).stop() if row.state != "dead" else None
+    for row in VM.list(p):  # listing also cleans up dead ones
+        if row.state != "dead":
+            VM.attach(row.name, p).stop()
     leftovers = _qemus_of(runtime)
     for pid in leftovers:
         os.kill(pid, 9)

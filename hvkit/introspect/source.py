@@ -5,6 +5,7 @@ symbols and compiled layout). A running VM is paused while it is read, then resu
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -47,8 +48,6 @@ def _open_memory(source: str, paths: Paths) -> tuple[GuestMemory, Path | None, V
 def open_guest(source: str, kernel: str | Path | None = None, headers: str | Path | None = None,
                paths: Paths | None = None) -> Iterator[Guest]:
     """The guest in `source`, ready to read; a running VM stays paused inside the block."""
-    import time
-
     paths = paths or Paths.from_env()
     memory, vm_kernel, vm = _open_memory(source, paths)
     try:

@@ -184,6 +184,7 @@ class VM:
         name = check_name(name) if name else cls._free_name(paths)
         rundir = RuntimeDir(paths.vm_dir(name))
         cls._claim(rundir)
+        vm = None
         try:
             chosen = best_accel(binary, paths.runtime) if accel == "auto" else accel
             spec = VMSpec(name=name, memory=size, cpus=int(cpus), kernel=str(kernel_path),
@@ -198,7 +199,7 @@ class VM:
             return vm
         except BaseException:
             # whatever went wrong (including Ctrl-C), leave nothing running or behind
-            if "vm" in locals():
+            if vm is not None:
                 vm._kill()
             rundir.remove()
             raise
