@@ -140,3 +140,11 @@ def test_best_accel_is_cached(paths):
     t0 = time.monotonic()
     assert best_accel(qemu_binary(), paths.runtime) == first
     assert time.monotonic() - t0 < 0.5  # cached: no QEMU started
+
+
+def test_request_sent_before_the_guest_is_ready_is_answered(paths):
+    """A request that reaches the guest before it opened its control port is lost by
+    the serial port; hvkit repeats it until the guest answers."""
+    with VM.start("early", memory="128M", paths=paths, wait=False) as vm:
+        truth = vm.ground_truth(timeout=120)
+        assert truth.processes and "HVKIT-READY" in vm.console()

@@ -33,6 +33,7 @@ from hvkit.units import MiB, format_size, parse_size
 log = logging.getLogger(__name__)
 
 READY_MARKER = "HVKIT-READY"
+RESEND_AFTER = 5.0  # seconds without any answer before a control-port request is sent again
 MIN_MEMORY = 16 * MiB
 
 
@@ -452,15 +453,23 @@ class VM:
                              "resume it first" if state == "paused" else None)
         buf = bytearray()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
+            s.settimeout(1.0)
             s.connect(str(self.rundir.ctl_sock))
             s.sendall(line.encode() + b"\n")
-            deadline = time.monotonic() + timeout
+            start = time.monotonic()
+            deadline, resend_at = start + timeout, start + RESEND_AFTER
             marker = until.encode()
             while marker not in buf or not buf.rstrip(b"\r").endswith(b"\n"):
-                if time.monotonic() > deadline:
-                    raise HvkitError(f"the guest of {self.name!r} did not answer {line!r} "
-                                     f"within {timeout:.0f} s", "is it hvkit's default guest?")
+                now = time.monotonic()
+                if now > deadline:
+                    got = f"{len(buf)} bytes, ending {bytes(buf[-60:])!r}" if buf else "nothing"
+                    raise HvkitError(f"the guest of {self.name!r} did not answer {line!r} within "
+                                     f"{timeout:.0f} s (it sent {got})", "is it hvkit's default guest?")
+                if not buf and now > resend_at:
+                    # nothing at all came back: the guest may not have had its port open
+                    # yet (a request is safe to repeat; answers are matched by their tag)
+                    s.sendall(line.encode() + b"\n")
+                    resend_at = now + RESEND_AFTER
                 try:
                     chunk = s.recv(1 << 16)
                 except socket.timeout:
