@@ -444,9 +444,14 @@ class VM:
                                  f"{timeout:.0f} s; its console ends: {tail}")
             time.sleep(0.05)
 
-    def request(self, line: str, until: str, timeout: float = 60.0) -> str:
+    def request(self, line: str, until: str, started: str | None = None, timeout: float = 60.0) -> str:
         """Sends one request line to the guest's control port (ttyS1) and returns what
-        the guest answered up to and including the line that contains `until`."""
+        the guest answered up to and including the line that contains `until`.
+
+        Until `started` (default: `until`) shows up, the request is sent again every few
+        seconds: bytes that reach the guest's serial port before its init has opened and
+        set it up are lost or mangled, so a request can vanish without any answer."""
+        started_b = (started or until).encode()
         state = self.run_state()
         if state != "running":
             raise HvkitError(f"VM {self.name!r} is {state}; the guest answers only while it runs",
@@ -465,10 +470,9 @@ class VM:
                     got = f"{len(buf)} bytes, ending {bytes(buf[-60:])!r}" if buf else "nothing"
                     raise HvkitError(f"the guest of {self.name!r} did not answer {line!r} within "
                                      f"{timeout:.0f} s (it sent {got})", "is it hvkit's default guest?")
-                if not buf and now > resend_at:
-                    # nothing at all came back: the guest may not have had its port open
-                    # yet (a request is safe to repeat; answers are matched by their tag)
-                    s.sendall(line.encode() + b"\n")
+                if started_b not in buf and now > resend_at:
+                    # safe to repeat: answers are matched by their tag
+                    s.sendall(b"\n" + line.encode() + b"\n")
                     resend_at = now + RESEND_AFTER
                 try:
                     chunk = s.recv(1 << 16)
@@ -487,7 +491,8 @@ class VM:
         exported through its second serial port; the raw export is also written to
         `save_to` when given."""
         tag = f"{os.getpid()}-{time.monotonic_ns()}"
-        raw = self.request(f"dump {tag}", until=f"HVKIT-GT-END {tag}", timeout=timeout)
+        raw = self.request(f"dump {tag}", until=f"HVKIT-GT-END {tag}",
+                           started=f"HVKIT-GT-BEGIN {tag}", timeout=timeout)
         raw = raw[raw.find(f"HVKIT-GT-BEGIN {tag}") :]
         if save_to is not None:
             Path(save_to).write_text(raw)
