@@ -49,11 +49,11 @@ fi
 
 # 3. The default guest (Debian cloud kernel + busybox initramfs), cached.
 say "preparing the default guest"
-.venv/bin/hvkit guest build
+release=$(.venv/bin/hvkit guest build --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["release"])')
+echo "default guest: kernel $release"
 
 # 4. The compiler the guest kernel was built with (Debian's headers name it as a
 #    linux-compiler-gcc-* dependency): the layout interface is compiled with it.
-release=$(.venv/bin/hvkit guest build --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["release"])')
 compiler=$(apt-cache depends "linux-headers-$release" 2>/dev/null | sed -n 's/^ *Depends: \(linux-compiler-gcc-[^ ]*\)$/\1/p' | head -1)
 if [ -n "$compiler" ] && ! dpkg -s "$compiler" >/dev/null 2>&1; then
     say "installing $compiler (the compiler of kernel $release)"

@@ -41,6 +41,12 @@ def _canonical_kernel(va: int) -> bool:
     return va >> 47 == (1 << 17) - 1
 
 
+def _image_pa(phys_text: int, symbols: KernelSymbols, name: str) -> int:
+    """Guest-physical address of kernel-image symbol `name` when _text is at `phys_text`
+    (the image is physically contiguous)."""
+    return phys_text + symbols[name] - symbols["_text"]
+
+
 @dataclass
 class KernelSpace:
     mem: GuestMemory
@@ -57,7 +63,7 @@ class KernelSpace:
         phys_text = _image_base(mem, symbols)
 
         def image_u64(name: str) -> int:
-            return mem.read_u64(phys_text + symbols[name] - symbols["_text"])
+            return mem.read_u64(_image_pa(phys_text, symbols, name))
 
         phys_base = image_u64("phys_base")
         page_offset_base = image_u64("page_offset_base")
@@ -68,8 +74,8 @@ class KernelSpace:
         if (phys_base - phys_text) % (2 << 20):
             raise GuestInconsistent(f"phys_base = {phys_base:#x} does not fit the image at {phys_text:#x}")
         l5 = "__pgtable_l5_enabled" in symbols and struct.unpack(
-            "<I", mem.read(phys_text + symbols["__pgtable_l5_enabled"] - symbols["_text"], 4))[0] == 1
-        top_pgt = phys_text + symbols["init_top_pgt"] - symbols["_text"]
+            "<I", mem.read(_image_pa(phys_text, symbols, "__pgtable_l5_enabled"), 4))[0] == 1
+        top_pgt = _image_pa(phys_text, symbols, "init_top_pgt")
         return cls(mem, symbols, phys_text, phys_base, page_offset_base, vmemmap_base,
                    5 if l5 else 4, top_pgt)
 
@@ -85,7 +91,7 @@ class KernelSpace:
         return self.symbols[name] + self.virt_slide
 
     def symbol_pa(self, name: str) -> int:
-        return self.phys_text + self.symbols[name] - self.symbols["_text"]
+        return _image_pa(self.phys_text, self.symbols, name)
 
     def va_to_pa(self, va: int) -> int:
         """Guest-physical address of kernel virtual address `va`; GuestAddressError when
@@ -131,7 +137,7 @@ def _image_base(mem: GuestMemory, symbols: KernelSymbols) -> int:
             if not mem.contains(base + offset, len(banner)) or mem.read(base + offset, len(banner)) != banner:
                 continue
             if "init_uts_ns" in symbols:
-                uts = base + symbols["init_uts_ns"] - text
+                uts = _image_pa(base, symbols, "init_uts_ns")
                 if not mem.contains(uts, 512) or symbols.release.encode() not in mem.read(uts, 512):
                     continue
             return base

@@ -46,6 +46,11 @@ def _task_fields(ks: KernelSpace, layout: Layout, va: int) -> dict:
             "mm": u64("mm"), "parent": u64("real_parent"), "next": u64("tasks")}
 
 
+def _tgid(ks: KernelSpace, layout: Layout, task_va: int) -> int:
+    """Only the tgid of a task (a parent): 4 bytes, not the whole task_struct."""
+    return struct.unpack("<i", ks.read(task_va + layout.offset("task_struct", "tgid"), 4))[0]
+
+
 def _user_pages(ks: KernelSpace, layout: Layout, mm: int) -> int:
     pgd_va = ks.read_u64(mm + layout.offset("mm_struct", "pgd"))
     return int(mapped_pages(ks.mem, ks.va_to_pa(pgd_va), ks.levels).size)
@@ -68,7 +73,7 @@ def list_tasks(ks: KernelSpace, layout: Layout, count_pages: bool = True) -> Tas
         va = cur - tasks_off
         try:
             t = _task_fields(ks, layout, va)
-            ppid = _task_fields(ks, layout, t["parent"])["tgid"] if t["parent"] else 0
+            ppid = _tgid(ks, layout, t["parent"]) if t["parent"] else 0
         except HvkitError as e:
             walk.errors.append(f"task at {va:#x}: {e}")
             break
