@@ -1,5 +1,6 @@
-"""Kernel symbols by name: from a real System.map when there is one, else from the
-kernel's own kallsyms tables (see kallsyms.py), cached per kernel file.
+"""Kernel symbols by name, from the kernel's own kallsyms tables (see kallsyms.py),
+cached per kernel file. (Debian's System.map is a placeholder; reading a real one, for
+kernels that ship it, is not done yet.)
 
 Beside the addresses it keeps the kernel's banner (the bytes of `linux_banner`), which
 is how a kernel file is matched against guest memory: the running kernel has the same
