@@ -155,3 +155,19 @@ def test_absurd_kernel_variables_are_refused(ram_copy, paths, guest):
     proc = run_cli("ps", str(ram_copy), "--kernel", str(guest.kernel))
     assert proc.returncode == 1
     assert "page_offset_base = 0x1234 is not a kernel region base" in proc.stderr
+
+
+def test_vm_runs_again_when_its_memory_cannot_be_read(shared_vm, paths, monkeypatch):
+    """Reading fails after the VM was paused (here: memory that fails validation):
+    the error reaches the caller and the VM is resumed all the same."""
+    from hvkit.introspect.kernelspace import GuestInconsistent
+
+    def lying_guest(*args):
+        assert shared_vm.run_state() == "paused"
+        raise GuestInconsistent("page_offset_base = 0x1234 is not a kernel region base")
+
+    monkeypatch.setattr(KernelSpace, "locate", lying_guest)
+    with pytest.raises(GuestInconsistent):
+        with open_guest(shared_vm.name, paths=paths):
+            pass
+    assert shared_vm.run_state() == "running"

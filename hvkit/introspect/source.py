@@ -62,12 +62,14 @@ def open_guest(source: str, kernel: str | Path | None = None, headers: str | Pat
         t0 = time.monotonic()
         if paused:
             vm.pause()
-        guest = Guest(memory, KernelSpace.locate(memory, symbols), layout)
-        try:
+        guest = None
+        try:  # from here on, whatever fails (a lying guest too), the VM runs again
+            guest = Guest(memory, KernelSpace.locate(memory, symbols), layout)
             yield guest
         finally:
             if paused:
                 vm.resume()
-            guest.paused_for = time.monotonic() - t0 if paused else 0.0
+            if guest is not None:
+                guest.paused_for = time.monotonic() - t0 if paused else 0.0
     finally:
         memory.close()
