@@ -33,6 +33,7 @@ def _register() -> None:
     cli.add_command(vm.vm)
     cli.add_command(guest.guest)
     cli.add_command(introspect.ps)
+    cli.add_command(introspect.identify)
     cli.add_command(demo.demo)
 
 

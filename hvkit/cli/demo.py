@@ -16,7 +16,8 @@ import click
 from hvkit.cli.output import console, json_option, print_json, status_console
 from hvkit.config import Paths
 from hvkit.guest import build_default_guest
-from hvkit.introspect import list_tasks
+from hvkit.introspect import PageClass, classify, list_tasks
+from hvkit.memory import PAGE_SIZE
 from hvkit.introspect.source import open_guest
 from hvkit.qemu import VM
 from hvkit.units import mib
@@ -105,6 +106,20 @@ def demo(memory: str, as_json: bool) -> None:
                     "compiled from its headers")
 
         step("list its processes from outside (identify)", processes)
+
+        def pages() -> str:
+            def look():
+                with open_guest(machine.name, paths=paths) as g:
+                    return classify(g.kernel, g.layout, list_tasks(g.kernel, g.layout))
+
+            truth, pm = machine.frozen_ground_truth(look)
+            counts = pm.counts()
+            share = ", ".join(f"{c.label} {mib(n * PAGE_SIZE):.0f}" for c, n in counts.items() if n)
+            free_theirs = truth.meminfo["MemFree"] // PAGE_SIZE
+            return (f"{pm.pages} page frames classified (MiB: {share}); free {counts[PageClass.FREE]} pages "
+                    f"vs the guest's own MemFree {free_theirs} at the same paused moment")
+
+        step("identify every page from outside", pages)
 
         def stop() -> str:
             pid, folder = machine.pid, machine.rundir.path

@@ -12,6 +12,7 @@ import base64
 import gzip
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -36,6 +37,27 @@ class GroundTruth:
 
     def free_pages_by_buddyinfo(self) -> int:
         return sum(n << order for counts in self.buddyinfo.values() for order, n in enumerate(counts))
+
+    def page_classes(self, kpf_bit: Callable[[str], int]) -> np.ndarray:
+        """The class of each page frame by the guest's own /proc/kpageflags, in hvkit's
+        classes (hvkit.introspect.PageClass), to hold hvkit's classification against.
+        `kpf_bit("KPF_BUDDY")` gives a flag's bit number (from the compiled layout).
+
+        kpageflags cannot tell the kernel image from other reserved pages: both are
+        RESERVED here. It marks every page of a free block BUDDY (not just the first).
+        Page cache is what sits on an LRU list, is mapped, or is a transparent huge
+        page, and is not anonymous."""
+        from hvkit.introspect.pages import PageClass
+
+        k = self.kpageflags
+        has = lambda name: (k >> np.uint64(kpf_bit(name))) & np.uint64(1) != 0  # noqa: E731
+        anon = has("KPF_ANON")
+        conditions = [has("KPF_NOPAGE"), has("KPF_BUDDY"), has("KPF_PGTABLE"), has("KPF_SLAB"),
+                      has("KPF_RESERVED") | has("KPF_OFFLINE"), anon,
+                      ~anon & (has("KPF_LRU") | has("KPF_MMAP") | has("KPF_THP"))]
+        choices = [PageClass.NOT_PRESENT, PageClass.FREE, PageClass.PAGE_TABLE, PageClass.SLAB,
+                   PageClass.RESERVED, PageClass.ANONYMOUS, PageClass.PAGE_CACHE]
+        return np.select(conditions, [np.uint8(c) for c in choices], np.uint8(PageClass.KERNEL_OTHER)).astype(np.uint8)
 
 
 def _sections(raw: str) -> dict[str, str]:

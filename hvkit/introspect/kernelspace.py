@@ -57,6 +57,7 @@ class KernelSpace:
     vmemmap_base: int  # virtual address of struct page for pfn 0
     levels: int  # page-table levels: 4 or 5
     top_pgt: int  # guest-physical address of init_top_pgt (the kernel's page tables)
+    max_pfn: int  # one past the highest page frame the kernel manages (an ELF core may hold ROM above)
 
     @classmethod
     def locate(cls, mem: GuestMemory, symbols: KernelSymbols) -> "KernelSpace":
@@ -76,8 +77,11 @@ class KernelSpace:
         l5 = "__pgtable_l5_enabled" in symbols and struct.unpack(
             "<I", mem.read(_image_pa(phys_text, symbols, "__pgtable_l5_enabled"), 4))[0] == 1
         top_pgt = _image_pa(phys_text, symbols, "init_top_pgt")
+        max_pfn = image_u64("max_pfn") if "max_pfn" in symbols else mem.max_pfn
+        if not 0 < max_pfn <= mem.max_pfn:
+            raise GuestInconsistent(f"max_pfn = {max_pfn:#x} does not fit {mem.size >> 20} MiB of memory")
         return cls(mem, symbols, phys_text, phys_base, page_offset_base, vmemmap_base,
-                   5 if l5 else 4, top_pgt)
+                   5 if l5 else 4, top_pgt, max_pfn)
 
     # -- kernel virtual addresses --------------------------------------------------------
 
@@ -98,7 +102,7 @@ class KernelSpace:
         it is not mapped to RAM."""
         if START_KERNEL_MAP <= va < START_KERNEL_MAP + KERNEL_IMAGE_SPAN:
             pa = (va - START_KERNEL_MAP + self.phys_base) & U64
-        elif self.page_offset_base <= va < self.page_offset_base + (self.mem.max_pfn << 12):
+        elif self.page_offset_base <= va < self.page_offset_base + (self.max_pfn << 12):
             pa = va - self.page_offset_base
         else:
             pa = translate(self.mem, self.top_pgt, va, self.levels)

@@ -18,20 +18,31 @@ def _index(va: int, level: int) -> int:
     return (va >> (12 + 9 * (level - 1))) & 0x1FF
 
 
-def translate(mem: GuestMemory, top: int, va: int, levels: int = 4) -> int:
-    """Guest-physical address of `va` under the page tables at `top`."""
+def lookup(mem: GuestMemory, top: int, va: int, levels: int = 4) -> tuple[int | None, int]:
+    """(guest-physical address of `va` under the page tables at `top`, or None when it is
+    not mapped; bytes from `va` to the end of that page or unmapped region), so a caller
+    walking a virtual range can step over a whole 2 MiB page or an absent 1 GiB at once."""
     table = top
     for level in range(levels, 0, -1):
+        span = 1 << (12 + 9 * (level - 1))  # bytes one entry of this level covers
+        rest = span - (va & (span - 1))
         if not mem.contains(table, 4096):
             raise GuestAddressError(f"page table at {table:#x} (level {level}) is outside RAM")
         entry = mem.read_u64(table + 8 * _index(va, level))
         if not entry & PRESENT:
-            raise GuestAddressError(f"address {va:#x} is not mapped (level {level})")
-        if level in (2, 3) and entry & LARGE:
-            size = 1 << (12 + 9 * (level - 1))
-            return (entry & ADDR_MASK & ~(size - 1)) | (va & (size - 1))
+            return None, rest
+        if level == 1 or (level in (2, 3) and entry & LARGE):
+            return (entry & ADDR_MASK & ~(span - 1)) | (va & (span - 1)), rest
         table = entry & ADDR_MASK
-    return table | (va & 0xFFF)
+    raise AssertionError("unreachable")
+
+
+def translate(mem: GuestMemory, top: int, va: int, levels: int = 4) -> int:
+    """Guest-physical address of `va` under the page tables at `top`."""
+    pa, _ = lookup(mem, top, va, levels)
+    if pa is None:
+        raise GuestAddressError(f"address {va:#x} is not mapped")
+    return pa
 
 
 def mapped_pages(mem: GuestMemory, top: int, levels: int = 4, user_only: bool = True) -> np.ndarray:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from hvkit.errors import HvkitError
 from hvkit.introspect.kernelspace import KernelSpace
 from hvkit.introspect.pagetables import mapped_pages
@@ -33,6 +35,7 @@ class GuestTask:
 class TaskWalk:
     tasks: list[GuestTask] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # one line per object that could not be read
+    frames: dict[int, np.ndarray] = field(default_factory=dict)  # pid -> pfns its page tables map
 
 
 def _task_fields(ks: KernelSpace, layout: Layout, va: int) -> dict:
@@ -51,9 +54,9 @@ def _tgid(ks: KernelSpace, layout: Layout, task_va: int) -> int:
     return struct.unpack("<i", ks.read(task_va + layout.offset("task_struct", "tgid"), 4))[0]
 
 
-def _user_pages(ks: KernelSpace, layout: Layout, mm: int) -> int:
+def _user_frames(ks: KernelSpace, layout: Layout, mm: int) -> np.ndarray:
     pgd_va = ks.read_u64(mm + layout.offset("mm_struct", "pgd"))
-    return int(mapped_pages(ks.mem, ks.va_to_pa(pgd_va), ks.levels).size)
+    return mapped_pages(ks.mem, ks.va_to_pa(pgd_va), ks.levels)
 
 
 def list_tasks(ks: KernelSpace, layout: Layout, count_pages: bool = True) -> TaskWalk:
@@ -80,7 +83,8 @@ def list_tasks(ks: KernelSpace, layout: Layout, count_pages: bool = True) -> Tas
         pages = 0
         if t["mm"] and count_pages:
             try:
-                pages = _user_pages(ks, layout, t["mm"])
+                walk.frames[t["pid"]] = frames = _user_frames(ks, layout, t["mm"])
+                pages = int(frames.size)
             except HvkitError as e:
                 walk.errors.append(f"task {t['pid']} ({t['name']}): page tables unreadable: {e}")
         walk.tasks.append(GuestTask(t["pid"], t["tgid"], t["name"], ppid, t["mm"], pages))

@@ -87,6 +87,17 @@ class GuestMemory:
             size -= n
         return bytes(out)
 
+    def read_into(self, gpa: int, into: memoryview) -> None:
+        """Fills `into` from `gpa` (a large read without an intermediate copy)."""
+        done = 0
+        while done < len(into):
+            r = self._range_of(gpa + done)
+            n = min(len(into) - done, r.end - gpa - done)
+            got = os.preadv(self._fd, [into[done : done + n]], r.offset + gpa + done - r.gpa)
+            if got < n:  # a file shorter than its layout (truncated dump)
+                into[done + got : done + n] = bytes(n - got)
+            done += n
+
     def read_u64(self, gpa: int) -> int:
         return struct.unpack("<Q", self.read(gpa, 8))[0]
 

@@ -19,6 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError, VMDied, VMNotFound
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 READY_MARKER = "HVKIT-READY"
 RESEND_AFTER = 5.0  # seconds without any answer before a control-port request is sent again
 MIN_MEMORY = 16 * MiB
+T = TypeVar("T")
 
 
 def qemu_binary() -> str:
@@ -446,45 +448,10 @@ class VM:
 
     def request(self, line: str, until: str, started: str | None = None, timeout: float = 60.0) -> str:
         """Sends one request line to the guest's control port (ttyS1) and returns what
-        the guest answered up to and including the line that contains `until`.
-
-        Until `started` (default: `until`) shows up, the request is sent again every few
-        seconds: bytes that reach the guest's serial port before its init has opened and
-        set it up are lost or mangled, so a request can vanish without any answer."""
-        started_b = (started or until).encode()
-        state = self.run_state()
-        if state != "running":
-            raise HvkitError(f"VM {self.name!r} is {state}; the guest answers only while it runs",
-                             "resume it first" if state == "paused" else None)
-        buf = bytearray()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            s.connect(str(self.rundir.ctl_sock))
-            s.sendall(line.encode() + b"\n")
-            start = time.monotonic()
-            deadline, resend_at = start + timeout, start + RESEND_AFTER
-            marker = until.encode()
-            while marker not in buf or not buf.rstrip(b"\r").endswith(b"\n"):
-                now = time.monotonic()
-                if now > deadline:
-                    got = f"{len(buf)} bytes, ending {bytes(buf[-60:])!r}" if buf else "nothing"
-                    raise HvkitError(f"the guest of {self.name!r} did not answer {line!r} within "
-                                     f"{timeout:.0f} s (it sent {got})", "is it hvkit's default guest?")
-                if started_b not in buf and now > resend_at:
-                    # safe to repeat: answers are matched by their tag
-                    s.sendall(b"\n" + line.encode() + b"\n")
-                    resend_at = now + RESEND_AFTER
-                try:
-                    chunk = s.recv(1 << 16)
-                except socket.timeout:
-                    continue
-                if not chunk:
-                    self._raise_if_dead(f"while answering {line!r}")
-                    raise HvkitError(f"the control port of {self.name!r} closed mid-answer")
-                buf += chunk
-        text = buf.decode(errors="replace")
-        end = text.index(until)
-        return text[: text.index("\n", end) + 1]
+        the guest answered up to and including the line that contains `until`."""
+        with ControlPort(self) as port:
+            port.send(line)
+            return port.read_until(until, timeout, resend=line, started=started)
 
     def ground_truth(self, save_to: Path | None = None, timeout: float = 120.0) -> GroundTruth:
         """The guest's own view of its memory and processes (default guest only),
@@ -493,7 +460,94 @@ class VM:
         tag = f"{os.getpid()}-{time.monotonic_ns()}"
         raw = self.request(f"dump {tag}", until=f"HVKIT-GT-END {tag}",
                            started=f"HVKIT-GT-BEGIN {tag}", timeout=timeout)
+        return self._parse_export(raw, tag, save_to)
+
+    def frozen_ground_truth(self, while_paused: Callable[[], T], timeout: float = 120.0,
+                            save_to: Path | None = None) -> tuple[GroundTruth, T]:
+        """The guest's own view of its memory at one moment, and what `while_paused`
+        returns when run with the VM paused at that very moment (default guest only).
+
+        The guest reads its page flags and free lists into memory and waits; the VM is
+        paused there, so hvkit's view from outside and the guest's own describe the same
+        pages. Then the VM runs again and the guest exports what it read."""
+        tag = f"{os.getpid()}-{time.monotonic_ns()}"
+        with ControlPort(self) as port:
+            port.send(f"freeze {tag}")
+            port.read_until(f"HVKIT-FROZEN {tag}", timeout, resend=f"freeze {tag}")
+            self.pause()
+            try:
+                result = while_paused()
+            finally:
+                self.resume()
+                port.send("continue")
+            raw = port.read_until(f"HVKIT-GT-END {tag}", timeout)
+        return self._parse_export(raw, tag, save_to), result
+
+    @staticmethod
+    def _parse_export(raw: str, tag: str, save_to: Path | None) -> GroundTruth:
         raw = raw[raw.find(f"HVKIT-GT-BEGIN {tag}") :]
         if save_to is not None:
             Path(save_to).write_text(raw)
         return parse_ground_truth(raw)
+
+
+class ControlPort:
+    """One conversation with the default guest's control port (its ttyS1, a unix socket
+    on the host). Bytes that reach the guest's serial port before its init has opened
+    and set it up are lost or mangled, so a request can vanish without any answer:
+    `read_until` sends it again every few seconds until its answer starts."""
+
+    def __init__(self, vm: VM) -> None:
+        state = vm.run_state()
+        if state != "running":
+            raise HvkitError(f"VM {vm.name!r} is {state}; the guest answers only while it runs",
+                             "resume it first" if state == "paused" else None)
+        self.vm = vm
+        self.buf = bytearray()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(1.0)
+        self.sock.connect(str(vm.rundir.ctl_sock))
+
+    def send(self, line: str) -> None:
+        self.sock.sendall(line.encode() + b"\n")
+
+    def read_until(self, until: str, timeout: float, resend: str | None = None,
+                   started: str | None = None) -> str:
+        """Everything received so far up to and including the line holding `until`
+        (which is consumed). While `started` (default `until`) has not arrived, `resend`
+        is sent again every RESEND_AFTER seconds (safe: answers are matched by tag)."""
+        marker, started_b = until.encode(), (started or until).encode()
+        start = time.monotonic()
+        deadline, resend_at = start + timeout, start + RESEND_AFTER
+        while True:
+            at = self.buf.find(marker)
+            if at >= 0 and self.buf.find(b"\n", at) >= 0:
+                cut = self.buf.find(b"\n", at) + 1
+                text = self.buf[:cut].decode(errors="replace")
+                del self.buf[:cut]
+                return text
+            now = time.monotonic()
+            if now > deadline:
+                got = f"{len(self.buf)} bytes, ending {bytes(self.buf[-60:])!r}" if self.buf else "nothing"
+                raise HvkitError(f"the guest of {self.vm.name!r} did not answer with {until!r} within "
+                                 f"{timeout:.0f} s (it sent {got})", "is it hvkit's default guest?")
+            if resend and started_b not in self.buf and now > resend_at:
+                self.sock.sendall(b"\n" + resend.encode() + b"\n")
+                resend_at = now + RESEND_AFTER
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:
+                continue
+            if not chunk:
+                self.vm._raise_if_dead(f"while waiting for {until!r}")
+                raise HvkitError(f"the control port of {self.vm.name!r} closed mid-answer")
+            self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "ControlPort":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

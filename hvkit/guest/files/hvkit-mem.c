@@ -11,11 +11,15 @@
  *   hvkit-mem fragment MIB             allocate MIB, free every other page, keep the rest
  *   hvkit-mem memcheck MIB [ROUNDS]    keep checksummed data in up to MIB while allocating
  *                                      and freeing; report any word that changed
+ *   hvkit-mem freeze DIR MARKER FILE...
+ *                                      read each /proc/FILE into memory, print MARKER, wait
+ *                                      for a line on stdin, then write them to DIR/FILE
  *
  * Every line it prints starts with "HVKIT-" so the host can find it in the console log.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -183,6 +187,95 @@ static int memcheck(unsigned long mib, unsigned long rounds)
     return errors ? 2 : 0;
 }
 
+/* freeze: the guest's own view of its memory at one moment the host can pause at. All
+ * files are read into buffers allocated and touched beforehand (so reading them does
+ * not change the page flags being read), then the process announces MARKER and blocks
+ * on stdin: the host pauses the VM there, reads guest memory from outside, resumes and
+ * sends a line. Only then is anything written (writing allocates page cache). */
+static size_t read_all(int fd, unsigned char *into, size_t room)
+{
+    static unsigned char scratch[1 << 16];
+    size_t total = 0;
+    ssize_t n;
+    while ((n = read(fd, into ? into + total : scratch,
+                     into ? room - total : sizeof(scratch))) > 0)
+        total += (size_t)n;
+    return total;
+}
+
+/* Raw read(2), no stdio: stdio would allocate its buffer mid-read. */
+static size_t proc_file(const char *name, unsigned char *into, size_t room)
+{
+    char path[256];
+    snprintf(path, sizeof(path), "/proc/%s", name);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return 0;
+    size_t n = read_all(fd, into, room);
+    close(fd);
+    return n;
+}
+
+static int wait_for_continue(void)
+{
+    char line[64], c;
+    size_t n = 0;
+    while (read(0, &c, 1) == 1) {
+        if (c != '\n') {
+            if (n < sizeof(line) - 1)
+                line[n++] = c;
+            continue;
+        }
+        line[n] = 0;
+        n = 0;
+        if (!strncmp(line, "continue", 8))
+            return 0;
+    }
+    return -1;
+}
+
+static int write_files(const char *dir, int nfiles, char **names, unsigned char **buf, size_t *len)
+{
+    char path[512];
+    for (int i = 0; i < nfiles; i++) {
+        snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+        FILE *f = fopen(path, "w");
+        if (!f || fwrite(buf[i], 1, len[i], f) != len[i]) {
+            say("HVKIT-FREEZE failed writing %s errno=%d", path, errno);
+            return 1;
+        }
+        fclose(f);
+    }
+    return 0;
+}
+
+static int freeze(const char *dir, const char *marker, int nfiles, char **names)
+{
+    char line[256];
+    unsigned char *buf[64];
+    size_t len[64];
+    if (nfiles > 64)
+        return 64;
+    for (int i = 0; i < nfiles; i++) { /* sizes first, then one touched buffer each */
+        size_t room = proc_file(names[i], NULL, 0) + 2 * PAGE; /* lines may appear meanwhile */
+        buf[i] = map_touched((room + PAGE - 1) & ~(PAGE - 1), 0);
+        len[i] = room;
+        if (!buf[i]) {
+            say("HVKIT-FREEZE failed %s errno=%d", names[i], errno);
+            return 1;
+        }
+    }
+    for (int i = 0; i < nfiles; i++)
+        len[i] = proc_file(names[i], buf[i], len[i]);
+    /* Raw write and read, no stdio: its buffers would be allocated now, and a new page
+     * (or page table) here would differ from the page flags just read. */
+    int mlen = snprintf(line, sizeof(line), "%s\n", marker);
+    if (write(1, line, (size_t)mlen) < 0)
+        return 1;
+    alarm(300); /* a host that never says "continue" does not block the guest forever */
+    return wait_for_continue() ? 1 : write_files(dir, nfiles, names, buf, len);
+}
+
 static unsigned long arg_ulong(int argc, char **argv, int i, unsigned long dflt)
 {
     return argc > i ? strtoul(argv[i], NULL, 0) : dflt;
@@ -202,6 +295,8 @@ int main(int argc, char **argv)
         return fragment(arg_ulong(argc, argv, 2, 64));
     if (!strcmp(cmd, "memcheck"))
         return memcheck(arg_ulong(argc, argv, 2, 32), arg_ulong(argc, argv, 3, 0));
-    fprintf(stderr, "usage: hvkit-mem heartbeat|alloc|hold|fragment|memcheck ARGS\n");
+    if (!strcmp(cmd, "freeze") && argc > 4)
+        return freeze(argv[2], argv[3], argc - 4, argv + 4);
+    fprintf(stderr, "usage: hvkit-mem heartbeat|alloc|hold|fragment|memcheck|freeze ARGS\n");
     return 64;
 }
