@@ -171,3 +171,16 @@ def test_lying_page_table_of_the_page_array_is_bounded(ram_and_map, guest, paths
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
     assert "struct page array:" in proc.stderr and "outside RAM" in proc.stderr
     assert json.loads(proc.stdout)["classes"]["not present"]["pages"] == pm.pages
+
+
+def test_five_level_paging_guest(paths, guest):
+    """QEMU's `max` CPU has LA57, so Debian's kernel runs with 5-level page tables."""
+    with VM.start("la57", memory="256M", workload="hold:16", cpu_model="max", paths=paths) as vm:
+        vm.wait_for_console("HVKIT-HOLD holding mib=16", timeout=60)
+        truth, pm, layout, walk = identify_at_one_moment(vm, paths)
+        with open_guest(vm.name, paths=paths) as g:
+            assert g.kernel.levels == 5
+        assert_agrees_with_kpageflags(truth, pm, layout)
+        holder = max(pm.anonymous_by_owner().items(), key=lambda kv: kv[1])
+        assert holder[1] * PAGE_SIZE >= 16 << 20  # found through 5-level user page tables
+        assert {p.pid for p in truth.processes} <= {t.pid for t in walk.tasks}

@@ -37,8 +37,15 @@ class GuestInconsistent(HvkitError):
     """Guest memory says something impossible (corrupt, or a guest that lies)."""
 
 
-def _canonical_kernel(va: int) -> bool:
-    return va >> 47 == (1 << 17) - 1
+def kernel_half_shift(levels: int) -> int:
+    """Bits below the sign-extended top of a canonical address: 47 with 4-level paging,
+    56 with 5-level (LA57)."""
+    return 56 if levels == 5 else 47
+
+
+def _canonical_kernel(va: int, levels: int) -> bool:
+    shift = kernel_half_shift(levels)
+    return va >> shift == (1 << (64 - shift)) - 1
 
 
 def _image_pa(phys_text: int, symbols: KernelSymbols, name: str) -> int:
@@ -66,22 +73,23 @@ class KernelSpace:
         def image_u64(name: str) -> int:
             return mem.read_u64(_image_pa(phys_text, symbols, name))
 
+        l5 = "__pgtable_l5_enabled" in symbols and struct.unpack(
+            "<I", mem.read(_image_pa(phys_text, symbols, "__pgtable_l5_enabled"), 4))[0] == 1
+        levels = 5 if l5 else 4
         phys_base = image_u64("phys_base")
         page_offset_base = image_u64("page_offset_base")
         vmemmap_base = image_u64("vmemmap_base")
         for name, value in (("page_offset_base", page_offset_base), ("vmemmap_base", vmemmap_base)):
-            if not _canonical_kernel(value) or value % GiB:
+            if not _canonical_kernel(value, levels) or value % GiB:
                 raise GuestInconsistent(f"{name} = {value:#x} is not a kernel region base")
         if (phys_base - phys_text) % (2 << 20):
             raise GuestInconsistent(f"phys_base = {phys_base:#x} does not fit the image at {phys_text:#x}")
-        l5 = "__pgtable_l5_enabled" in symbols and struct.unpack(
-            "<I", mem.read(_image_pa(phys_text, symbols, "__pgtable_l5_enabled"), 4))[0] == 1
         top_pgt = _image_pa(phys_text, symbols, "init_top_pgt")
         max_pfn = image_u64("max_pfn") if "max_pfn" in symbols else mem.max_pfn
         if not 0 < max_pfn <= mem.max_pfn:
             raise GuestInconsistent(f"max_pfn = {max_pfn:#x} does not fit {mem.size >> 20} MiB of memory")
         return cls(mem, symbols, phys_text, phys_base, page_offset_base, vmemmap_base,
-                   5 if l5 else 4, top_pgt, max_pfn)
+                   levels, top_pgt, max_pfn)
 
     # -- kernel virtual addresses --------------------------------------------------------
 

@@ -28,7 +28,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from hvkit.introspect.kernelspace import KernelSpace
+from hvkit.introspect.kernelspace import KernelSpace, kernel_half_shift
 from hvkit.introspect.pagetables import lookup
 from hvkit.introspect.tasks import TaskWalk
 from hvkit.kernel.layout import Layout
@@ -208,8 +208,9 @@ def _free_pages(layout: Layout, pages: np.ndarray, order: np.ndarray, errors: li
     return np.cumsum(edges[:n]) > 0
 
 
-def _is_kernel_pointer(p: np.ndarray) -> np.ndarray:
-    return (p >> np.uint64(47)) == np.uint64((1 << 17) - 1)
+def _is_kernel_pointer(p: np.ndarray, levels: int) -> np.ndarray:
+    shift = kernel_half_shift(levels)
+    return (p >> np.uint64(shift)) == np.uint64((1 << (64 - shift)) - 1)
 
 
 def classify(ks: KernelSpace, layout: Layout, tasks: TaskWalk | None = None) -> PageMap:
@@ -237,7 +238,7 @@ def classify(ks: KernelSpace, layout: Layout, tasks: TaskWalk | None = None) -> 
         reserved & image,
         reserved,
         (low_bits & np.uint64(layout.const("PAGE_MAPPING_ANON"))) != 0,
-        (mapping != 0) & (low_bits == 0) & _is_kernel_pointer(mapping),
+        (mapping != 0) & (low_bits == 0) & _is_kernel_pointer(mapping, ks.levels),
     ]
     choices = [PageClass.NOT_PRESENT, PageClass.FREE, PageClass.PAGE_TABLE, PageClass.SLAB,
                PageClass.KERNEL_IMAGE, PageClass.RESERVED, PageClass.ANONYMOUS, PageClass.PAGE_CACHE]
