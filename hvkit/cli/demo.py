@@ -20,6 +20,7 @@ from hvkit.introspect import PageClass, classify, list_tasks
 from hvkit.memory import PAGE_SIZE
 from hvkit.introspect.source import open_guest
 from hvkit.qemu import VM
+from hvkit.share import share_once
 from hvkit.units import mib
 
 HEARTBEAT = r"HVKIT-HEARTBEAT (\d+)"
@@ -120,6 +121,17 @@ def demo(memory: str, as_json: bool) -> None:
                     f"vs the guest's own MemFree {free_theirs} at the same paused moment")
 
         step("identify every page from outside", pages)
+
+        def give_back() -> str:
+            start = len(machine.console())
+            machine.request("run alloc 128", until="HVKIT-RUNNING alloc")
+            machine.wait_for_console(r"HVKIT-ALLOC done mib=128", timeout=120, after=start)
+            r = share_once(machine, paths)
+            return (f"after the guest allocated and freed 128 MiB, gave {mib(r.released_bytes):.0f} MiB of its "
+                    f"{mib(r.free_pages * PAGE_SIZE):.0f} MiB free back to the host (host now holds "
+                    f"{mib(r.host_after):.0f} MiB, was {mib(r.host_before):.0f}); VM paused {r.paused_s * 1000:.0f} ms")
+
+        step("share its free pages with the host", give_back)
 
         def stop() -> str:
             pid, folder = machine.pid, machine.rundir.path

@@ -45,6 +45,8 @@ class VMSpec:
     append: str
     accel: str
     workload: str | None = None  # set for the default guest only
+    ram: str = "file"  # "file": RAM file (share=on) hvkit reads and gives back; "anonymous": QEMU's own memory
+    balloon: bool = False  # a virtio-balloon device with free page reporting
     kernel_release: str | None = None
     pid: int | None = None
     started_at: float | None = None

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 READY_MARKER = "HVKIT-READY"
 RESEND_AFTER = 5.0  # seconds without any answer before a control-port request is sent again
 MIN_MEMORY = 16 * MiB
+RAM_KINDS = ("file", "anonymous")
 T = TypeVar("T")
 
 
@@ -51,6 +52,21 @@ def qemu_binary() -> str:
 
 def _host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _resident_ram_of(pid: int | None, size: int) -> int:
+    """Resident bytes of the guest-RAM mapping (the one of `size` bytes) of QEMU
+    process `pid`, without pages KSM merged, from /proc/<pid>/smaps."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except (OSError, TypeError):
+        return 0
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
+        start, _, end = block.partition(" ")[0].partition("-")
+        if int(end, 16) - int(start, 16) == size:
+            kb = dict(re.findall(r"^(\w+):\s+(\d+) kB", block, re.M))
+            return (int(kb.get("Rss", 0)) - int(kb.get("KSM", 0))) * 1024
+    return 0
 
 
 def _check_memory(memory: str | int) -> int:
@@ -153,6 +169,8 @@ class VM:
         workload: str | Workload | None = None,
         accel: str = "auto",
         cpu_model: str | None = None,
+        ram: str = "file",
+        balloon: bool = False,
         paths: Paths | None = None,
         wait: bool = True,
         timeout: float = 120.0,
@@ -162,13 +180,20 @@ class VM:
 
         Without `kernel`, the default guest (built on first use). Without `initrd`,
         hvkit's initramfs, whose init runs `workload`; with your own initrd, the guest
-        is yours and hvkit does not wait for a ready marker."""
+        is yours and hvkit does not wait for a ready marker.
+
+        `ram="file"` (default) puts guest RAM in a shared file hvkit can read and give
+        back; `ram="anonymous"` keeps it in QEMU's own memory with KSM merging allowed
+        (for comparisons: nothing outside QEMU can read it). `balloon` adds a
+        virtio-balloon with free page reporting (hvkit's init loads its driver)."""
         paths = paths or Paths.from_env()
         size = _check_memory(memory)
         if not 1 <= int(cpus) <= 64:
             raise HvkitError(f"invalid CPU count {cpus}", "give 1 to 64")
         if accel not in ACCELS:
             raise HvkitError(f"unknown accelerator {accel!r}", f"choose one of {', '.join(ACCELS)}")
+        if ram not in RAM_KINDS:
+            raise HvkitError(f"unknown RAM kind {ram!r}", f"choose one of {', '.join(RAM_KINDS)}")
         binary = qemu_binary()
         if workload is not None and initrd is not None:
             raise HvkitError("a workload needs hvkit's own initramfs", "leave out --initrd")
@@ -182,6 +207,7 @@ class VM:
             "" if "console=" in append else "console=ttyS0",
             "panic=-1 quiet" if hvkit_init else "",
             workload.kernel_args() if workload else "",
+            "hvkit.modules=virtio_balloon" if balloon and hvkit_init else "",
             append,
         ]))
         name = check_name(name) if name else cls._free_name(paths)
@@ -193,7 +219,7 @@ class VM:
             spec = VMSpec(name=name, memory=size, cpus=int(cpus), kernel=str(kernel_path),
                           initrd=str(initrd_path) if initrd_path else None, append=cmdline,
                           accel=chosen, workload=str(workload) if workload else None,
-                          kernel_release=release)
+                          kernel_release=release, ram=ram, balloon=balloon)
             spec.command = cls._command(binary, rundir, spec, cpu_model)
             vm = cls(rundir, spec)
             vm._launch(timeout)
@@ -252,7 +278,8 @@ class VM:
             binary, "-name", f"hvkit-{spec.name}",
             "-machine", "pc,memory-backend=ram0", "-accel", spec.accel,
             "-m", size, "-smp", str(spec.cpus),
-            "-object", f"memory-backend-file,id=ram0,size={size},mem-path={rundir.ram},share=on",
+            "-object", (f"memory-backend-file,id=ram0,size={size},mem-path={rundir.ram},share=on"
+                        if spec.ram == "file" else f"memory-backend-ram,id=ram0,size={size},merge=on"),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", spec.kernel, "-append", spec.append,
             "-chardev", f"file,id=con,path={rundir.console_log}", "-serial", "chardev:con",
@@ -262,6 +289,8 @@ class VM:
         ]
         if spec.initrd:
             cmd += ["-initrd", spec.initrd]
+        if spec.balloon:
+            cmd += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
         if cpu_model:
             cmd += ["-cpu", cpu_model]
         return cmd
@@ -336,6 +365,9 @@ class VM:
 
     def memory(self) -> "RamFileMemory":
         """The guest's physical memory, read from its RAM file (close it when done)."""
+        if self.spec.ram != "file":
+            raise HvkitError(f"VM {self.name!r} keeps its RAM inside QEMU (started with ram={self.spec.ram!r}); "
+                             "hvkit reads and gives back only a RAM file", "start it with the default RAM")
         return RamFileMemory(self.rundir.ram)
 
     def dump_core(self, path: Path) -> Path:
@@ -345,11 +377,15 @@ class VM:
         return Path(path)
 
     def host_memory(self) -> int:
-        """Bytes of guest RAM the host holds (allocated blocks of the RAM file)."""
-        try:
-            return self.rundir.ram.stat().st_blocks * 512
-        except OSError:
-            return 0
+        """Bytes of guest RAM the host holds: allocated blocks of the RAM file; for
+        anonymous RAM, what the RAM mapping of QEMU has resident, minus the pages KSM
+        merged (they are held once, elsewhere)."""
+        if self.spec.ram == "file":
+            try:
+                return self.rundir.ram.stat().st_blocks * 512
+            except OSError:
+                return 0
+        return _resident_ram_of(self.pid, self.spec.memory)
 
     def status(self) -> VMStatus:
         state = self.run_state()
