@@ -12,6 +12,7 @@ import click
 from hvkit.cli.output import console, json_option, print_json, print_table, status_console
 from hvkit.qemu import VM
 from hvkit.share import ShareResult, share_once
+from hvkit.share.sharer import MAX_PAUSE
 from hvkit.units import mib
 
 
@@ -27,40 +28,44 @@ def _summary(r: ShareResult) -> str:
 @click.option("--dry-run", is_flag=True, help="Identify and report, give nothing back.")
 @click.option("--watch", type=click.FloatRange(min=0.05), metavar="SECONDS",
               help="Share again every SECONDS until Ctrl-C, with a live status line.")
+@click.option("--max-pause", type=click.FloatRange(min=0.01), default=MAX_PAUSE, show_default=True,
+              metavar="SECONDS", help="Longest pause; more to give back waits for the next pause.")
 @json_option
-def share(vm_name: str, dry_run: bool, watch: float | None, as_json: bool) -> None:
+def share(vm_name: str, dry_run: bool, watch: float | None, max_pause: float, as_json: bool) -> None:
     """Give the free pages of a running VM's guest back to the host.
 
     The VM is paused; hvkit finds the pages on the guest kernel's free lists from
     outside (no driver in the guest), punches holes for them in the VM's RAM file, and
     resumes it. A page given back reads as zeros and costs the host nothing until the
-    guest uses it again. Refused, with the reason, when the guest poisons free pages or
-    the RAM is not a shared file or is on huge pages.
+    guest uses it again. When punching the holes would keep the VM paused longer than
+    --max-pause, it runs again in between and the next pause identifies afresh. Refused,
+    with the reason, when the guest poisons free pages or the RAM is not a shared file
+    or is on huge pages.
 
     With --watch, --json prints one JSON object per cycle (JSON Lines).
     """
     vm = VM.attach(vm_name)
     if watch is None:
         with status_console().status(f"sharing {vm_name}"):
-            r = share_once(vm, dry_run=dry_run)
+            r = share_once(vm, dry_run=dry_run, max_pause=max_pause)
         if as_json:
             print_json(r.to_json())
         else:
-            print_table(["free MiB", "host-backed free MiB", "holes", "given back MiB",
-                         "host MiB before", "host MiB after", "paused ms"],
+            print_table(["free MiB", "host-backed free MiB", "runs", "given back MiB",
+                         "host MiB before", "host MiB after", "pauses", "longest pause ms"],
                         [[f"{mib(r.free_pages * 4096):.1f}", f"{mib(r.backed_free_pages * 4096):.1f}", r.runs,
                           f"{mib(r.released_bytes):.1f}", f"{mib(r.host_before):.1f}", f"{mib(r.host_after):.1f}",
-                          f"{r.paused_s * 1000:.0f}"]])
+                          r.pauses, f"{r.paused_s * 1000:.0f}"]])
             console().print(_summary(r))
         return
-    _watch(vm, watch, dry_run, as_json)
+    _watch(vm, watch, dry_run, max_pause, as_json)
 
 
 def _stop_watching(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _watch(vm: VM, period: float, dry_run: bool, as_json: bool) -> None:
+def _watch(vm: VM, period: float, dry_run: bool, max_pause: float, as_json: bool) -> None:
     """Shares every `period` seconds until Ctrl-C (or SIGTERM). One that arrives during a
     cycle still resumes the VM (open_guest's finally); the summary is printed either way."""
     start, cycles, total, worst_pause = time.monotonic(), 0, 0, 0.0
@@ -69,7 +74,7 @@ def _watch(vm: VM, period: float, dry_run: bool, as_json: bool) -> None:
     try:
         with status.status("starting") as line:
             while True:
-                r = share_once(vm, dry_run=dry_run)
+                r = share_once(vm, dry_run=dry_run, max_pause=max_pause)
                 cycles += 1
                 total += r.released_bytes
                 worst_pause = max(worst_pause, r.paused_s)

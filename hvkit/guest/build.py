@@ -70,9 +70,70 @@ def _compile_helper(out: Path) -> None:
                          "static linking needs libc6-dev (./setup.sh installs it)")
 
 
-def _build_initrd(cache: Path, busybox: Path) -> Path:
+# Kernel modules hvkit's init can load (kernel command line hvkit.modules=NAME): each
+# name loads these modules, in this order, each after the modules it depends on.
+GUEST_MODULES = {"virtio_balloon": ["virtio_pci", "virtio_balloon"]}
+
+
+def _module_files(kernel_root: Path) -> dict[str, Path]:
+    """Every module of the kernel package by name (dashes as underscores)."""
+    return {p.name.removesuffix(".ko").replace("-", "_"): p
+            for p in (kernel_root / "lib" / "modules").glob("*/kernel/**/*.ko")}
+
+
+def _module_depends(path: Path) -> list[str]:
+    """A module's own list of the modules it needs (its .modinfo "depends=")."""
+    from elftools.elf.elffile import ELFFile
+
+    with path.open("rb") as f:
+        section = ELFFile(f).get_section_by_name(".modinfo")
+        info = section.data().split(b"\0") if section else []
+    for item in info:
+        if item.startswith(b"depends="):
+            return [d.replace("-", "_") for d in item[8:].decode().split(",") if d]
+    return []
+
+
+def _load_order(kernel_root: Path, wanted: list[str]) -> list[Path]:
+    """The module files to insmod for `wanted`, dependencies first (depmod's job; the
+    package ships no modules.dep, so each module's .modinfo is read)."""
+    files = _module_files(kernel_root)
+    order: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in order or name in chain:
+            return
+        if name not in files:
+            raise HvkitError(f"the guest kernel has no module {name}", "is it built in, or missing from the package?")
+        for dep in _module_depends(files[name]):
+            visit(dep, chain + (name,))
+        order.append(name)
+
+    for name in wanted:
+        visit(name, ())
+    return [files[n] for n in order]
+
+
+def _module_entries(kernel_root: Path) -> tuple[list, list[bytes]]:
+    """initramfs entries for GUEST_MODULES: lib/modules/<module>.ko and one
+    lib/modules/<name>.load per name listing the modules to load, in order."""
+    entries, parts = [directory("lib"), directory("lib/modules")], []
+    for name, wanted in GUEST_MODULES.items():
+        modules = _load_order(kernel_root, wanted)
+        listing = "".join(f"{m.name}\n" for m in modules).encode()
+        entries.append(regular(f"lib/modules/{name}.load", listing))
+        parts.append(listing)
+        for m in modules:
+            if not any(e.path == f"lib/modules/{m.name}" for e in entries):
+                entries.append(from_host_file(f"lib/modules/{m.name}", m))
+                parts.append(m.read_bytes())
+    return entries, parts
+
+
+def _build_initrd(cache: Path, busybox: Path, kernel_root: Path) -> Path:
+    modules, module_parts = _module_entries(kernel_root)
     inputs = hashlib.sha256()
-    for part in (_guest_file("init"), _guest_file("hvkit-mem.c"), busybox.read_bytes()):
+    for part in (_guest_file("init"), _guest_file("hvkit-mem.c"), busybox.read_bytes(), *module_parts):
         inputs.update(hashlib.sha256(part).digest())
     initrd = cache / f"initrd-{inputs.hexdigest()[:16]}.img"
     if initrd.exists():
@@ -86,6 +147,7 @@ def _build_initrd(cache: Path, busybox: Path) -> Path:
         regular("init", _guest_file("init"), executable=True),
         from_host_file("bin/busybox", busybox),
         from_host_file("bin/hvkit-mem", helper),
+        *modules,
     ]
     write_initramfs(initrd, entries)
     return initrd
@@ -120,7 +182,7 @@ def build_default_guest(paths: Paths, refresh: bool = False) -> GuestArtifacts:
         raise HvkitError(f"{BUSYBOX_PACKAGE} has no bin/busybox", "delete the cache and rebuild")
     kernel, system_map, config = _kernel_files(kernel_root, package)
     image = read_kernel_image(kernel)
-    artifacts = GuestArtifacts(kernel, _build_initrd(cache, busybox), system_map, config,
+    artifacts = GuestArtifacts(kernel, _build_initrd(cache, busybox, kernel_root), system_map, config,
                                image.release, package)
     record.write_text(json.dumps(artifacts.to_json(), indent=2) + "\n")
     return artifacts

@@ -29,6 +29,7 @@ class Guest:
     kernel: KernelSpace
     layout: Layout
     paused_for: float = 0.0  # seconds a running VM was paused (filled in on exit)
+    paused_at: float | None = None  # time.monotonic() when hvkit paused it; None: not paused by hvkit
 
 
 def _open_memory(source: str, paths: Paths) -> tuple[GuestMemory, Path | None, VM | None]:
@@ -64,7 +65,8 @@ def open_guest(source: str, kernel: str | Path | None = None, headers: str | Pat
             vm.pause()
         guest = None
         try:  # from here on, whatever fails (a lying guest too), the VM runs again
-            guest = Guest(memory, KernelSpace.locate(memory, symbols), layout)
+            guest = Guest(memory, KernelSpace.locate(memory, symbols), layout,
+                          paused_at=t0 if paused else None)
             yield guest
         finally:
             if paused:

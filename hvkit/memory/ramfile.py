@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from hvkit.memory.base import PAGE_SIZE, GuestMemory, MemoryRange
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+DISCARD_CHUNK = 16 << 20  # bytes per hole punched: the host frees ~0.6 us per page
 
 GiB = 1 << 30
 
@@ -44,17 +47,45 @@ class RamFileMemory(GuestMemory):
                              "is not a whole number of pages)")
         super().__init__(path, pc_ram_ranges(size))
 
-    def discard(self, pfns: np.ndarray, counts: np.ndarray) -> int:
+    def backed(self, pages: int) -> np.ndarray:
+        """Per page frame below `pages`: does the host hold memory for it? One mincore(2)
+        over a read-only shared mapping that is never touched (so nothing is allocated):
+        much faster than SEEK_DATA/SEEK_HOLE over a file fragmented page by page. A page
+        swapped out counts as not held."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        size = self.path.stat().st_size
+        vec = np.zeros(size // PAGE_SIZE, np.uint8)
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, self._fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise HvkitError(f"cannot map {self.path}: {os.strerror(ctypes.get_errno())}")
+        try:
+            if libc.mincore(addr, size, vec.ctypes.data) != 0:
+                raise HvkitError(f"mincore on {self.path} failed: {os.strerror(ctypes.get_errno())}")
+        finally:
+            libc.munmap(addr, size)
+        out = np.zeros(pages, bool)
+        for r in self.ranges:
+            first, end = r.gpa // PAGE_SIZE, min(r.end // PAGE_SIZE, pages)
+            if end > first:
+                out[first:end] = vec[r.offset // PAGE_SIZE : r.offset // PAGE_SIZE + end - first] & 1
+        return out
+
+    def discard(self, pfns: np.ndarray, counts: np.ndarray, deadline: float | None = None) -> int:
         """Gives the host memory of page runs back: [pfns[i], pfns[i] + counts[i]) for
-        each i. The file keeps its size; a hole reads as zeros, and the host allocates a
-        page again only when the guest touches it. Returns the number of runs punched
-        (runs are split where the file's layout is not contiguous)."""
+        each i, in order. The file keeps its size; a hole reads as zeros, and the host
+        allocates a page again only when the guest touches it. Holes are punched at most
+        DISCARD_CHUNK at a time, and no more once time.monotonic() passes `deadline`.
+        Returns the number of pages given back (all of them unless the deadline hit)."""
         libc = ctypes.CDLL(None, use_errno=True)
         fallocate = libc.fallocate
         fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
         fd = os.open(self.path, os.O_RDWR)
-        punched = 0
+        done = 0
         try:
             for r in self.ranges:
                 first, end = r.gpa // PAGE_SIZE, r.end // PAGE_SIZE
@@ -64,12 +95,19 @@ class RamFileMemory(GuestMemory):
                 offsets = (lo[keep] - first) * PAGE_SIZE + r.offset
                 lengths = (hi[keep] - lo[keep]) * PAGE_SIZE
                 for off, length in zip(offsets.tolist(), lengths.tolist()):
-                    if fallocate(fd, mode, off, length) != 0:
-                        err = ctypes.get_errno()
-                        raise HvkitError(f"cannot punch a hole in {self.path}: {os.strerror(err)}",
-                                         "the RAM file must be on tmpfs or a file system that supports "
-                                         "hole punching" if err == errno.EOPNOTSUPP else None)
-                punched += int(keep.sum())
+                    for at in range(off, off + length, DISCARD_CHUNK):
+                        if deadline is not None and time.monotonic() > deadline:
+                            return done
+                        n = min(DISCARD_CHUNK, off + length - at)
+                        self._punch(fallocate, fd, mode, at, n)
+                        done += n // PAGE_SIZE
         finally:
             os.close(fd)
-        return punched
+        return done
+
+    def _punch(self, fallocate, fd: int, mode: int, offset: int, length: int) -> None:
+        if fallocate(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise HvkitError(f"cannot punch a hole in {self.path}: {os.strerror(err)}",
+                             "the RAM file must be on tmpfs or a file system that supports "
+                             "hole punching" if err == errno.EOPNOTSUPP else None)

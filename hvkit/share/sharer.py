@@ -24,7 +24,6 @@ from hvkit.errors import HvkitError
 from hvkit.introspect import KernelSpace, PageClass, classify
 from hvkit.introspect.source import open_guest
 from hvkit.kernel.layout import Layout
-from hvkit.memory import PAGE_SIZE, GuestMemory
 from hvkit.qemu import VM
 
 FREE_COUNT_SLACK = 0.02  # hvkit's free pages may exceed the kernel's counter by this share ...
@@ -35,16 +34,22 @@ class ShareRefused(HvkitError):
     """Sharing would not be safe for this VM; the message says why."""
 
 
+MAX_PAUSE = 0.1  # seconds: default budget of one pause
+MAX_CYCLES = 20  # pauses one share_once may take to give everything back
+
+
 @dataclass
 class ShareResult:
-    free_pages: int  # pages on the guest's free lists
+    free_pages: int  # pages on the guest's free lists (at the first pause)
     backed_free_pages: int  # of those, pages the host held memory for
-    runs: int  # holes punched (coalesced runs of free pages)
+    runs: int  # coalesced runs of such pages
+    given_pages: int  # pages whose holes were punched
     released_bytes: int  # host memory the RAM file lost (measured: its allocated blocks)
     host_before: int  # bytes of guest RAM the host held before
     host_after: int
-    paused_s: float  # how long the VM was paused
-    seconds: float  # the whole cycle, symbols and layout loading included
+    paused_s: float  # the longest pause
+    pauses: int  # how many times the VM was paused
+    seconds: float  # the whole of it, symbols and layout loading included
     dry_run: bool
 
     def to_json(self) -> dict:
@@ -94,18 +99,6 @@ def kernel_free_pages(ks: KernelSpace, layout: Layout) -> int:
     return ks.read_u64(ks.symbol_va("vm_zone_stat") + 8 * layout.const("NR_FREE_PAGES"))
 
 
-def backed_mask(mem: GuestMemory, pages: int) -> np.ndarray:
-    """Per page frame: does the host hold memory for it (is it data, not a hole, in
-    the backing file)? Found with SEEK_DATA/SEEK_HOLE, reading nothing."""
-    edges = np.zeros(pages + 1, np.int64)
-    for gpa, size in mem.data_extents():
-        first = min(gpa // PAGE_SIZE, pages)
-        last = min(-(-(gpa + size) // PAGE_SIZE), pages)
-        edges[first] += 1
-        edges[last] -= 1
-    return np.cumsum(edges[:pages]) > 0
-
-
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first pfn, length) of every run of True in `mask`."""
     padded = np.concatenate(([False], mask, [False])).astype(np.int8)
@@ -114,11 +107,34 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends - starts
 
 
-def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False) -> ShareResult:
-    """One share cycle on a running (or paused: it stays paused) hvkit VM."""
+def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False,
+               max_pause: float = MAX_PAUSE) -> ShareResult:
+    """Gives back the free pages of a running hvkit VM's guest, pausing it for at most
+    about `max_pause` seconds at a time: when punching the holes would take longer, the
+    VM runs again and the next pause identifies afresh and goes on. A VM that was
+    already paused stays paused, and everything is done in that one pause."""
     t0 = time.monotonic()
     check_vm_ram(vm)
     before = vm.host_memory()
+    first: dict = {}
+    given, pauses, longest = 0, 0, 0.0
+    for _ in range(MAX_CYCLES):
+        free, backed, runs, punched, remaining, paused = _share_cycle(vm, paths, dry_run, max_pause)
+        first = first or {"free_pages": free, "backed_free_pages": backed, "runs": runs}
+        given += punched
+        pauses += paused > 0
+        longest = max(longest, paused)
+        if dry_run or remaining == 0:
+            break
+    after = vm.host_memory()
+    return ShareResult(**first, given_pages=given, released_bytes=max(0, before - after), host_before=before,
+                       host_after=after, paused_s=longest, pauses=pauses, seconds=time.monotonic() - t0,
+                       dry_run=dry_run)
+
+
+def _share_cycle(vm: VM, paths: Paths | None, dry_run: bool, max_pause: float) -> tuple[int, int, int, int, int, float]:
+    """One pause: (free pages, host-backed free pages, runs, pages given back, pages
+    left for the next pause, seconds paused)."""
     with open_guest(vm.name, paths=paths) as guest:
         ks, layout = guest.kernel, guest.layout
         check_guest(ks, layout)
@@ -129,11 +145,12 @@ def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False) -> Sha
             raise ShareRefused(f"hvkit finds {int(free.sum())} free pages but the guest kernel counts "
                                f"{counted}; nothing was given back",
                                "the guest's memory is inconsistent (or lies)")
-        release = free & backed_mask(guest.memory, pm.pages)
+        release = free & guest.memory.backed(pm.pages)
         starts, lengths = _runs(release)
+        wanted = int(release.sum())
+        punched = 0
         if not dry_run and starts.size:
-            guest.memory.discard(starts, lengths)
-    after = vm.host_memory()
-    return ShareResult(free_pages=int(free.sum()), backed_free_pages=int(release.sum()), runs=int(starts.size),
-                       released_bytes=max(0, before - after), host_before=before, host_after=after,
-                       paused_s=guest.paused_for, seconds=time.monotonic() - t0, dry_run=dry_run)
+            # leave a tenth of the budget for resuming
+            deadline = guest.paused_at + 0.9 * max_pause if guest.paused_at is not None else None
+            punched = guest.memory.discard(starts, lengths, deadline)
+    return int(free.sum()), wanted, int(starts.size), punched, wanted - punched, guest.paused_for

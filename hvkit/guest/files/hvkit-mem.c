@@ -43,15 +43,24 @@ static void say(const char *fmt, ...)
     fflush(stdout);
 }
 
-static void *map_touched(size_t bytes, unsigned char fill)
+/* Anonymous memory, every page touched. Without huge pages (no_huge), freeing one 4 KiB
+ * page really frees it: inside a transparent huge page it would stay allocated. */
+static void *map_pages(size_t bytes, unsigned char fill, int no_huge)
 {
     unsigned char *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
         return NULL;
+    if (no_huge)
+        madvise(p, bytes, MADV_NOHUGEPAGE);
     for (size_t off = 0; off < bytes; off += PAGE)
         memset(p + off, fill, PAGE);
     return p;
+}
+
+static void *map_touched(size_t bytes, unsigned char fill)
+{
+    return map_pages(bytes, fill, 0);
 }
 
 static void sleep_seconds(double s)
@@ -96,7 +105,7 @@ static int hold(unsigned long mib)
 static int fragment(unsigned long mib)
 {
     size_t bytes = mib * MIB;
-    unsigned char *p = map_touched(bytes, 0x3c);
+    unsigned char *p = map_pages(bytes, 0x3c, 1);
     if (!p) {
         say("HVKIT-FRAGMENT failed mib=%lu errno=%d", mib, errno);
         return 1;
