@@ -31,13 +31,19 @@ def vm() -> None:
 @click.option("--accel", type=click.Choice(ACCELS), default="auto", show_default=True,
               help="QEMU accelerator; auto probes whether KVM really beats TCG here.")
 @click.option("--cpu-model", help="QEMU -cpu model (e.g. max, for 5-level paging under TCG).")
+@click.option("--ram", type=click.Choice(["file", "anonymous"]), default="file", show_default=True,
+              help="file: a shared RAM file hvkit reads and gives back; anonymous: inside QEMU, "
+                   "KSM merging allowed (for comparisons; hvkit cannot read it).")
+@click.option("--balloon", is_flag=True, help="Add a virtio-balloon with free page reporting (for comparisons).")
 @click.option("--no-wait", is_flag=True, help="Return once QEMU runs, before the guest is ready.")
 @json_option
-def start(name, memory, cpus, kernel, initrd, append, workload, accel, cpu_model, no_wait, as_json) -> None:
+def start(name, memory, cpus, kernel, initrd, append, workload, accel, cpu_model, ram, balloon, no_wait,
+          as_json) -> None:
     """Start a VM in the background; it keeps running after this command returns."""
     t0 = time.monotonic()
     machine = VM.start(name, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd, append=append,
-                       workload=workload, accel=accel, cpu_model=cpu_model, wait=not no_wait)
+                       workload=workload, accel=accel, cpu_model=cpu_model, ram=ram, balloon=balloon,
+                       wait=not no_wait)
     elapsed = time.monotonic() - t0
     if as_json:
         print_json({**machine.status().to_json(), "start_seconds": round(elapsed, 3)})
