@@ -26,6 +26,7 @@ memory; fewer CPU seconds per GiB than KSM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -145,31 +146,27 @@ def run_arm(arm: str, args, paths: Paths) -> dict:
         threads = [threading.Thread(target=sample, daemon=True)]
         if arm == "hvkit share":
             threads.append(threading.Thread(target=share_loop, daemon=True))
-        ksm = KsmOn() if arm == "KSM" else None
-        if ksm:
-            ksm.__enter__()
-        try:
-            for t in threads:
-                t.start()
-            with lock:
-                alloc = args.alloc or vm.ground_truth().meminfo["MemFree"] // MiB - 64
-            a_start = time.monotonic() - t0
-            run_workload(vm, lock, f"run alloc {alloc}", f"HVKIT-ALLOC done mib={alloc}")
-            a_done = time.monotonic() - t0
-            with lock:
-                free_a = vm.ground_truth().meminfo["MemFree"]
-            settle(samples, a_done, t0, quiet_s=5, limit_s=args.settle)
-            b_start = time.monotonic() - t0
-            run_workload(vm, lock, f"run fragment {args.fragment}", "HVKIT-FRAGMENT holding")
-            b_done = time.monotonic() - t0
-            settle(samples, b_done, t0, quiet_s=5, limit_s=args.settle)
-            end = time.monotonic() - t0
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=30)
-            if ksm:
-                ksm.__exit__(None, None, None)
+        with KsmOn() if arm == "KSM" else contextlib.nullcontext():
+            try:
+                for t in threads:
+                    t.start()
+                with lock:
+                    alloc = args.alloc or vm.ground_truth().meminfo["MemFree"] // MiB - 64
+                a_start = time.monotonic() - t0
+                run_workload(vm, lock, f"run alloc {alloc}", f"HVKIT-ALLOC done mib={alloc}")
+                a_done = time.monotonic() - t0
+                with lock:
+                    free_a = vm.ground_truth().meminfo["MemFree"]
+                settle(samples, a_done, t0, quiet_s=5, limit_s=args.settle)
+                b_start = time.monotonic() - t0
+                run_workload(vm, lock, f"run fragment {args.fragment}", "HVKIT-FRAGMENT holding")
+                b_done = time.monotonic() - t0
+                settle(samples, b_done, t0, quiet_s=5, limit_s=args.settle)
+                end = time.monotonic() - t0
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(timeout=30)
     peak_a, given_a = samples.given_back(a_start, b_start)
     peak_b, given_b = samples.given_back(b_start)
     reach80 = samples.first_time(a_done, lambda host: peak_a - host >= 0.8 * free_a)

@@ -12,7 +12,7 @@ import pytest
 
 from hvkit.introspect import KernelSpace, PageClass, classify, list_tasks
 from hvkit.introspect.source import open_guest
-from hvkit.memory import PAGE_SIZE, RamFileMemory
+from hvkit.memory import PAGE_SIZE
 from hvkit.qemu import VM
 
 from conftest import run_cli
@@ -103,12 +103,9 @@ def test_identify_cli_on_vm_ram_file_and_core(shared_vm, paths, guest, tmp_path)
     table = run_cli("identify", shared_vm.name)
     assert table.returncode == 0 and "page cache" in table.stdout and "free blocks by order" in table.stdout
 
-    shared_vm.pause()
-    try:
+    with shared_vm.paused():
         core = shared_vm.dump_core(tmp_path / "core.elf")
         live = run_cli("identify", str(shared_vm.ram_path), "--kernel", str(guest.kernel), "--json")
-    finally:
-        shared_vm.resume()
     dumped = run_cli("identify", str(core), "--kernel", str(guest.kernel), "--json")
     assert live.returncode == 0 and dumped.returncode == 0, live.stderr + dumped.stderr
     assert json.loads(live.stdout)["runs"] == json.loads(dumped.stdout)["runs"]
@@ -120,11 +117,8 @@ def test_identify_cli_on_vm_ram_file_and_core(shared_vm, paths, guest, tmp_path)
 def ram_and_map(shared_vm, paths, guest, tmp_path):
     """A copy of the shared guest's RAM (taken paused), its page map and kernel space."""
     copy = tmp_path / "ram"
-    shared_vm.pause()
-    try:
+    with shared_vm.paused():
         shutil.copyfile(shared_vm.ram_path, copy)
-    finally:
-        shared_vm.resume()
     with open_guest(str(copy), kernel=guest.kernel, paths=paths) as g:
         pm = classify(g.kernel, g.layout)
         struct_page_pa = lambda pfn: g.kernel.va_to_pa(g.kernel.vmemmap_base + pfn * g.layout.size("page"))  # noqa: E731

@@ -11,7 +11,7 @@ import pytest
 
 from hvkit.introspect import KernelMismatch, KernelSpace, list_tasks
 from hvkit.introspect.source import open_guest
-from hvkit.memory import ElfCoreMemory, RamFileMemory
+from hvkit.memory import RamFileMemory
 
 from conftest import run_cli
 
@@ -54,12 +54,9 @@ def test_ps_matches_guest_after_alloc_and_free(paths):
 
 
 def test_ps_of_ram_file_and_elf_core(shared_vm, paths, tmp_path, guest):
-    shared_vm.pause()
-    try:
+    with shared_vm.paused():
         core = shared_vm.dump_core(tmp_path / "core.elf")
         live = run_cli("ps", str(shared_vm.ram_path), "--kernel", str(guest.kernel), "--json")
-    finally:
-        shared_vm.resume()
     dumped = run_cli("ps", str(core), "--kernel", str(guest.kernel), "--json")
     assert live.returncode == 0 and dumped.returncode == 0, live.stderr + dumped.stderr
     pids = lambda proc: [p["pid"] for p in json.loads(proc.stdout)["processes"]]  # noqa: E731
@@ -75,11 +72,8 @@ def test_file_source_needs_a_kernel(shared_vm):
 def ram_copy(shared_vm, tmp_path):
     """A copy of the shared guest's RAM, taken while it is paused."""
     copy = tmp_path / "ram"
-    shared_vm.pause()
-    try:
+    with shared_vm.paused():
         shutil.copyfile(shared_vm.ram_path, copy)
-    finally:
-        shared_vm.resume()
     return copy
 
 

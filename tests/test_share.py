@@ -49,8 +49,7 @@ def test_share_gives_back_the_guests_free_memory(freed_vm, paths):
 
 def test_reading_memory_does_not_bring_given_back_pages_back(freed_vm, paths, guest):
     share_once(freed_vm, paths)
-    freed_vm.pause()
-    try:
+    with freed_vm.paused():
         held = freed_vm.host_memory()
         proc = run_cli("identify", str(freed_vm.ram_path), "--kernel", str(guest.kernel), "--json")
         assert proc.returncode == 0, proc.stderr
@@ -58,8 +57,6 @@ def test_reading_memory_does_not_bring_given_back_pages_back(freed_vm, paths, gu
             for gpa in range(0, mem.size, 16 << 20):
                 mem.read(gpa, 16 << 20)
         assert freed_vm.host_memory() == held
-    finally:
-        freed_vm.resume()
 
 
 def test_dry_run_gives_nothing_back(freed_vm):
@@ -141,8 +138,7 @@ def test_guest_that_poisons_free_pages_is_refused(shared_vm, paths):
 
 def test_guest_whose_free_count_disagrees_is_refused(freed_vm, paths):
     """The guest's own free-page counter says 0: nothing may be given back."""
-    freed_vm.pause()
-    try:
+    with freed_vm.paused():
         with open_guest(freed_vm.name, paths=paths) as g:
             where = g.kernel.va_to_pa(g.kernel.symbol_va("vm_zone_stat") + 8 * g.layout.const("NR_FREE_PAGES"))
         with open(freed_vm.ram_path, "r+b") as f:
@@ -159,5 +155,3 @@ def test_guest_whose_free_count_disagrees_is_refused(freed_vm, paths):
             with open(freed_vm.ram_path, "r+b") as f:
                 f.seek(where)
                 f.write(saved)
-    finally:
-        freed_vm.resume()

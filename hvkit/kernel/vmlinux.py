@@ -9,7 +9,6 @@ the file; kallsyms.py finds the symbols in it.
 from __future__ import annotations
 
 import bz2
-import gzip
 import lzma
 import struct
 import zlib

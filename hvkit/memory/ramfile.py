@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import time
@@ -34,6 +35,19 @@ def pc_ram_ranges(ram_size: int) -> list[MemoryRange]:
     return ranges
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc with the prototypes of the calls the os module lacks (fallocate's punch
+    mode, mmap to an address, mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
 class RamFileMemory(GuestMemory):
     def __init__(self, path: str | Path, machine: str = "pc") -> None:
         path = Path(path)
@@ -52,11 +66,7 @@ class RamFileMemory(GuestMemory):
         over a read-only shared mapping that is never touched (so nothing is allocated):
         much faster than SEEK_DATA/SEEK_HOLE over a file fragmented page by page. A page
         swapped out counts as not held."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc = _libc()
         size = self.path.stat().st_size
         vec = np.zeros(size // PAGE_SIZE, np.uint8)
         addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, self._fd, 0)
@@ -80,10 +90,6 @@ class RamFileMemory(GuestMemory):
         allocates a page again only when the guest touches it. Holes are punched at most
         DISCARD_CHUNK at a time, and no more once time.monotonic() passes `deadline`.
         Returns the number of pages given back (all of them unless the deadline hit)."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        fallocate = libc.fallocate
-        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
         fd = os.open(self.path, os.O_RDWR)
         done = 0
         try:
@@ -99,14 +105,14 @@ class RamFileMemory(GuestMemory):
                         if deadline is not None and time.monotonic() > deadline:
                             return done
                         n = min(DISCARD_CHUNK, off + length - at)
-                        self._punch(fallocate, fd, mode, at, n)
+                        self._punch(fd, at, n)
                         done += n // PAGE_SIZE
         finally:
             os.close(fd)
         return done
 
-    def _punch(self, fallocate, fd: int, mode: int, offset: int, length: int) -> None:
-        if fallocate(fd, mode, offset, length) != 0:
+    def _punch(self, fd: int, offset: int, length: int) -> None:
+        if _libc().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
             err = ctypes.get_errno()
             raise HvkitError(f"cannot punch a hole in {self.path}: {os.strerror(err)}",
                              "the RAM file must be on tmpfs or a file system that supports "

@@ -9,6 +9,7 @@ folder alone: `VM.attach(name)` in another process sees what `VM.start` made.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError, VMDied, VMNotFound
@@ -413,6 +414,19 @@ class VM:
 
     def resume(self) -> None:
         self.qmp("cont")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator["VM"]:
+        """The VM paused inside the block and running again after it, whatever happens
+        inside; a VM that was paused already stays paused."""
+        running = self.run_state() == "running"
+        if running:
+            self.pause()
+        try:
+            yield self
+        finally:
+            if running:
+                self.resume()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ends QEMU (politely over QMP, then by signal) and removes the runtime folder."""

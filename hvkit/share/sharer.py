@@ -119,12 +119,12 @@ def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False,
     first: dict = {}
     given, pauses, longest = 0, 0, 0.0
     for _ in range(MAX_CYCLES):
-        free, backed, runs, punched, remaining, paused = _share_cycle(vm, paths, dry_run, max_pause)
-        first = first or {"free_pages": free, "backed_free_pages": backed, "runs": runs}
-        given += punched
-        pauses += paused > 0
-        longest = max(longest, paused)
-        if dry_run or remaining == 0:
+        c = _share_cycle(vm, paths, dry_run, max_pause)
+        first = first or {"free_pages": c.free, "backed_free_pages": c.backed, "runs": c.runs}
+        given += c.punched
+        pauses += c.paused > 0
+        longest = max(longest, c.paused)
+        if dry_run or c.punched == c.backed:
             break
     after = vm.host_memory()
     return ShareResult(**first, given_pages=given, released_bytes=max(0, before - after), host_before=before,
@@ -132,9 +132,18 @@ def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False,
                        dry_run=dry_run)
 
 
-def _share_cycle(vm: VM, paths: Paths | None, dry_run: bool, max_pause: float) -> tuple[int, int, int, int, int, float]:
-    """One pause: (free pages, host-backed free pages, runs, pages given back, pages
-    left for the next pause, seconds paused)."""
+@dataclass
+class _Cycle:
+    """What one pause found and did."""
+
+    free: int  # pages on the free lists
+    backed: int  # of those, pages the host held
+    runs: int  # coalesced runs of those
+    punched: int  # pages given back (fewer than `backed` when the pause budget ran out)
+    paused: float  # seconds
+
+
+def _share_cycle(vm: VM, paths: Paths | None, dry_run: bool, max_pause: float) -> _Cycle:
     with open_guest(vm.name, paths=paths) as guest:
         ks, layout = guest.kernel, guest.layout
         check_guest(ks, layout)
@@ -147,10 +156,9 @@ def _share_cycle(vm: VM, paths: Paths | None, dry_run: bool, max_pause: float) -
                                "the guest's memory is inconsistent (or lies)")
         release = free & guest.memory.backed(pm.pages)
         starts, lengths = _runs(release)
-        wanted = int(release.sum())
         punched = 0
         if not dry_run and starts.size:
             # leave a tenth of the budget for resuming
             deadline = guest.paused_at + 0.9 * max_pause if guest.paused_at is not None else None
             punched = guest.memory.discard(starts, lengths, deadline)
-    return int(free.sum()), wanted, int(starts.size), punched, wanted - punched, guest.paused_for
+    return _Cycle(int(free.sum()), int(release.sum()), int(starts.size), punched, guest.paused_for)
