@@ -103,7 +103,7 @@ class KsmOn:
         (KSM / "run").write_text(self.saved["run"])
 
 
-def run_workload(vm: VM, lock: threading.Lock, line: str, done: str, timeout: float = 600) -> None:
+def run_workload(vm: VM, lock: threading.Lock, line: str, done: str, timeout: float = 300) -> None:
     start = len(vm.console())
     with lock:  # the guest answers only while it runs: not during a share cycle
         vm.request(line, until="HVKIT-RUNNING")
@@ -151,7 +151,11 @@ def run_arm(arm: str, args, paths: Paths) -> dict:
                 for t in threads:
                     t.start()
                 with lock:
-                    alloc = args.alloc or vm.ground_truth().meminfo["MemFree"] // MiB - 64
+                    free_mib = vm.ground_truth().meminfo["MemFree"] // MiB
+                alloc = args.alloc or free_mib - 64
+                if max(alloc, args.fragment) > free_mib - 32:
+                    raise SystemExit(f"bench/share: a {args.memory} guest has {free_mib} MiB free; "
+                                     f"--alloc/--fragment must stay below {free_mib - 32}")
                 a_start = time.monotonic() - t0
                 run_workload(vm, lock, f"run alloc {alloc}", f"HVKIT-ALLOC done mib={alloc}")
                 a_done = time.monotonic() - t0
