@@ -11,7 +11,7 @@ import click
 
 from hvkit.cli.output import console, json_option, print_json, print_table, status_console
 from hvkit.qemu import VM
-from hvkit.share import ShareResult, share_once
+from hvkit.share import Sharer, ShareResult, share_once
 from hvkit.share.sharer import MAX_PAUSE
 from hvkit.units import mib
 
@@ -70,11 +70,12 @@ def _watch(vm: VM, period: float, dry_run: bool, max_pause: float, as_json: bool
     cycle still resumes the VM (open_guest's finally); the summary is printed either way."""
     start, cycles, total, worst_pause = time.monotonic(), 0, 0, 0.0
     status = status_console()
+    sharer = Sharer(vm)
     signal.signal(signal.SIGTERM, _stop_watching)
     try:
         with status.status("starting") as line:
             while True:
-                r = share_once(vm, dry_run=dry_run, max_pause=max_pause)
+                r = sharer.share(dry_run=dry_run, max_pause=max_pause)
                 cycles += 1
                 total += r.released_bytes
                 worst_pause = max(worst_pause, r.paused_s)

@@ -16,7 +16,7 @@ from hvkit.introspect.kernelspace import KernelSpace
 from hvkit.kernel.headers import debian_tree, prepared_tree
 from hvkit.kernel.image import read_kernel_image
 from hvkit.kernel.layout import Layout, build_layout
-from hvkit.kernel.symbols import load_symbols
+from hvkit.kernel.symbols import KernelSymbols, load_symbols
 from hvkit.memory import ElfCoreMemory, GuestMemory, RamFileMemory
 from hvkit.qemu import VM
 
@@ -45,20 +45,35 @@ def _open_memory(source: str, paths: Paths) -> tuple[GuestMemory, Path | None, V
     return vm.memory(), Path(vm.spec.kernel), vm
 
 
+@dataclass(frozen=True)
+class KernelKnowledge:
+    """What hvkit knows of a guest kernel before reading any memory: its symbols and
+    compiled layout. Loading it costs tens of milliseconds even from the cache, so a
+    caller that reads the same guest again and again (share --watch) keeps it."""
+
+    symbols: KernelSymbols
+    layout: Layout
+
+
+def load_kernel_knowledge(kernel_file: Path, headers: str | Path | None, paths: Paths) -> KernelKnowledge:
+    release = read_kernel_image(kernel_file).release
+    tree = prepared_tree(headers, release) if headers else debian_tree(release, paths.cache)
+    return KernelKnowledge(load_symbols(kernel_file, paths.cache, tree.config), build_layout(tree, paths.cache))
+
+
 @contextlib.contextmanager
 def open_guest(source: str, kernel: str | Path | None = None, headers: str | Path | None = None,
-               paths: Paths | None = None) -> Iterator[Guest]:
-    """The guest in `source`, ready to read; a running VM stays paused inside the block."""
+               paths: Paths | None = None, knowledge: KernelKnowledge | None = None) -> Iterator[Guest]:
+    """The guest in `source`, ready to read; a running VM stays paused inside the block.
+    `knowledge` (of this guest's kernel) saves loading symbols and layout again."""
     paths = paths or Paths.from_env()
     memory, vm_kernel, vm = _open_memory(source, paths)
     try:
         kernel_file = Path(kernel) if kernel else vm_kernel
         if kernel_file is None:
             raise HvkitError(f"reading {source} needs the guest's kernel", "pass --kernel FILE (its bzImage or vmlinux)")
-        release = read_kernel_image(kernel_file).release
-        tree = prepared_tree(headers, release) if headers else debian_tree(release, paths.cache)
-        symbols = load_symbols(kernel_file, paths.cache, tree.config)
-        layout = build_layout(tree, paths.cache)
+        knowledge = knowledge or load_kernel_knowledge(kernel_file, headers, paths)
+        symbols, layout = knowledge.symbols, knowledge.layout
         paused = vm is not None and vm.run_state() == "running"
         t0 = time.monotonic()
         if paused:

@@ -5,6 +5,6 @@ outside (hvkit.introspect), punches holes for them in the VM's RAM file, and res
 A hole reads as zeros and costs no host memory until the guest touches the page again.
 """
 
-from hvkit.share.sharer import ShareRefused, ShareResult, share_once
+from hvkit.share.sharer import Sharer, ShareRefused, ShareResult, share_once
 
-__all__ = ["ShareRefused", "ShareResult", "share_once"]
+__all__ = ["ShareRefused", "ShareResult", "Sharer", "share_once"]

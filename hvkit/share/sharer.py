@@ -22,7 +22,7 @@ import numpy as np
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.introspect import KernelSpace, PageClass, classify
-from hvkit.introspect.source import open_guest
+from hvkit.introspect.source import KernelKnowledge, load_kernel_knowledge, open_guest
 from hvkit.kernel.layout import Layout
 from hvkit.qemu import VM
 
@@ -35,7 +35,7 @@ class ShareRefused(HvkitError):
 
 
 MAX_PAUSE = 0.1  # seconds: default budget of one pause
-MAX_CYCLES = 20  # pauses one share_once may take to give everything back
+MAX_CYCLES = 20  # pauses one Sharer.share may take to give everything back
 
 
 @dataclass
@@ -107,29 +107,65 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends - starts
 
 
+class Sharer:
+    """Shares one VM again and again (share --watch): its kernel's symbols and layout
+    are loaded once, not at every pause."""
+
+    def __init__(self, vm: VM, paths: Paths | None = None) -> None:
+        self.vm = vm
+        self.paths = paths or Paths.from_env()
+        self.knowledge: KernelKnowledge | None = None
+
+    def share(self, dry_run: bool = False, max_pause: float = MAX_PAUSE) -> ShareResult:
+        """Gives back the free pages of the guest, pausing it for at most about
+        `max_pause` seconds at a time: when punching the holes would take longer, the VM
+        runs again and the next pause identifies afresh and goes on. A VM that was
+        already paused stays paused, and everything is done in that one pause."""
+        t0 = time.monotonic()
+        check_vm_ram(self.vm)
+        self.knowledge = self.knowledge or load_kernel_knowledge(Path(self.vm.spec.kernel), None, self.paths)
+        before = self.vm.host_memory()
+        first: dict = {}
+        given, pauses, longest = 0, 0, 0.0
+        for _ in range(MAX_CYCLES):
+            c = self._cycle(dry_run, max_pause)
+            first = first or {"free_pages": c.free, "backed_free_pages": c.backed, "runs": c.runs}
+            given += c.punched
+            pauses += c.paused > 0
+            longest = max(longest, c.paused)
+            if dry_run or c.punched == c.backed:
+                break
+        after = self.vm.host_memory()
+        return ShareResult(**first, given_pages=given, released_bytes=max(0, before - after), host_before=before,
+                           host_after=after, paused_s=longest, pauses=pauses, seconds=time.monotonic() - t0,
+                           dry_run=dry_run)
+
+    def _cycle(self, dry_run: bool, max_pause: float) -> "_Cycle":
+        """One pause: identify, give back until the pause budget runs out, resume."""
+        with open_guest(self.vm.name, paths=self.paths, knowledge=self.knowledge) as guest:
+            ks, layout = guest.kernel, guest.layout
+            check_guest(ks, layout)
+            pm = classify(ks, layout)
+            free = pm.classes == PageClass.FREE
+            counted = kernel_free_pages(ks, layout)
+            if free.sum() > counted * (1 + FREE_COUNT_SLACK) + FREE_COUNT_SLACK_PAGES:
+                raise ShareRefused(f"hvkit finds {int(free.sum())} free pages but the guest kernel counts "
+                                   f"{counted}; nothing was given back",
+                                   "the guest's memory is inconsistent (or lies)")
+            release = free & guest.memory.backed(pm.pages)
+            starts, lengths = _runs(release)
+            punched = 0
+            if not dry_run and starts.size:
+                # leave a tenth of the budget for resuming
+                deadline = guest.paused_at + 0.9 * max_pause if guest.paused_at is not None else None
+                punched = guest.memory.discard(starts, lengths, deadline)
+        return _Cycle(int(free.sum()), int(release.sum()), int(starts.size), punched, guest.paused_for)
+
+
 def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False,
                max_pause: float = MAX_PAUSE) -> ShareResult:
-    """Gives back the free pages of a running hvkit VM's guest, pausing it for at most
-    about `max_pause` seconds at a time: when punching the holes would take longer, the
-    VM runs again and the next pause identifies afresh and goes on. A VM that was
-    already paused stays paused, and everything is done in that one pause."""
-    t0 = time.monotonic()
-    check_vm_ram(vm)
-    before = vm.host_memory()
-    first: dict = {}
-    given, pauses, longest = 0, 0, 0.0
-    for _ in range(MAX_CYCLES):
-        c = _share_cycle(vm, paths, dry_run, max_pause)
-        first = first or {"free_pages": c.free, "backed_free_pages": c.backed, "runs": c.runs}
-        given += c.punched
-        pauses += c.paused > 0
-        longest = max(longest, c.paused)
-        if dry_run or c.punched == c.backed:
-            break
-    after = vm.host_memory()
-    return ShareResult(**first, given_pages=given, released_bytes=max(0, before - after), host_before=before,
-                       host_after=after, paused_s=longest, pauses=pauses, seconds=time.monotonic() - t0,
-                       dry_run=dry_run)
+    """One `hvkit share` of a running hvkit VM (see Sharer.share)."""
+    return Sharer(vm, paths).share(dry_run, max_pause)
 
 
 @dataclass
@@ -141,24 +177,3 @@ class _Cycle:
     runs: int  # coalesced runs of those
     punched: int  # pages given back (fewer than `backed` when the pause budget ran out)
     paused: float  # seconds
-
-
-def _share_cycle(vm: VM, paths: Paths | None, dry_run: bool, max_pause: float) -> _Cycle:
-    with open_guest(vm.name, paths=paths) as guest:
-        ks, layout = guest.kernel, guest.layout
-        check_guest(ks, layout)
-        pm = classify(ks, layout)
-        free = pm.classes == PageClass.FREE
-        counted = kernel_free_pages(ks, layout)
-        if free.sum() > counted * (1 + FREE_COUNT_SLACK) + FREE_COUNT_SLACK_PAGES:
-            raise ShareRefused(f"hvkit finds {int(free.sum())} free pages but the guest kernel counts "
-                               f"{counted}; nothing was given back",
-                               "the guest's memory is inconsistent (or lies)")
-        release = free & guest.memory.backed(pm.pages)
-        starts, lengths = _runs(release)
-        punched = 0
-        if not dry_run and starts.size:
-            # leave a tenth of the budget for resuming
-            deadline = guest.paused_at + 0.9 * max_pause if guest.paused_at is not None else None
-            punched = guest.memory.discard(starts, lengths, deadline)
-    return _Cycle(int(free.sum()), int(release.sum()), int(starts.size), punched, guest.paused_for)
