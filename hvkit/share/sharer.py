@@ -1,4 +1,5 @@
-"""One share cycle: pause, identify the free pages, punch holes for them, resume.
+"""Sharing a VM's free pages: pause, identify the free pages, punch holes for them,
+resume (again, when the pause budget runs out first).
 
 Safety comes first, because a page given back by mistake is guest data lost:
 - the VM stays paused from identification to the last hole punched;
@@ -7,7 +8,8 @@ Safety comes first, because a page given back by mistake is guest data lost:
   agrees with the guest kernel's own free-page counter;
 - a guest that poisons free pages (it would find zeros where it expects its poison) is
   refused, and so is RAM that is not a shared file or that sits on huge pages;
-- guest RAM is read with pread only, so reading never brings a given-back page back.
+- guest RAM is read with pread, and its host-held pages found with mincore over a
+  mapping never touched: neither brings a given-back page back.
 """
 
 from __future__ import annotations
@@ -108,8 +110,9 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Sharer:
-    """Shares one VM again and again (share --watch): its kernel's symbols and layout
-    are loaded once, not at every pause."""
+    """Shares one VM again and again (share --watch): its RAM is checked and its
+    kernel's symbols and layout are loaded once, not at every pause (neither can change
+    while the VM runs)."""
 
     def __init__(self, vm: VM, paths: Paths | None = None) -> None:
         self.vm = vm
@@ -122,8 +125,9 @@ class Sharer:
         runs again and the next pause identifies afresh and goes on. A VM that was
         already paused stays paused, and everything is done in that one pause."""
         t0 = time.monotonic()
-        check_vm_ram(self.vm)
-        self.knowledge = self.knowledge or load_kernel_knowledge(Path(self.vm.spec.kernel), None, self.paths)
+        if self.knowledge is None:
+            check_vm_ram(self.vm)
+            self.knowledge = load_kernel_knowledge(Path(self.vm.spec.kernel), None, self.paths)
         before = self.vm.host_memory()
         first: dict = {}
         given, pauses, longest = 0, 0, 0.0
