@@ -28,13 +28,14 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from hvkit.cli import demo, guest, introspect, share, vm
+    from hvkit.cli import demo, guest, hv, introspect, share, vm
 
     cli.add_command(vm.vm)
     cli.add_command(guest.guest)
     cli.add_command(introspect.ps)
     cli.add_command(introspect.identify)
     cli.add_command(share.share)
+    cli.add_command(hv.hv)
     cli.add_command(demo.demo)
 
 
