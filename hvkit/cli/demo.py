@@ -13,6 +13,7 @@ from typing import Callable
 
 import click
 
+from hvkit.cli.hv import demo_hypercalls
 from hvkit.cli.output import console, json_option, print_json, status_console
 from hvkit.config import Paths
 from hvkit.guest import build_default_guest
@@ -144,6 +145,7 @@ def demo(memory: str, as_json: bool) -> None:
     finally:
         if "vm" in vm and vm["vm"].is_alive():
             vm["vm"].stop()
+    step("run hypercalls on hvkit's own hypervisor (/dev/kvm)", lambda: demo_hypercalls(paths))
     total = sum(s["seconds"] for s in steps)
     if as_json:
         print_json({"steps": steps, "seconds": round(total, 3)})

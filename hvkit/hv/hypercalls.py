@@ -75,6 +75,8 @@ class VmFigures:
     notifications: int = 0
     queue_runs: int = 0
     hinted_free_bytes: int = 0
+    immediate_host_ns: int = 0  # host time handling immediate hypercalls (after the exit)
+    deferred_host_ns: int = 0   # host time running DLH queues
 
 
 @dataclass

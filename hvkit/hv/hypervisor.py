@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from hvkit.errors import HvkitError
@@ -54,6 +54,8 @@ class VmReport:
     queue_runs: int
     queue_full: int  # hv_defer calls the guest saw refused (the guest's own count)
     hinted_free_bytes: int
+    immediate_host_s: float
+    deferred_host_s: float
     console: str
 
     @property
@@ -133,6 +135,7 @@ class GuestVM:
             notifications=f.notifications, queue_runs=f.queue_runs,
             queue_full=self.dlh.guest_counter(dlh_module.FULL_OFFSET),
             hinted_free_bytes=f.hinted_free_bytes,
+            immediate_host_s=f.immediate_host_ns / 1e9, deferred_host_s=f.deferred_host_ns / 1e9,
             console=self.host.console.decode(errors="replace"))
 
     def close(self) -> None:
@@ -149,8 +152,13 @@ def _ignore_kick(signum: int, frame: object) -> None:
 
 class Hypervisor:
     def __init__(self, slots: int | None = None, slice_s: float = DEFAULT_SLICE,
-                 on_console: Callable[[str, bytes], None] | None = None) -> None:
+                 on_console: Callable[[str, bytes], None] | None = None,
+                 sync_regs: bool = True) -> None:
+        """`sync_regs=False` makes immediate hypercalls use KVM_GET/SET_REGS even where
+        KVM offers the registers in the shared page (to compare the two)."""
         self.kvm_fd, self.kvm_info = kvm.open_kvm()
+        if not sync_regs:
+            self.kvm_info = replace(self.kvm_info, sync_regs=False)
         self._old_handler = self._install_kick_handler()
         self.scheduler = Scheduler(slots or os.cpu_count() or 1, slice_s)
         self.on_console = on_console
@@ -180,22 +188,30 @@ class Hypervisor:
         if not self.vms:
             raise HvkitError("no VMs to run")
         t0 = time.monotonic()
-        for vm in self.vms:
-            for vcpu in vm.vcpus:
-                vcpu.start()
-        for vm in self.vms:
-            vm.started.set()
-        deadline = None if timeout is None else t0 + timeout
-        for vm in self.vms:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not vm.finished.wait(left):
-                break
-        for vm in self.vms:
-            if not vm.finished.is_set():
-                vm.stop(f"{vm.name} was still running after the time limit of {timeout:g} s")
-        for vm in self.vms:
-            for vcpu in vm.vcpus:
-                vcpu.thread.join()
+        try:
+            for vm in self.vms:
+                for vcpu in vm.vcpus:
+                    vcpu.start()
+            for vm in self.vms:
+                vm.started.set()
+            deadline = None if timeout is None else t0 + timeout
+            for vm in self.vms:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not vm.finished.wait(left):
+                    break
+            for vm in self.vms:
+                if not vm.finished.is_set():
+                    vm.stop(f"{vm.name} was still running after the time limit of {timeout:g} s")
+        except BaseException:  # Ctrl-C, or a vCPU that could not be created: stop everything
+            for vm in self.vms:
+                vm.stop("stopped: the hypervisor was interrupted")
+                vm.started.set()
+            raise
+        finally:
+            for vm in self.vms:
+                for vcpu in vm.vcpus:
+                    if vcpu.thread.is_alive():
+                        vcpu.thread.join()
         seconds = time.monotonic() - t0
         total = sum(vm.figures.run_ns for vm in self.vms)
         return RunReport(seconds, self.scheduler.slots, [vm.report(total) for vm in self.vms])

@@ -18,6 +18,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from hvkit.hv import kvm
@@ -106,8 +107,10 @@ class Vcpu:
         self.preempt = False
         figures = vm.figures
         while True:
-            if vm.dlh.pending:
-                vm.dlh.run(vm.host)  # deferred hypercalls run before the vCPU re-enters
+            if vm.dlh.pending:  # deferred hypercalls run before the vCPU re-enters
+                t0 = time.perf_counter_ns()
+                vm.dlh.run(vm.host)
+                figures.deferred_host_ns += time.perf_counter_ns() - t0
             if self.preempt or vm.stopping:
                 return
             try:
@@ -124,7 +127,10 @@ class Vcpu:
             if reason == kvm.EXIT_IO and run.exit.io.direction == kvm.IO_OUT:
                 port = run.exit.io.port
                 if port == PORT_HYPERCALL:
-                    if self._immediate(regs) is not Action.RESUME:
+                    t0 = time.perf_counter_ns()
+                    action = self._immediate(regs)
+                    figures.immediate_host_ns += time.perf_counter_ns() - t0
+                    if action is not Action.RESUME:
                         return
                     continue
                 if port == PORT_DLH_NOTIFY:
