@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hvkit.errors import HvkitError
-from hvkit.hv.hypercalls import Code, HypercallHost
+from hvkit.hv.hypercalls import HypercallHost
 from hvkit.hv.machine import DLH_GPA, Machine
 
 DLH_MAGIC = 0x484C44  # "DLH"
@@ -68,9 +68,6 @@ class DlhQueue:
     def guest_counter(self, offset: int) -> int:
         """A counter the guest keeps in the header (full, notifications)."""
         return self.machine.ram.u64(self.gpa + offset)
-
-    def waiting(self) -> int:
-        return (self.head() - self.tail) % (1 << 64)
 
     def run(self, host: HypercallHost) -> QueueRun:
         """Run every entry queued so far, in order, exactly once."""

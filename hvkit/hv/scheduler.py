@@ -78,10 +78,6 @@ class Scheduler:
         with self._cond:
             self._cond.notify_all()
 
-    def running_vcpus(self) -> list["Vcpu"]:
-        with self._cond:
-            return list(self._running)
-
     def kick_all(self, vm: object) -> None:
         """Make every running vCPU of `vm` leave the guest (it is being stopped)."""
         with self._cond:
