@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,11 +40,6 @@ class GuestFault(HvkitError):
     """The guest broke the hypervisor's rules; that VM is stopped, the others go on."""
 
 
-@dataclass(frozen=True)
-class QueueRun:
-    ran: int
-    failed: int
-
 
 class DlhQueue:
     def __init__(self, machine: Machine, entries: int) -> None:
@@ -69,7 +63,7 @@ class DlhQueue:
         """A counter the guest keeps in the header (full, notifications)."""
         return self.machine.ram.u64(self.gpa + offset)
 
-    def run(self, host: HypercallHost) -> QueueRun:
+    def run(self, host: HypercallHost) -> None:
         """Run every entry queued so far, in order, exactly once."""
         with self.lock:
             self.pending = False
@@ -80,7 +74,7 @@ class DlhQueue:
                                  f"{self.size} entries of the hypervisor's tail {self.tail}",
                                  "the guest overwrote the queue header; check its hv_defer use")
             if count == 0:
-                return QueueRun(0, 0)
+                return
             if count <= SMALL_RUN:
                 failed = self._run_small(host, count)
             else:
@@ -95,7 +89,6 @@ class DlhQueue:
             host.figures.deferred += count
             host.figures.deferred_failed += failed
             host.figures.queue_runs += 1
-            return QueueRun(count, failed)
 
     def _run_small(self, host: HypercallHost, count: int) -> int:
         """A few entries: one at a time (NumPy's set-up would cost more than the work)."""

@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from hvkit.errors import HvkitError
-from hvkit.hv import dlh as dlh_module
 from hvkit.hv import kvm
-from hvkit.hv.dlh import DlhQueue, GuestFault
+from hvkit.hv.dlh import FULL_OFFSET, DlhQueue, GuestFault
 from hvkit.hv.hypercalls import HypercallHost, VmFigures
 from hvkit.hv.machine import GuestProgram, Machine
 from hvkit.hv.scheduler import DEFAULT_SLICE, Scheduler
@@ -133,7 +132,7 @@ class GuestVM:
             exits=f.exits, preemptions=f.preemptions, immediate=f.immediate,
             deferred=f.deferred, deferred_failed=f.deferred_failed,
             notifications=f.notifications, queue_runs=f.queue_runs,
-            queue_full=self.dlh.guest_counter(dlh_module.FULL_OFFSET),
+            queue_full=self.dlh.guest_counter(FULL_OFFSET),
             hinted_free_bytes=f.hinted_free_bytes,
             immediate_host_s=f.immediate_host_ns / 1e9, deferred_host_s=f.deferred_host_ns / 1e9,
             console=self.host.console.decode(errors="replace"))

@@ -69,12 +69,9 @@ class Scheduler:
 
     # -- called by anyone ------------------------------------------------------
 
-    def deferred_work(self, vm: object) -> None:
-        """A VM said its DLH queue has work: wake the waiters so a vCPU of it goes first."""
-        with self._cond:
-            self._cond.notify_all()
-
     def wake(self) -> None:
+        """Something the choice depends on changed (a VM's DLH queue became pending, a vCPU
+        finished): waiting vCPUs look again, so a vCPU of a pending VM goes first."""
         with self._cond:
             self._cond.notify_all()
 

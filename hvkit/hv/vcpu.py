@@ -136,7 +136,7 @@ class Vcpu:
                 if port == PORT_DLH_NOTIFY:
                     figures.notifications += 1
                     vm.dlh.pending = True
-                    self.scheduler.deferred_work(vm)
+                    self.scheduler.wake()
                     continue
                 raise vm.fault(self, f"wrote to I/O port {port:#x}, which hvkit does not serve "
                                      f"(hypercalls use {PORT_HYPERCALL:#x} and {PORT_DLH_NOTIFY:#x})")
@@ -191,8 +191,7 @@ class Vcpu:
 
     def close(self) -> None:
         if getattr(self, "fd", -1) >= 0:
-            run, self._run = self._run, None
-            del run
+            self._run = None  # the ctypes view must go before its mapping closes
             try:
                 self._area.close()
             except BufferError:
