@@ -14,7 +14,8 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 # 1. Debian packages (root needed only when something is missing).
 #    qemu-system-x86: runs the guests; gcc + libc6-dev: build the guest's static helper;
 #    python3-venv: the project's virtual environment; cpio: a test reads hvkit's initramfs
-#    back with it; make: runs the guest kernel's build system for the layout interface.
+#    back with it; make: runs the guest kernel's build system for the layout interface;
+#    fuse3 (and with it libfuse3): the memory server that forked VMs read their memory from.
 #    apt/dpkg (always there) fetch the guest kernel, busybox and kernel headers.
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -23,6 +24,7 @@ command -v make >/dev/null || need+=(make)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 command -v cpio >/dev/null || need+=(cpio)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+command -v fusermount3 >/dev/null || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing Debian packages: ${need[*]}"
     SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -28,7 +28,7 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from hvkit.cli import demo, guest, hv, introspect, share, vm
+    from hvkit.cli import demo, fork, guest, hv, introspect, share, vm
 
     cli.add_command(vm.vm)
     cli.add_command(guest.guest)
@@ -36,6 +36,8 @@ def _register() -> None:
     cli.add_command(introspect.identify)
     cli.add_command(share.share)
     cli.add_command(hv.hv)
+    cli.add_command(fork.fork)
+    cli.add_command(fork.memserver)
     cli.add_command(demo.demo)
 
 

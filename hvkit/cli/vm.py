@@ -57,7 +57,11 @@ def start(name, memory, cpus, kernel, initrd, append, workload, accel, cpu_model
 @vm.command(name="list")
 @json_option
 def list_(as_json) -> None:
-    """List VMs with their state and host memory; dead VMs are shown once and cleaned up."""
+    """List VMs with their state and host memory; dead VMs are shown once and cleaned up.
+
+    'host MiB' is guest RAM the host holds for the VM alone: its RAM file's allocated
+    pages, or for a forked VM the pages it wrote itself. 'PSS MiB' is the whole QEMU
+    process's proportional set size: pages shared by k processes count 1/k in each."""
     rows = VM.list()
     if as_json:
         print_json([r.to_json() for r in rows])
@@ -66,9 +70,10 @@ def list_(as_json) -> None:
         console().print("no VMs")
         return
     print_table(
-        ["name", "state", "pid", "cpus", "memory MiB", "host MiB", "uptime s", "accel", "workload"],
+        ["name", "state", "pid", "cpus", "memory MiB", "host MiB", "PSS MiB", "parent", "uptime s",
+         "accel", "workload"],
         [[r.name, r.state, r.pid, r.cpus,
-          f"{mib(r.memory):.0f}", f"{mib(r.host_memory):.1f}",
+          f"{mib(r.memory):.0f}", f"{mib(r.host_memory):.1f}", f"{mib(r.pss):.1f}", r.parent or "",
           f"{r.uptime:.0f}" if r.uptime is not None else "", r.accel, r.workload] for r in rows],
     )
     for r in rows:

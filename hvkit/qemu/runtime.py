@@ -1,7 +1,8 @@
 """A VM's runtime folder: everything one QEMU process owns, in one place.
 
     <runtime>/<name>/vm.json      what was started (VMSpec) and QEMU's pid
-                     ram          guest RAM (memory-backend-file, share=on)
+                     ram          guest RAM (memory-backend-file, share=on); a forked
+                                  VM maps a memory-server snapshot instead
                      qmp.sock     QMP control socket
                      ctl.sock     the guest's second serial port (ground-truth requests)
                      console.log  the guest's serial console
@@ -45,12 +46,17 @@ class VMSpec:
     append: str
     accel: str
     workload: str | None = None  # set for the default guest only
-    ram: str = "file"  # "file": RAM file (share=on) hvkit reads and gives back; "anonymous": QEMU's own memory
+    ram: str = "file"  # "file": RAM file (share=on) hvkit reads and gives back; "anonymous": QEMU's own memory;
+    #                    "snapshot": a memory-server snapshot mapped share=off (a forked VM)
     balloon: bool = False  # a virtio-balloon device with free page reporting
     kernel_release: str | None = None
     pid: int | None = None
     started_at: float | None = None
     command: list[str] = field(default_factory=list)
+    snapshot: str | None = None  # ram="snapshot": the snapshot it started from
+    ram_file: str | None = None  # ram="snapshot": that snapshot's file on the memory server
+    memserver_pid: int | None = None  # ram="snapshot": the server that serves it
+    parent: str | None = None  # the VM it was forked from
 
 
 class RuntimeDir:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ from hvkit.errors import HvkitError, VMDied, VMNotFound
 from hvkit.guest import GroundTruth, Workload, build_default_guest, parse_ground_truth
 from hvkit.kernel import read_kernel_image
 from hvkit.memory import RamFileMemory
+from hvkit.memserver.daemon import memserver_alive
 from hvkit.qemu.accel import ACCELS, best_accel
 from hvkit.qemu.qmp import qmp
 from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name
@@ -55,19 +57,33 @@ def _host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _resident_ram_of(pid: int | None, size: int) -> int:
+def _resident_ram_of(pid: int | None, size: int, own_only: bool = False) -> int:
     """Resident bytes of the guest-RAM mapping (the one of `size` bytes) of QEMU
-    process `pid`, without pages KSM merged, from /proc/<pid>/smaps."""
+    process `pid`, without pages KSM merged, from /proc/<pid>/smaps; with `own_only`,
+    only its anonymous pages (in a private file mapping: the pages the guest wrote)."""
     try:
         text = Path(f"/proc/{pid}/smaps").read_text()
     except (OSError, TypeError):
         return 0
     for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
         start, _, end = block.partition(" ")[0].partition("-")
-        if int(end, 16) - int(start, 16) == size:
+        if start and end and int(end, 16) - int(start, 16) == size:
             kb = dict(re.findall(r"^(\w+):\s+(\d+) kB", block, re.M))
+            if own_only:
+                return int(kb.get("Anonymous", 0)) * 1024
             return (int(kb.get("Rss", 0)) - int(kb.get("KSM", 0))) * 1024
     return 0
+
+
+def proportional_memory(pid: int | None) -> int:
+    """PSS of process `pid` in bytes: its own pages plus its share of pages it shares
+    (a page mapped by 8 children counts 1/8 in each), from /proc/<pid>/smaps_rollup."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (OSError, TypeError):
+        return 0
+    m = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) * 1024 if m else 0
 
 
 def _check_memory(memory: str | int) -> int:
@@ -105,6 +121,9 @@ class VMStatus:
     uptime: float | None
     workload: str | None
     reason: str = ""  # why a dead VM died, as far as its logs say
+    pss: int = 0  # bytes of host memory the QEMU process holds, shared pages divided among sharers
+    parent: str | None = None  # the VM it was forked from
+    snapshot: str | None = None  # the memory-server snapshot it runs from
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -234,6 +253,57 @@ class VM:
             rundir.remove()
             raise
 
+    @classmethod
+    def launch_from_snapshot(cls, name: str, machine: dict, snapshot: str, ram_file: Path,
+                             memserver_pid: int, parent: str | None, paths: Paths,
+                             console_from: Path | None = None, timeout: float = 30.0) -> "VM":
+        """Starts QEMU for a VM that runs from memory-server snapshot `snapshot` (the file
+        `ram_file`, mapped share=off), as the VM `machine` (a VMSpec as a dict) was.
+        QEMU waits paused for the device state: `receive_state` finishes the start.
+        `console_from` is a console log to go on from (a VM that replaces itself)."""
+        spec = VMSpec(**{**machine, "name": check_name(name), "ram": "snapshot", "snapshot": snapshot,
+                         "ram_file": str(ram_file), "memserver_pid": memserver_pid, "parent": parent,
+                         "pid": None, "started_at": None, "command": []})
+        old = machine.get("command") or []
+        cpu_model = old[old.index("-cpu") + 1] if "-cpu" in old[:-1] else None
+        rundir = RuntimeDir(paths.vm_dir(spec.name))
+        cls._claim(rundir)
+        vm = None
+        try:
+            if console_from is not None and console_from.exists():
+                shutil.copyfile(console_from, rundir.console_log)
+            spec.command = cls._command(qemu_binary(), rundir, spec, cpu_model)
+            vm = cls(rundir, spec)
+            vm._launch(timeout)
+            return vm
+        except BaseException:
+            if vm is not None:
+                vm._kill()
+            rundir.remove()
+            raise
+
+    def receive_state(self, state: Path, run: bool = True, timeout: float = 30.0) -> None:
+        """Loads the device state saved by `save_state` into this VM (started by
+        launch_from_snapshot), then lets it run unless `run` is False."""
+        self.qmp("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
+        deadline = time.monotonic() + timeout
+        while (status := self.run_state()) == "inmigrate":
+            if time.monotonic() > deadline:
+                raise HvkitError(f"VM {self.name!r} did not load its device state within {timeout:.0f} s")
+            time.sleep(0.002)
+        outcome = self.qmp("query-migrate").get("status")
+        if outcome != "completed":
+            raise HvkitError(f"VM {self.name!r} could not load its device state from {state} "
+                             f"(migration {outcome}, run state {status}); QEMU said: "
+                             f"{self.rundir.tail(self.rundir.qemu_log, 2) or 'nothing'}")
+        if run:
+            self.resume()
+
+    def save_state(self, path: Path) -> None:
+        """Writes the device state of this paused VM, without its RAM, to `path` (QEMU's
+        xen-save-devices-state: its name is historical; it works for any VM)."""
+        self.qmp("xen-save-devices-state", {"filename": str(path), "live": False})
+
     @staticmethod
     def _boot_files(paths: Paths, kernel, initrd) -> tuple[Path, Path | None, str | None]:
         if kernel is None:
@@ -279,11 +349,11 @@ class VM:
             binary, "-name", f"hvkit-{spec.name}",
             "-machine", "pc,memory-backend=ram0", "-accel", spec.accel,
             "-m", size, "-smp", str(spec.cpus),
-            "-object", (f"memory-backend-file,id=ram0,size={size},mem-path={rundir.ram},share=on"
-                        if spec.ram == "file" else f"memory-backend-ram,id=ram0,size={size},merge=on"),
+            "-object", VM._ram_backend(rundir, spec),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", spec.kernel, "-append", spec.append,
-            "-chardev", f"file,id=con,path={rundir.console_log}", "-serial", "chardev:con",
+            "-chardev", f"file,id=con,path={rundir.console_log}" + (",append=on" if spec.ram == "snapshot" else ""),
+            "-serial", "chardev:con",
             "-chardev", f"socket,id=ctl,path={rundir.ctl_sock},server=on,wait=off",
             "-serial", "chardev:ctl",
             "-qmp", f"unix:{rundir.qmp_sock},server=on,wait=off",
@@ -294,7 +364,20 @@ class VM:
             cmd += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
         if cpu_model:
             cmd += ["-cpu", cpu_model]
+        if spec.ram == "snapshot":
+            # paused, waiting for the device state (saved without RAM, so no
+            # configuration section: see hvkit.fork)
+            cmd += ["-S", "-incoming", "defer", "-global", "migration.send-configuration=off"]
         return cmd
+
+    @staticmethod
+    def _ram_backend(rundir: RuntimeDir, spec: VMSpec) -> str:
+        size = format_size(spec.memory)
+        if spec.ram == "file":
+            return f"memory-backend-file,id=ram0,size={size},mem-path={rundir.ram},share=on"
+        if spec.ram == "snapshot":
+            return f"memory-backend-file,id=ram0,size={size},mem-path={spec.ram_file},share=off"
+        return f"memory-backend-ram,id=ram0,size={size},merge=on"
 
     def _launch(self, timeout: float) -> None:
         log.info("starting %s: %s", self.name, " ".join(self.spec.command))
@@ -335,13 +418,30 @@ class VM:
     def ram_path(self) -> Path:
         return self.rundir.ram
 
-    def is_alive(self) -> bool:
+    def _qemu_alive(self) -> bool:
         if self._process is not None:  # our own child: its pid cannot have been reused
             return self._process.poll() is None
         return self.pid is not None and _pid_runs_in(self.pid, self.rundir)
 
+    def is_alive(self) -> bool:
+        alive = self._qemu_alive()
+        if alive and self._memory_server_gone():
+            # its next read of a page it has not touched yet would kill it with SIGBUS
+            # at some random later time: stop it now, and say why
+            log.warning("stopping %s: its memory server (pid %s) is gone", self.name, self.spec.memserver_pid)
+            self._kill()
+            return False
+        return alive
+
+    def _memory_server_gone(self) -> bool:
+        return self.spec.ram == "snapshot" and not memserver_alive(self.spec.memserver_pid)
+
     def _death_reason(self) -> str:
         """What the logs say about why QEMU is gone: QEMU's own error, else the console."""
+        if self._memory_server_gone():
+            return (f"its memory server (pid {self.spec.memserver_pid}) is gone, so its memory "
+                    f"cannot be read any more; 'hvkit memserver start' serves snapshot "
+                    f"{self.spec.snapshot} again to new children ('hvkit fork --snapshot {self.spec.snapshot}')")
         qemu_said = self.rundir.tail(self.rundir.qemu_log, 3)
         if qemu_said:
             return f"QEMU said: {qemu_said}"
@@ -366,6 +466,10 @@ class VM:
 
     def memory(self) -> "RamFileMemory":
         """The guest's physical memory, read from its RAM file (close it when done)."""
+        if self.spec.ram == "snapshot":
+            raise HvkitError(f"VM {self.name!r} runs from memory-server snapshot {self.spec.snapshot} "
+                             "(its RAM is private to QEMU); hvkit reads and gives back only a RAM file",
+                             f"read the snapshot file {self.spec.ram_file}, or a VM started with 'hvkit vm start'")
         if self.spec.ram != "file":
             raise HvkitError(f"VM {self.name!r} keeps its RAM inside QEMU (started with ram={self.spec.ram!r}); "
                              "hvkit reads and gives back only a RAM file", "start it with the default RAM")
@@ -386,7 +490,7 @@ class VM:
                 return self.rundir.ram.stat().st_blocks * 512
             except OSError:
                 return 0
-        return _resident_ram_of(self.pid, self.spec.memory)
+        return _resident_ram_of(self.pid, self.spec.memory, own_only=self.spec.ram == "snapshot")
 
     def status(self) -> VMStatus:
         state = self.run_state()
@@ -397,6 +501,8 @@ class VM:
             uptime=time.time() - started if started and state != "dead" else None,
             workload=self.spec.workload,
             reason=self._death_reason() if state == "dead" else "",
+            pss=proportional_memory(self.pid) if state != "dead" else 0,
+            parent=self.spec.parent, snapshot=self.spec.snapshot,
         )
 
     # ---- control --------------------------------------------------------------------
@@ -441,7 +547,7 @@ class VM:
 
     def _wait_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while self.is_alive():
+        while self._qemu_alive():
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
@@ -449,7 +555,7 @@ class VM:
 
     def _kill(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not self.is_alive():
+            if not self._qemu_alive():
                 return
             try:
                 os.kill(self.pid, sig)

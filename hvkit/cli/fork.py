@@ -1,0 +1,144 @@
+"""`hvkit fork` (children of a running VM, or of a stored snapshot) and `hvkit memserver`
+(the FUSE server that holds the snapshots)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import click
+
+from hvkit.cli.output import console, json_option, print_json, print_table, status_console
+from hvkit.config import Paths
+from hvkit.errors import HvkitError
+from hvkit.fork import ChildStarted, child_names, fork as fork_vm, start_children
+from hvkit.memserver import MemServer
+from hvkit.units import mib
+
+
+def _print_child(child: ChildStarted) -> None:
+    status_console().print(f"  {child.name} running {child.seconds * 1000:.0f} ms after the request "
+                           f"(pid {child.pid})")
+
+
+@click.command()
+@click.argument("vm", required=False)
+@click.option("-n", "--children", "n", type=int, default=1, show_default=True, help="How many children.")
+@click.option("--paused", "stay_paused", is_flag=True, help="Leave VM paused after the fork.")
+@click.option("--snapshot", metavar="NAME",
+              help="Start children from this stored snapshot instead of forking a VM "
+                   "(see 'hvkit memserver status').")
+@json_option
+def fork(vm: str | None, n: int, stay_paused: bool, snapshot: str | None, as_json: bool) -> None:
+    """Fork running VM into N children named VM-1 ... VM-N.
+
+    The VM is paused, its device state saved and its memory snapshotted on hvkit's
+    memory server (started if needed) without copying it; each child maps the
+    snapshot privately, so the host shares every page the children only read. The VM
+    then runs on (unless --paused). Forking a forked VM costs in proportion to the
+    pages it wrote since it was born, not to its memory size. Prints the time from the
+    request until each child runs."""
+    if (vm is None) == (snapshot is None):
+        raise HvkitError("give either a VM to fork or --snapshot NAME", "see 'hvkit fork --help'")
+    if snapshot:
+        _children_of_snapshot(snapshot, n, as_json)
+        return
+    report = fork_vm(vm, n, stay_paused=stay_paused, on_child=None if as_json else _print_child)
+    if as_json:
+        print_json(report.to_json())
+        return
+    c = report.counters
+    how = ("its RAM file became the snapshot (moved, not copied)" if report.froze_ram_file else
+           f"{report.pages_written} pages it wrote were added; {c['pages_stored']} new frames, "
+           f"{c['pages_deduplicated']} already stored, {c['pages_zero']} zero")
+    console().print(
+        f"forked {report.vm} into {report.n} ({', '.join(ch.name for ch in report.children)}) "
+        f"from snapshot [bold]{report.snapshot}[/]: {how}; {c['metadata_copied']} bytes of table "
+        f"copied, {c['tables_written']} tables written ({c['tables_replicated']} replicated, "
+        f"{c['runs_split']} split) in {report.snapshot_seconds * 1000:.0f} ms")
+    console().print(f"first child running {min(ch.seconds for ch in report.children) * 1000:.0f} ms after "
+                    f"the request, last {max(ch.seconds for ch in report.children) * 1000:.0f} ms; "
+                    f"{report.vm} is {report.vm_state}")
+
+
+def _children_of_snapshot(name: str, n: int, as_json: bool) -> None:
+    paths = Paths.from_env()
+    t0 = time.monotonic()
+    server = MemServer.of(paths)
+    pid = server.start()
+    store = server.store()
+    try:
+        snap = store.snapshot(name)
+    finally:
+        store.close()
+    names = child_names(snap.vm, n, paths)
+    children = start_children(snap, names, server, pid, snap.vm, paths, t0,
+                              None if as_json else _print_child)
+    if as_json:
+        print_json({"snapshot": name, "children": [c.__dict__ for c in children]})
+        return
+    console().print(f"started {', '.join(c.name for c in children)} from snapshot {name}")
+
+
+@click.group()
+def memserver() -> None:
+    """The memory server: a FUSE file system that serves each snapshot of guest memory
+    as a file. 'hvkit fork' starts it when needed; its store outlives it."""
+
+
+@memserver.command()
+def start() -> None:
+    """Start the server (or find the running one) and mount it."""
+    server = MemServer.of(Paths.from_env())
+    pid = server.start()
+    console().print(f"memory server running (pid {pid}), snapshots at {server.mount}")
+
+
+@memserver.command()
+@click.option("--force", is_flag=True, help="Stop it even while VMs run from it (they stop too).")
+def stop(force: bool) -> None:
+    """Unmount and stop the server; its snapshots stay in the store."""
+    MemServer.of(Paths.from_env()).stop(force=force)
+    console().print("memory server stopped")
+
+
+@memserver.command()
+@click.option("--force", is_flag=True, help="Also while VMs run from its snapshots (they stop).")
+def clear(force: bool) -> None:
+    """Stop the server and delete every snapshot it holds."""
+    server = MemServer.of(Paths.from_env())
+    server.stop(force=force)
+    shutil.rmtree(server.root, ignore_errors=True)
+    console().print(f"memory server stopped and {server.root} deleted")
+
+
+@memserver.command()
+@json_option
+def status(as_json: bool) -> None:
+    """The server, its snapshots, what each cost and how many pages it served."""
+    server = MemServer.of(Paths.from_env())
+    stats = server.stats() or {}
+    served = stats.get("snapshots", {})
+    snaps = []
+    if server.store_path.is_dir():
+        store = server.store()
+        try:
+            snaps = store.snapshots()
+        finally:
+            store.close()
+    if as_json:
+        print_json({"pid": server.pid(), "mount": str(server.mount), "store": str(server.store_path),
+                    "pages_served": stats.get("pages_served", 0),
+                    "snapshots": [{**s.to_json(), "served": served.get(s.name, {})} for s in snaps]})
+        return
+    pid = server.pid()
+    console().print(f"memory server: {'running, pid ' + str(pid) if pid else 'not running'}; "
+                    f"store {server.store_path}")
+    if snaps:
+        print_table(
+            ["snapshot", "of VM", "parent", "memory MiB", "copied at fork B", "tables written",
+             "replicated", "split", "pages written", "stored", "dedup", "zero", "pages served"],
+            [[s.name, s.vm, s.parent or "", f"{mib(s.size):.0f}", s.counters.metadata_copied,
+              s.counters.tables_written, s.counters.tables_replicated, s.counters.runs_split,
+              s.counters.pages_written, s.counters.pages_stored, s.counters.pages_deduplicated,
+              s.counters.pages_zero, served.get(s.name, {}).get("pages", 0)] for s in snaps])

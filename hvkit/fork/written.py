@@ -1,0 +1,68 @@
+"""The pages a forked VM wrote since it was born, read from its QEMU process.
+
+A forked VM maps its snapshot file privately (share=off): a page it only reads is the
+host's page-cache page of that file, a page it writes becomes an anonymous copy. The
+kernel's /proc/<pid>/pagemap tells the two apart (bit 61, "file page or shared
+anonymous", is clear for the copies), and /proc/<pid>/mem reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hvkit.errors import HvkitError
+
+PAGE = 4096
+PRESENT, SWAPPED, FILE_OR_SHARED = 1 << 63, 1 << 62, 1 << 61
+
+
+def ram_mapping(pid: int, ram_file: str) -> tuple[int, int]:
+    """(start, end) of the mapping of `ram_file` in process `pid`."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError as e:
+        raise HvkitError(f"cannot read the mappings of QEMU process {pid} ({e.strerror})") from None
+    for line in maps.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and fields[5] == ram_file and fields[2] == "00000000":
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            return start, end
+    raise HvkitError(f"QEMU process {pid} does not map its snapshot file {ram_file}",
+                     "the VM was not started from a snapshot by this hvkit")
+
+
+def written_pages(pid: int, ram_file: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(page numbers, contents as (n, 4096) bytes) of the pages of guest RAM that QEMU
+    process `pid` holds privately. Read it paused: a running guest changes them."""
+    start, end = ram_mapping(pid, ram_file)
+    pages = min(size, end - start) // PAGE
+    try:
+        with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
+            f.seek(start // PAGE * 8)
+            raw = f.read(pages * 8)
+        entries = np.frombuffer(raw, dtype="<u8")
+        own = ((entries & np.uint64(PRESENT | SWAPPED)) != 0) & ((entries & np.uint64(FILE_OR_SHARED)) == 0)
+        which = np.flatnonzero(own)
+        data = np.empty((len(which), PAGE), dtype=np.uint8)
+        # one read per run of consecutive pages
+        breaks = np.flatnonzero(np.diff(which) != 1) + 1
+        firsts = np.concatenate(([0], breaks)).astype(np.int64)
+        lasts = np.concatenate((breaks, [len(which)])).astype(np.int64)
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        try:
+            flat = memoryview(data.reshape(-1))
+            for a, b in zip(firsts.tolist(), lasts.tolist()):
+                if b > a:
+                    want = (b - a) * PAGE
+                    got = os.preadv(fd, [flat[a * PAGE:b * PAGE]], start + int(which[a]) * PAGE)
+                    if got != want:
+                        raise OSError(0, f"short read ({got} of {want} bytes)")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise HvkitError(f"cannot read the guest memory of QEMU process {pid} ({e.strerror or e})",
+                         "hvkit needs to read /proc/<pid>/mem of the VMs it forks (run it as root)") from None
+    return which.astype(np.uint64), data

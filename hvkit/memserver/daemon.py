@@ -1,0 +1,155 @@
+"""Starting, finding and stopping the memory server process.
+
+    <runtime>/memserver/store/   the store (store.py): it outlives the server
+                        mnt/     where the server mounts its file system
+                        server.pid, server.log
+
+The server is a detached Python process (it outlives the hvkit command that started
+it). A server that died leaves a mount whose every access fails with ENOTCONN: start()
+lazily unmounts that before mounting again, and the new server serves the same store.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvkit.config import Paths
+from hvkit.errors import HvkitError
+from hvkit.memserver.server import STATS
+from hvkit.memserver.store import Store
+
+
+def memserver_alive(pid: int | None) -> bool:
+    """Whether `pid` is a live memory server process."""
+    if not pid:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X") and b"hvkit.memserver.server" in cmdline
+
+
+def fuse_unavailable_reason() -> str | None:
+    """Why this host cannot run the memory server, or None if it can."""
+    if not Path("/dev/fuse").exists():
+        return "/dev/fuse does not exist (load the fuse module: modprobe fuse)"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        return f"/dev/fuse cannot be opened ({e.strerror}); the server needs root or the fuse group"
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"the FUSE binding does not load ({e}); run ./setup.sh"
+    return None
+
+
+@dataclass(frozen=True)
+class MemServer:
+    root: Path
+
+    @classmethod
+    def of(cls, paths: Paths) -> "MemServer":
+        return cls(paths.runtime / "memserver")
+
+    store_path = property(lambda self: self.root / "store")
+    mount = property(lambda self: self.root / "mnt")
+    pid_file = property(lambda self: self.root / "server.pid")
+    log_file = property(lambda self: self.root / "server.log")
+
+    def pid(self) -> int | None:
+        """The live server's pid, or None."""
+        try:
+            pid = int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if memserver_alive(pid) else None
+
+    def snapshot_file(self, name: str) -> Path:
+        return self.mount / f"{name}.ram"
+
+    def store(self) -> Store:
+        return Store(self.store_path)
+
+    def _mount_state(self) -> str:
+        """'mounted', 'stale' (a dead server's mount) or 'none'."""
+        try:
+            os.stat(self.mount / STATS)
+            return "mounted"
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                return "stale"
+        mounts = Path("/proc/mounts").read_text().split("\n")
+        return "stale" if any(f" {self.mount} fuse" in m for m in mounts) else "none"
+
+    def _unmount(self, lazy: bool) -> bool:
+        if self._mount_state() == "none":
+            return True
+        cmd = ["umount", "-l", str(self.mount)] if lazy else ["umount", str(self.mount)]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+    def start(self, timeout: float = 15.0) -> int:
+        """The server's pid: the running one, or a new one serving the store."""
+        pid = self.pid()
+        if pid and self._mount_state() == "mounted":
+            return pid
+        reason = fuse_unavailable_reason()
+        if reason:
+            raise HvkitError(f"the memory server cannot run: {reason}")
+        if pid:  # alive but not mounted: a server half-started or hung
+            os.kill(pid, signal.SIGKILL)
+        self._unmount(lazy=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.mount.mkdir(exist_ok=True)
+        Store(self.store_path).close()  # creates the store's files once
+        with self.log_file.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hvkit.memserver.server", str(self.store_path), str(self.mount)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + timeout
+        while self._mount_state() != "mounted":
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                said = self.log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["nothing"]
+                raise HvkitError(f"the memory server did not start (it said: {said[0]})",
+                                 f"see {self.log_file}")
+            time.sleep(0.02)
+        return proc.pid
+
+    def stop(self, force: bool = False) -> None:
+        """Unmounts and ends the server. Refused while VMs still map its snapshots
+        unless `force` (they then stop at their next read of it)."""
+        pid = self.pid()
+        if not self._unmount(lazy=False):
+            if not force:
+                raise HvkitError("the memory server is in use: VMs still run from its snapshots",
+                                 "stop them first ('hvkit vm stop'), or pass --force")
+            self._unmount(lazy=True)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while memserver_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if memserver_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+    def stats(self) -> dict | None:
+        """What the running server says it served, or None without one."""
+        if self._mount_state() != "mounted":
+            return None
+        try:
+            return json.loads((self.mount / STATS).read_bytes())
+        except (OSError, ValueError):
+            return None

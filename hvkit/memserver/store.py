@@ -1,0 +1,278 @@
+"""The memory server's store: snapshots, their tables and the frames they point at.
+
+    <store>/tables.bin            every table of every snapshot (table.py)
+           files.json             frame file id -> file name under frames/
+           frames/<id>.ram        a VM's RAM file, frozen (moved here, not copied)
+           frames/<id>.pool       frames a child wrote, each stored once (pool.index)
+           pool.index             (content hash, entry) pairs of the pool's frames
+           snapshots/<name>.json  one snapshot: size, levels, root table, counters, the
+                                  machine it came from; written last, so it seals it
+           snapshots/<name>.state the VM's device state (QEMU, without RAM)
+           lock                   writers take it (flock); readers never need it
+
+Everything is plain files, so a restarted server finds every snapshot again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from hvkit.errors import HvkitError
+from hvkit.memserver.table import (FANOUT, FRAMES, KIND_SHIFT, TableFile, TableWriter,
+                                   frames_entry, levels_for, table_entry)
+
+PAGE = 4096
+SNAPSHOT_SUFFIX = ".ram"
+# Odd multipliers of a per-page hash (a dot product of its 512 words); a match is
+# always confirmed byte for byte, so this only has to spread well.
+_HASH_K = (np.random.default_rng(0x68766B6974).integers(1, 2**63, 512, dtype=np.uint64) | np.uint64(1))
+
+
+@dataclass
+class Counters:
+    """What a snapshot cost. A fork copies `metadata_copied` bytes (the top-level table)
+    and nothing else; the rest is proportional to the pages the VM wrote."""
+
+    metadata_copied: int = 0  # bytes copied at fork
+    tables_written: int = 0  # tables this snapshot added to the store
+    tables_replicated: int = 0  # lower tables copied because a write needed them
+    runs_split: int = 0  # large entries turned into a table because a write fell under them
+    pages_written: int = 0  # pages the VM wrote since its own snapshot
+    pages_stored: int = 0  # of those: new frames in the pool
+    pages_deduplicated: int = 0  # of those: same content as a frame stored before
+    pages_zero: int = 0  # of those: all zeros, pointed at the zero frame
+
+
+@dataclass
+class Snapshot:
+    name: str
+    vm: str  # the VM it was taken of
+    parent: str | None  # the snapshot that VM ran from, if any
+    size: int  # bytes of guest RAM
+    levels: int
+    root: int  # top-level table id
+    created: float
+    machine: dict  # the VM's spec (hvkit.qemu.runtime.VMSpec as a dict)
+    counters: Counters = field(default_factory=Counters)
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE
+
+    @property
+    def file_name(self) -> str:
+        return self.name + SNAPSHOT_SUFFIX
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Snapshot":
+        d = dict(d)
+        d["counters"] = Counters(**d.get("counters", {}))
+        return cls(**d)
+
+
+def page_hashes(data: np.ndarray) -> np.ndarray:
+    """One u64 per page of `data` ((n, 4096) bytes)."""
+    return (data.view("<u8").reshape(len(data), 512) * _HASH_K).sum(axis=1, dtype=np.uint64)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        for sub in ("frames", "snapshots"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        self.tables = TableFile(path / "tables.bin")
+        self._files: dict[int, str] = {}
+
+    def close(self) -> None:
+        self.tables.close()
+
+    # ---- reading --------------------------------------------------------------------
+
+    def snapshot(self, name: str) -> Snapshot:
+        try:
+            return Snapshot.from_json(json.loads(self._snapshot_json(name).read_text()))
+        except FileNotFoundError:
+            raise HvkitError(f"no snapshot named {name!r} in {self.path}",
+                             "see 'hvkit memserver status' for the snapshots there are") from None
+        except (ValueError, TypeError) as e:
+            raise HvkitError(f"snapshot {name!r} in {self.path} is damaged ({e})",
+                             "start over with 'hvkit memserver clear'") from None
+
+    def snapshots(self) -> list[Snapshot]:
+        names = sorted(p.stem for p in (self.path / "snapshots").glob("*.json"))
+        return [self.snapshot(n) for n in names]
+
+    def state_file(self, name: str) -> Path:
+        return self.path / "snapshots" / f"{name}.state"
+
+    def frame_file(self, file_id: int) -> Path:
+        """The file holding frames of `file_id` (files.json is read again for a new id)."""
+        if file_id not in self._files:
+            self._files = self._read_files()
+        try:
+            return self.path / "frames" / self._files[file_id]
+        except KeyError:
+            raise HvkitError(f"the memory server's store {self.path} has no frame file {file_id}",
+                             "start over with 'hvkit memserver clear'") from None
+
+    def _snapshot_json(self, name: str) -> Path:
+        return self.path / "snapshots" / f"{name}.json"
+
+    def _read_files(self) -> dict[int, str]:
+        try:
+            return {int(k): v for k, v in json.loads((self.path / "files.json").read_text()).items()}
+        except FileNotFoundError:
+            return {}
+
+    # ---- writing (under the lock) ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        with open(self.path / "lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _new_file(self, suffix: str) -> tuple[int, Path]:
+        files = self._read_files()
+        file_id = max(files, default=0) + 1
+        files[file_id] = f"{file_id}{suffix}"
+        tmp = self.path / "files.json.tmp"
+        tmp.write_text(json.dumps(files, indent=1))
+        tmp.replace(self.path / "files.json")
+        self._files = files
+        return file_id, self.path / "frames" / files[file_id]
+
+    def _new_name(self, vm: str) -> str:
+        taken = [p.stem for p in (self.path / "snapshots").glob("*.json")]
+        seq = 1 + max((int(n.split("-", 1)[0]) for n in taken if n.split("-", 1)[0].isdigit()), default=0)
+        return f"{seq:04d}-{vm}"
+
+    def _seal(self, snap: Snapshot, state: Path) -> Snapshot:
+        os.replace(state, self.state_file(snap.name))
+        tmp = self._snapshot_json(snap.name).with_suffix(".tmp")
+        tmp.write_text(json.dumps(snap.to_json(), indent=1))
+        tmp.replace(self._snapshot_json(snap.name))
+        return snap
+
+    def freeze_ram_file(self, ram: Path, size: int, vm: str, state: Path, machine: dict) -> Snapshot:
+        """A snapshot of a paused VM's RAM file, which moves into the store as it is:
+        one top-level table of large entries over it, whatever its size."""
+        file_id, frozen = self._new_file(".ram")
+        try:
+            os.rename(ram, frozen)
+        except OSError as e:
+            raise HvkitError(f"cannot move {ram} into the memory server's store {self.path} ({e.strerror})",
+                             "keep HVKIT_RUNTIME on one file system (the store lives under it)") from None
+        levels = levels_for(size // PAGE)
+        span = FANOUT ** (levels - 1)
+        top = np.zeros(FANOUT, dtype=np.uint64)
+        runs = -(-(size // PAGE) // span)
+        top[:runs] = np.uint64(frames_entry(file_id, 0)) + np.arange(runs, dtype=np.uint64) * np.uint64(span)
+        root = self.tables.append(top)
+        snap = Snapshot(self._new_name(vm), vm, None, size, levels, root, time.time(), machine,
+                        Counters(tables_written=1))
+        return self._seal(snap, state)
+
+    def fork_pages(self, parent: Snapshot, pages: np.ndarray, data: np.ndarray, vm: str,
+                   state: Path, machine: dict) -> Snapshot:
+        """A snapshot of a VM that runs from `parent` and has since written `pages`
+        (sorted page numbers) with `data` ((n, 4096) bytes): the parent's top-level table
+        copied, then tables replicated under the written pages only."""
+        writer = TableWriter.fork(self.tables, parent.root, parent.levels)
+        counters = Counters(metadata_copied=FANOUT * 8, pages_written=len(pages))
+        entries = self._store_frames(data, counters)
+        writer.set_pages(pages.astype(np.uint64), entries)
+        root, written = writer.seal()
+        counters.tables_written = written
+        counters.tables_replicated = writer.tables_replicated
+        counters.runs_split = writer.runs_split
+        snap = Snapshot(self._new_name(vm), vm, parent.name, parent.size, parent.levels, root,
+                        time.time(), machine, counters)
+        return self._seal(snap, state)
+
+    def _store_frames(self, data: np.ndarray, counters: Counters) -> np.ndarray:
+        """Entries for pages `data`: zero pages -> ZERO, a page already in the pool (or
+        twice in `data`) -> that frame, any other -> a new frame at the pool's end."""
+        n = len(data)
+        entries = np.zeros(n, dtype=np.uint64)
+        if n == 0:
+            return entries
+        nonzero = data.view("<u8").reshape(n, 512).any(axis=1)
+        counters.pages_zero = int(n - nonzero.sum())
+        idx = np.flatnonzero(nonzero)
+        hashes = page_hashes(data[idx])
+        pool_id, pool = self._pool()
+        known_h, known_e = self._pool_index()
+        # 1. same content as a frame in the pool already (hash match, then bytes)
+        pos = np.searchsorted(known_h, hashes)
+        pos[pos == len(known_h)] = 0
+        cand = (len(known_h) > 0) & (known_h[pos] == hashes) if len(known_h) else np.zeros(len(idx), bool)
+        if cand.any():
+            frames = (known_e[pos[cand]] & np.uint64((1 << 36) - 1)).astype(np.int64)
+            with open(pool, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                stored = np.frombuffer(m, dtype=np.uint8).reshape(-1, PAGE)
+                same = (stored[frames] == data[idx[cand]]).all(axis=1)
+                del stored
+            hit = np.flatnonzero(cand)[same]
+            entries[idx[hit]] = known_e[pos[hit]]
+            counters.pages_deduplicated += len(hit)
+        todo = idx[entries[idx] == 0]
+        if len(todo):
+            # 2. repeats within this batch: keep the first of each content
+            th = page_hashes(data[todo])
+            _, first, inverse = np.unique(th, return_index=True, return_inverse=True)
+            rep = todo[first[inverse]]
+            dup = (rep != todo) & (data[rep] == data[todo]).all(axis=1)
+            new = todo[~dup]
+            # 3. the rest goes at the end of the pool
+            with open(pool, "ab") as f:
+                start = f.tell() // PAGE
+                f.write(np.ascontiguousarray(data[new]).tobytes())
+            new_e = np.uint64(frames_entry(pool_id, 0)) + np.arange(start, start + len(new), dtype=np.uint64)
+            entries[new] = new_e
+            entries[todo[dup]] = entries[rep[dup]]
+            counters.pages_stored += len(new)
+            counters.pages_deduplicated += int(dup.sum())
+            with open(self.path / "pool.index", "ab") as f:
+                f.write(np.stack([page_hashes(data[new]), new_e], axis=1).astype("<u8").tobytes())
+        return entries
+
+    def _pool(self) -> tuple[int, Path]:
+        for file_id, name in self._read_files().items():
+            if name.endswith(".pool"):
+                return file_id, self.path / "frames" / name
+        file_id, path = self._new_file(".pool")
+        path.touch()
+        return file_id, path
+
+    def _pool_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(hashes, entries) of the pool's frames, sorted by hash."""
+        try:
+            raw = np.fromfile(self.path / "pool.index", dtype="<u8").reshape(-1, 2)
+        except (FileNotFoundError, ValueError):
+            raw = np.zeros((0, 2), dtype="<u8")
+        order = np.argsort(raw[:, 0], kind="stable")
+        return raw[order, 0], raw[order, 1]
+
+
+def is_frames(entries: np.ndarray) -> np.ndarray:
+    return (entries >> np.uint64(KIND_SHIFT)) == FRAMES
+
+
+__all__ = ["Counters", "Snapshot", "Store", "table_entry", "is_frames", "PAGE"]
