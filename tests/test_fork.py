@@ -1,0 +1,229 @@
+"""Forking real VMs on the memory server: children go on from the parent's exact state,
+diverge without seeing each other's writes, fork again, and die with a clear message
+when their server is gone; a restarted server serves new children from the same
+snapshots. The tables and the store are checked on their own first, on real files."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from hvkit.errors import VMDied
+from hvkit.fork import fork
+from hvkit.memserver import MemServer, Store, fuse_unavailable_reason
+from hvkit.memserver.table import TableFile, TableWriter, frames_entry, levels_for, resolve
+from hvkit.qemu import VM
+
+from conftest import run_cli
+
+PAGE = 4096
+MARK_MIB = 4
+
+needs_fuse = pytest.mark.skipif(fuse_unavailable_reason() is not None,
+                                reason=f"no FUSE here: {fuse_unavailable_reason()}")
+
+
+# ---- tables and store, without a VM ----------------------------------------------------
+
+def test_tables_copy_the_top_level_and_replicate_only_under_writes(tmp_path):
+    tables = TableFile(tmp_path / "tables.bin")
+    pages = 3 << 18  # 3 GiB: three levels, 512-page leaves
+    levels = levels_for(pages)
+    span = 512 ** (levels - 1)
+    top = np.zeros(512, dtype=np.uint64)
+    top[: pages // span] = [frames_entry(1, i * span) for i in range(pages // span)]
+    root = tables.append(top)
+    model = np.uint64(frames_entry(1, 0)) + np.arange(pages, dtype=np.uint64)
+    rng = np.random.default_rng(7)
+    for generation in range(3):
+        writer = TableWriter.fork(tables, root, levels)
+        written = np.unique(rng.integers(0, pages, 300)).astype(np.uint64)
+        entries = np.uint64(frames_entry(2 + generation, 0)) + np.arange(len(written), dtype=np.uint64)
+        entries[::7] = 0  # some pages become zero
+        writer.set_pages(written, entries)
+        before = tables.count()
+        new_root, count = writer.seal()
+        assert tables.count() - before == count
+        leaves = len(np.unique(written >> np.uint64(9)))
+        assert count <= 1 + leaves + len(np.unique(written >> np.uint64(18)))  # top + touched only
+        old = resolve(tables, root, levels, 0, pages)
+        assert (old == model).all(), "a fork changed its parent's view"
+        model = model.copy()
+        model[written] = entries
+        assert (resolve(tables, new_root, levels, 0, pages) == model).all()
+        root = new_root
+    # reads that cross leaves and large entries agree with the model too
+    for first, count in [(511, 3), (span - 5, 10), (pages - 7, 7)]:
+        assert (resolve(tables, root, levels, first, count) == model[first:first + count]).all()
+    tables.close()
+
+
+def test_store_keeps_each_frame_once_and_survives_reopening(tmp_path):
+    store = Store(tmp_path / "store")
+    ram = tmp_path / "store" / "ram"
+    size = 64 << 20
+    content = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
+    content.tofile(ram)
+    (state := tmp_path / "state").write_bytes(b"device state")
+    with store.lock():
+        base = store.freeze_ram_file(ram, size, "vm", state, {"name": "vm"})
+    assert not ram.exists() and base.counters.tables_written == 1
+    page_a, page_b = np.full(PAGE, 0xAB, np.uint8), np.full(PAGE, 0xCD, np.uint8)
+    data = np.stack([page_a, page_b, page_a, np.zeros(PAGE, np.uint8)])
+    state.write_bytes(b"child state")
+    with store.lock():
+        child = store.fork_pages(base, np.array([10, 11, 5000, 9000]), data, "vm-1", state, {})
+    c = child.counters
+    assert (c.pages_written, c.pages_stored, c.pages_deduplicated, c.pages_zero) == (4, 2, 1, 1)
+    assert c.metadata_copied == 4096
+    state.write_bytes(b"again")
+    with store.lock():
+        again = store.fork_pages(child, np.array([20]), page_b[None, :], "vm-1", state, {})
+    assert (again.counters.pages_stored, again.counters.pages_deduplicated) == (0, 1)
+    store.close()
+
+    reopened = Store(tmp_path / "store")  # what a restarted server sees
+    assert [s.name for s in reopened.snapshots()] == [base.name, child.name, again.name]
+    assert reopened.state_file(child.name).read_bytes() == b"child state"
+    snap = reopened.snapshot(again.name)
+    got = resolve(reopened.tables, snap.root, snap.levels, 0, size // PAGE)
+    assert got[9000] == 0 and got[10] == got[5000] and got[11] == got[20]
+    reopened.close()
+
+
+# ---- real VMs -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def origin(paths, guest):
+    if fuse_unavailable_reason():
+        pytest.skip(f"no FUSE here: {fuse_unavailable_reason()}")
+    vm = VM.start("origin", memory="256M", workload="idle", paths=paths)
+    vm.request(f"mark parent1 {MARK_MIB}", "HVKIT-MARKED parent1")
+    vm.wait_for_console(r"HVKIT-HEARTBEAT 2\b", timeout=60)
+    yield vm
+    for row in VM.list(paths):
+        if row.state != "dead":
+            VM.attach(row.name, paths).stop()
+    MemServer.of(paths).stop(force=True)
+
+
+def last_heartbeat(text: str) -> int:
+    return int(re.findall(r"HVKIT-HEARTBEAT (\d+)\n", text)[-1])
+
+
+def marks(vm: VM) -> list[str]:
+    answer = vm.request("marks", "HVKIT-MARKS")
+    return answer.split("HVKIT-MARKS", 1)[1].split()
+
+
+@needs_fuse
+def test_children_go_on_from_the_parents_exact_state(origin, paths):
+    origin.pause()  # so that its last heartbeat is the one the children go on from
+    before = last_heartbeat(origin.console())
+    report = fork("origin", 2, paths)
+    assert report.froze_ram_file and report.counters["tables_written"] == 1
+    assert [c.name for c in report.children] == ["origin-1", "origin-2"]
+    for child in report.children:
+        vm = VM.attach(child.name, paths)
+        first = int(vm.wait_for_console(r"HVKIT-HEARTBEAT (\d+)\n", timeout=30).group(1))
+        # the next beat after the parent's last one (or the one after, if the parent
+        # was paused in the middle of printing a line)
+        assert first in (before + 1, before + 2), (before, first)
+    parent = VM.attach("origin", paths)  # restarted in its own place from the snapshot
+    assert parent.run_state() == "running" and parent.spec.snapshot == report.snapshot
+    parent.wait_for_console(rf"HVKIT-HEARTBEAT {before + 2}\n", timeout=30)
+
+
+@needs_fuse
+def test_children_diverge_and_grandc1ildren_see_only_their_lineage(origin, paths):
+    c1, c2 = VM.attach("origin-1", paths), VM.attach("origin-2", paths)
+    c1.request(f"mark childA1 {MARK_MIB}", "HVKIT-MARKED childA1")
+    assert marks(c1) == ["childA1"]
+    assert marks(c2) == ["parent1"] and marks(VM.attach("origin", paths)) == ["parent1"]
+
+    report = fork("origin-1", 2, paths)
+    assert [c.name for c in report.children] == ["origin-1-1", "origin-1-2"]
+    g1, g2 = (VM.attach(c.name, paths) for c in report.children)
+    assert marks(g1) == ["childA1"]  # a grandc1ild starts from its parent's writes
+    g1.request(f"mark grandc1 {MARK_MIB}", "HVKIT-MARKED grandc1")
+    c2.request(f"mark childB2 {MARK_MIB}", "HVKIT-MARKED childB2")
+    assert marks(g1) == ["grandc1"]
+    assert marks(g2) == ["childA1"]
+    assert marks(c1) == ["childA1"]
+    assert marks(c2) == ["childB2"]
+    assert marks(VM.attach("origin", paths)) == ["parent1"]
+
+
+@needs_fuse
+def test_forking_a_forked_vm_costs_the_pages_it_wrote(origin, paths):
+    report = fork("origin-2", 1, paths)
+    c = report.counters
+    pages = origin.spec.memory // PAGE
+    assert not report.froze_ram_file
+    assert c["metadata_copied"] == 4096  # the top-level table, nothing else
+    assert c["pages_written"] == report.pages_written
+    # origin-2 overwrote MARK_MIB of pages and ran a while: far from all its memory
+    assert MARK_MIB * 256 <= report.pages_written < pages // 4
+    assert c["pages_stored"] + c["pages_deduplicated"] + c["pages_zero"] == report.pages_written
+    # only tables above written pages were written, not one per 2 MiB of memory
+    assert c["tables_written"] < pages // 512
+    assert VM.attach("origin-2", paths).run_state() == "running"
+    assert marks(VM.attach(report.children[0].name, paths)) == ["childB2"]
+
+
+@needs_fuse
+def test_vm_list_shows_pss_and_parent(origin, paths):
+    rows = {r.name: r for r in VM.list(paths)}
+    assert rows["origin-1-1"].parent == "origin-1" and rows["origin-1"].parent == "origin"
+    for name in ("origin", "origin-1", "origin-1-1"):
+        assert 0 < rows[name].pss < rows[name].memory + (256 << 20)
+    result = run_cli("vm", "list")
+    assert result.returncode == 0 and "PSS MiB" in result.stdout and "origin-1-1" in result.stdout
+
+
+def test_fork_refuses_bad_requests_in_one_line(paths):
+    for args, says in [(["fork", "no-such-vm"], "no VM named"),
+                       (["fork"], "give either a VM"),
+                       (["fork", "--snapshot", "9999-none", "-n", "1"], "no snapshot named")]:
+        result = run_cli(*args)
+        assert result.returncode == 1, result
+        assert says in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+@needs_fuse
+def test_child_stops_when_its_server_is_gone_and_a_restarted_server_serves_new_ones(origin, paths):
+    server = MemServer.of(paths)
+    store = server.store()
+    snapshot = next(s for s in store.snapshots() if s.vm == "origin-1")
+    store.close()
+    qemu = VM.attach("origin-1-2", paths).pid
+    os.kill(server.pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(VMDied, match="memory server .* is gone"):
+        VM.attach("origin-1-2", paths)
+    assert not _running(qemu), "the child's QEMU is still running"
+    result = run_cli("vm", "list")  # every other VM of that server is reported the same way
+    assert result.returncode == 0 and "origin-1-1 is dead (its memory server" in result.stdout
+
+    assert run_cli("memserver", "start").returncode == 0
+    result = run_cli("fork", "--snapshot", snapshot.name, "-n", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    name = re.search(r'"name": "([^"]+)"', result.stdout).group(1)
+    reborn = VM.attach(name, paths)
+    assert marks(reborn) == ["childA1"]  # the same snapshot, served again
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, not yet reaped by this test process, does not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
