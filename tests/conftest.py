@@ -18,6 +18,7 @@ import pytest
 
 from hvkit.config import Paths
 from hvkit.guest import build_default_guest
+from hvkit.memserver import MemServer
 from hvkit.qemu import VM
 
 
@@ -42,6 +43,9 @@ def paths() -> Paths:
     for row in VM.list(p):  # listing also cleans up dead ones
         if row.state != "dead":
             VM.attach(row.name, p).stop()
+    MemServer.of(p).stop(force=True)  # the fork tests' memory server, if one runs
+    assert not any(f" {runtime}/" in m for m in Path("/proc/mounts").read_text().splitlines()), \
+        "a FUSE mount was left behind"
     leftovers = _qemus_of(runtime)
     for pid in leftovers:
         os.kill(pid, 9)

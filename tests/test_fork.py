@@ -127,6 +127,10 @@ def test_children_go_on_from_the_parents_exact_state(origin, paths):
     before = last_heartbeat(origin.console())
     report = fork("origin", 2, paths)
     assert report.froze_ram_file and report.counters["tables_written"] == 1
+    # its free pages were found from its kernel and punched out of the frozen file (the
+    # children keep running on it: the later tests use them)
+    assert report.free_pages_note == "" and report.free_pages > 1000
+    assert 0 < report.free_pages_given_back <= report.free_pages
     assert [c.name for c in report.children] == ["origin-1", "origin-2"]
     for child in report.children:
         vm = VM.attach(child.name, paths)

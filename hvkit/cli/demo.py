@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from typing import Callable
 
@@ -16,10 +17,12 @@ import click
 from hvkit.cli.hv import demo_hypercalls
 from hvkit.cli.output import console, json_option, print_json, status_console
 from hvkit.config import Paths
+from hvkit.fork import fork
 from hvkit.guest import build_default_guest
 from hvkit.introspect import PageClass, classify, list_tasks
 from hvkit.memory import PAGE_SIZE
 from hvkit.introspect.source import open_guest
+from hvkit.memserver import MemServer
 from hvkit.qemu import VM
 from hvkit.share import share_once
 from hvkit.units import mib
@@ -134,17 +137,44 @@ def demo(memory: str, as_json: bool) -> None:
 
         step("share its free pages with the host", give_back)
 
+        server = MemServer.of(paths)
+        server_was_there = server.store_path.exists()
+
+        def fork_it() -> str:
+            beat = _last_heartbeat(machine)
+            try:
+                report = fork(machine.name, 2, paths)
+            finally:  # it runs on in its own place (a new QEMU), even if the fork failed
+                vm["vm"] = VM.attach(machine.name, paths)
+            kids = [VM.attach(c.name, paths) for c in report.children]
+            vm["children"] = kids
+            beats = [_wait_heartbeats(k, 1) for k in kids]
+            rows = {r.name: r for r in VM.list(paths)}
+            times = ", ".join(f"{c.name} {c.seconds * 1000:.0f} ms" for c in report.children)
+            pss = ", ".join(f"{k.name} {mib(rows[k.name].pss):.0f}" for k in kids)
+            return (f"snapshot {report.snapshot} without copying its RAM; children running after {times}; "
+                    f"their heartbeats go on from {beat} ({', '.join(map(str, beats))}); "
+                    f"PSS MiB: {pss}")
+
+        step("fork it into 2 children (memory server)", fork_it)
+
         def stop() -> str:
-            pid, folder = machine.pid, machine.rundir.path
-            machine.stop()
-            left = [str(folder)] if folder.exists() else []
-            left += [f"pid {pid}"] if os.path.exists(f"/proc/{pid}") and machine.is_alive() else []
+            left = []
+            for one in [vm["vm"], *vm.get("children", [])]:
+                pid, folder = one.pid, one.rundir.path
+                one.stop()
+                left += [str(folder)] if folder.exists() else []
+                left += [f"pid {pid}"] if one.is_alive() else []
+            if not server_was_there:  # the demo started the memory server: it goes too
+                server.stop()
+                shutil.rmtree(server.root, ignore_errors=True)
             return "stopped, nothing left behind" if not left else f"left behind: {', '.join(left)}"
 
-        step("stop it", stop)
+        step("stop it and its children", stop)
     finally:
-        if "vm" in vm and vm["vm"].is_alive():
-            vm["vm"].stop()
+        for one in [vm.get("vm"), *vm.get("children", [])]:
+            if one is not None and one.is_alive():
+                one.stop()
     step("run hypercalls on hvkit's own hypervisor (/dev/kvm)", lambda: demo_hypercalls(paths))
     total = sum(s["seconds"] for s in steps)
     if as_json:

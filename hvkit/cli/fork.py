@@ -25,11 +25,15 @@ def _print_child(child: ChildStarted) -> None:
 @click.argument("vm", required=False)
 @click.option("-n", "--children", "n", type=int, default=1, show_default=True, help="How many children.")
 @click.option("--paused", "stay_paused", is_flag=True, help="Leave VM paused after the fork.")
+@click.option("--keep-free", is_flag=True,
+              help="Keep the guest's free pages in the snapshot (by default, at a VM's first fork, "
+                   "they are found from its kernel's structures and given back to the host).")
 @click.option("--snapshot", metavar="NAME",
               help="Start children from this stored snapshot instead of forking a VM "
                    "(see 'hvkit memserver status').")
 @json_option
-def fork(vm: str | None, n: int, stay_paused: bool, snapshot: str | None, as_json: bool) -> None:
+def fork(vm: str | None, n: int, stay_paused: bool, keep_free: bool, snapshot: str | None,
+         as_json: bool) -> None:
     """Fork running VM into N children named VM-1 ... VM-N.
 
     The VM is paused, its device state saved and its memory snapshotted on hvkit's
@@ -43,7 +47,8 @@ def fork(vm: str | None, n: int, stay_paused: bool, snapshot: str | None, as_jso
     if snapshot:
         _children_of_snapshot(snapshot, n, as_json)
         return
-    report = fork_vm(vm, n, stay_paused=stay_paused, on_child=None if as_json else _print_child)
+    report = fork_vm(vm, n, stay_paused=stay_paused, on_child=None if as_json else _print_child,
+                     give_back_free=not keep_free)
     if as_json:
         print_json(report.to_json())
         return
@@ -59,6 +64,10 @@ def fork(vm: str | None, n: int, stay_paused: bool, snapshot: str | None, as_jso
     console().print(f"first child running {min(ch.seconds for ch in report.children) * 1000:.0f} ms after "
                     f"the request, last {max(ch.seconds for ch in report.children) * 1000:.0f} ms; "
                     f"{report.vm} is {report.vm_state}")
+    if report.froze_ram_file and not keep_free:
+        console().print(report.free_pages_note or
+                        f"{report.free_pages_given_back} of the guest's {report.free_pages} free pages "
+                        f"({mib(report.free_pages_given_back * 4096):.0f} MiB) given back: they read as zeros")
 
 
 def _children_of_snapshot(name: str, n: int, as_json: bool) -> None:

@@ -11,6 +11,8 @@
                -> the VM goes on: a VM with a RAM file is restarted in its own place
                   from the snapshot (its RAM file is the snapshot now); a forked VM
                   simply runs on. Unless told to stay paused.
+               -> a frozen RAM file's free pages (found by identify) become holes:
+                  they read as the zero frame, and the host holds nothing for them
 
 Children are named <vm>-1, <vm>-2, ... (the next free numbers).
 """
@@ -32,6 +34,7 @@ from hvkit.fork.written import written_pages
 from hvkit.memserver import MemServer, Snapshot, Store
 from hvkit.qemu import VM
 from hvkit.qemu.runtime import check_name
+from hvkit.share.sharer import give_back_free_pages_of_file
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,9 @@ class ForkReport:
     counters: dict = field(default_factory=dict)
     children: list[ChildStarted] = field(default_factory=list)
     server_pid: int = 0
+    free_pages: int = 0  # a frozen RAM file: pages on the guest's free lists at the fork
+    free_pages_given_back: int = 0  # of those, pages punched out of it (read as the zero frame)
+    free_pages_note: str = ""  # why free pages were kept, if they were
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -95,8 +101,11 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
         return done
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            return list(pool.map(one, names))
+        # the first child alone, so that it does not wait for the CPU behind the
+        # others' QEMU start-up; then all the others at once
+        first = [one(names[0])] if names else []
+        with ThreadPoolExecutor(max_workers=max(1, len(names) - 1)) as pool:
+            return first + list(pool.map(one, names[1:]))
     except BaseException:
         for vm in started:
             vm.stop()
@@ -104,8 +113,9 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
 
 
 def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = False,
-         on_child: ChildCallback | None = None) -> ForkReport:
-    """Forks running VM `name` into `n` children; see the module comment."""
+         on_child: ChildCallback | None = None, give_back_free: bool = True) -> ForkReport:
+    """Forks running VM `name` into `n` children; see the module comment. With
+    `give_back_free`, a frozen RAM file's free pages are then punched out of it."""
     paths = paths or Paths.from_env()
     t0 = time.monotonic()
     if not 1 <= n <= 64:
@@ -124,7 +134,8 @@ def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = Fals
             vm.pause()
         paused_at = time.monotonic()
         if vm.spec.ram == "file":
-            report = _fork_ram_file(vm, store, server, server_pid, names, paths, t0, stay_paused, on_child)
+            report = _fork_ram_file(vm, store, server, server_pid, names, paths, t0, stay_paused, on_child,
+                                    give_back_free)
         else:
             report = _fork_forked(vm, store, server, server_pid, names, paths, t0,
                                   stay_paused or not was_running, on_child)
@@ -144,7 +155,7 @@ def _save_state(vm: VM, store: Store) -> Path:
 
 def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, names: list[str],
                    paths: Paths, t0: float, stay_paused: bool,
-                   on_child: ChildCallback | None) -> ForkReport:
+                   on_child: ChildCallback | None, give_back_free: bool) -> ForkReport:
     t_pause = time.monotonic()
     try:
         state = _save_state(vm, store)
@@ -161,7 +172,22 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
         # whatever happened to the children, the VM comes back, in its own place,
         # from the snapshot its RAM file became
         report.vm_state = _restart_in_place(vm, snap, server, server_pid, paths, run=not stay_paused)
+    if give_back_free:
+        _give_back_free_pages(report, store, snap, Path(vm.spec.kernel), paths)
     return report
+
+
+def _give_back_free_pages(report: ForkReport, store: Store, snap: Snapshot, kernel: Path, paths: Paths) -> None:
+    """Free pages of the frozen RAM file become holes: they read as the zero frame and
+    the host holds nothing for them. Done after the children run (it reads the page
+    array of the whole guest: it grows with memory size). A free page's content does not
+    matter to the guest; a guest where it does (page poisoning) is left as it is."""
+    try:
+        report.free_pages, report.free_pages_given_back = give_back_free_pages_of_file(
+            store.frozen_ram_file(snap), kernel, paths)
+    except HvkitError as e:
+        report.free_pages_note = f"free pages kept: {e}"
+        log.warning("%s", report.free_pages_note)
 
 
 def _restart_in_place(vm: VM, snap: Snapshot, server: MemServer, server_pid: int, paths: Paths,

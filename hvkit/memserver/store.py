@@ -28,8 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from hvkit.errors import HvkitError
-from hvkit.memserver.table import (FANOUT, FRAMES, KIND_SHIFT, TableFile, TableWriter,
-                                   frames_entry, levels_for, table_entry)
+from hvkit.memserver.table import (FANOUT, FILE_MASK, FILE_SHIFT, FRAMES, KIND_SHIFT, TableFile,
+                                   TableWriter, frames_entry, levels_for, table_entry)
 
 PAGE = 4096
 SNAPSHOT_SUFFIX = ".ram"
@@ -127,6 +127,13 @@ class Store:
         except KeyError:
             raise HvkitError(f"the memory server's store {self.path} has no frame file {file_id}",
                              "start over with 'hvkit memserver clear'") from None
+
+    def frozen_ram_file(self, snap: Snapshot) -> Path:
+        """The frozen RAM file under a snapshot made by freeze_ram_file."""
+        first = int(self.tables.table(snap.root)[0])
+        if first >> KIND_SHIFT != FRAMES:
+            raise HvkitError(f"snapshot {snap.name} was not made from a RAM file")
+        return self.frame_file((first >> FILE_SHIFT) & FILE_MASK)
 
     def _snapshot_json(self, name: str) -> Path:
         return self.path / "snapshots" / f"{name}.json"

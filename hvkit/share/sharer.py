@@ -147,16 +147,7 @@ class Sharer:
     def _cycle(self, dry_run: bool, max_pause: float) -> "_Cycle":
         """One pause: identify, give back until the pause budget runs out, resume."""
         with open_guest(self.vm.name, paths=self.paths, knowledge=self.knowledge) as guest:
-            ks, layout = guest.kernel, guest.layout
-            check_guest(ks, layout)
-            pm = classify(ks, layout)
-            free = pm.classes == PageClass.FREE
-            counted = kernel_free_pages(ks, layout)
-            if free.sum() > counted * (1 + FREE_COUNT_SLACK) + FREE_COUNT_SLACK_PAGES:
-                raise ShareRefused(f"hvkit finds {int(free.sum())} free pages but the guest kernel counts "
-                                   f"{counted}; nothing was given back",
-                                   "the guest's memory is inconsistent (or lies)")
-            release = free & guest.memory.backed(pm.pages)
+            free, release = free_pages_to_release(guest)
             starts, lengths = _runs(release)
             punched = 0
             if not dry_run and starts.size:
@@ -164,6 +155,32 @@ class Sharer:
                 deadline = guest.paused_at + 0.9 * max_pause if guest.paused_at is not None else None
                 punched = guest.memory.discard(starts, lengths, deadline)
         return _Cycle(int(free.sum()), int(release.sum()), int(starts.size), punched, guest.paused_for)
+
+
+def free_pages_to_release(guest) -> tuple[np.ndarray, np.ndarray]:
+    """(free, release): per page frame of `guest` (an open_guest Guest), whether it is on
+    the guest's free lists, and whether it is free and the host holds memory for it.
+    Refuses a guest that poisons free pages or whose free count disagrees with hvkit's."""
+    ks, layout = guest.kernel, guest.layout
+    check_guest(ks, layout)
+    pm = classify(ks, layout)
+    free = pm.classes == PageClass.FREE
+    counted = kernel_free_pages(ks, layout)
+    if free.sum() > counted * (1 + FREE_COUNT_SLACK) + FREE_COUNT_SLACK_PAGES:
+        raise ShareRefused(f"hvkit finds {int(free.sum())} free pages but the guest kernel counts "
+                           f"{counted}; nothing was given back",
+                           "the guest's memory is inconsistent (or lies)")
+    return free, free & guest.memory.backed(pm.pages)
+
+
+def give_back_free_pages_of_file(ram: Path, kernel: Path, paths: Paths | None = None) -> tuple[int, int]:
+    """Punches the free pages of a frozen guest RAM file (nothing runs from it
+    directly: a memory-server snapshot) into holes; (free pages, pages given back)."""
+    with open_guest(str(ram), kernel=kernel, paths=paths) as guest:
+        free, release = free_pages_to_release(guest)
+        starts, lengths = _runs(release)
+        given = guest.memory.discard(starts, lengths) if starts.size else 0
+    return int(free.sum()), int(given)
 
 
 def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False,
