@@ -77,7 +77,7 @@ def test_qemu_error_while_starting_is_shown(paths):
 def test_every_command_has_help():
     for args in (["--help"], ["vm", "--help"], ["vm", "start", "--help"], ["vm", "list", "--help"],
                  ["vm", "log", "--help"], ["vm", "groundtruth", "--help"], ["guest", "build", "--help"],
-                 ["demo", "--help"]):
+                 ["demo", "--help"], ["fork", "--help"], ["memserver", "status", "--help"]):
         proc = run_cli(*args)
         assert proc.returncode == 0 and "Usage:" in proc.stdout, (args, proc.stderr)
 
@@ -87,4 +87,5 @@ def test_demo_runs_on_the_default_guest(paths):
     assert proc.returncode == 0, proc.stderr
     steps = {s["step"]: s["result"] for s in json.loads(proc.stdout)["steps"]}
     assert "ready" in steps["boot the guest"]
-    assert steps["stop it"] == "stopped, nothing left behind"
+    assert "children running after" in steps["fork it into 2 children (memory server)"]
+    assert steps["stop it and its children"] == "stopped, nothing left behind"
