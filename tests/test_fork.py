@@ -139,7 +139,9 @@ def test_children_go_on_from_the_parents_exact_state(origin, paths):
         # was paused in the middle of printing a line)
         assert first in (before + 1, before + 2), (before, first)
     parent = VM.attach("origin", paths)  # restarted in its own place from the snapshot
-    assert parent.run_state() == "running" and parent.spec.snapshot == report.snapshot
+    assert parent.run_state() == "paused", "a VM paused before its fork stays paused"
+    assert report.vm_state == "paused" and parent.spec.snapshot == report.snapshot
+    parent.resume()
     parent.wait_for_console(rf"HVKIT-HEARTBEAT {before + 2}\n", timeout=30)
 
 

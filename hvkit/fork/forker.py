@@ -114,8 +114,9 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
 
 def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = False,
          on_child: ChildCallback | None = None, give_back_free: bool = True) -> ForkReport:
-    """Forks running VM `name` into `n` children; see the module comment. With
-    `give_back_free`, a frozen RAM file's free pages are then punched out of it."""
+    """Forks VM `name` into `n` children; see the module comment. The VM then runs
+    again if it ran before, unless `stay_paused`. With `give_back_free`, a frozen RAM
+    file's free pages are then punched out of it."""
     paths = paths or Paths.from_env()
     t0 = time.monotonic()
     if not 1 <= n <= 64:
@@ -134,11 +135,11 @@ def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = Fals
             vm.pause()
         paused_at = time.monotonic()
         if vm.spec.ram == "file":
-            report = _fork_ram_file(vm, store, server, server_pid, names, paths, t0, stay_paused, on_child,
-                                    give_back_free)
+            report = _fork_ram_file(vm, store, server, server_pid, names, paths, t0,
+                                    was_running and not stay_paused, on_child, give_back_free)
         else:
             report = _fork_forked(vm, store, server, server_pid, names, paths, t0,
-                                  stay_paused or not was_running, on_child)
+                                  was_running and not stay_paused, on_child)
         report.parent_paused_seconds = time.monotonic() - paused_at if report.vm_state == "running" else 0.0
         report.server_pid = server_pid
         return report
@@ -154,7 +155,7 @@ def _save_state(vm: VM, store: Store) -> Path:
 
 
 def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, names: list[str],
-                   paths: Paths, t0: float, stay_paused: bool,
+                   paths: Paths, t0: float, run_after: bool,
                    on_child: ChildCallback | None, give_back_free: bool) -> ForkReport:
     t_pause = time.monotonic()
     try:
@@ -162,7 +163,8 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
         with store.lock():
             snap = store.freeze_ram_file(vm.ram_path, vm.spec.memory, vm.name, state, asdict(vm.spec))
     except BaseException:
-        vm.resume()  # nothing was frozen: the VM goes on as it was
+        if run_after:
+            vm.resume()  # nothing was frozen: the VM goes on as it was
         raise
     snapshot_seconds = time.monotonic() - t_pause
     report = ForkReport(vm.name, snap.name, len(names), True, 0, snapshot_seconds, 0.0, "", asdict(snap.counters))
@@ -171,7 +173,7 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     finally:
         # whatever happened to the children, the VM comes back, in its own place,
         # from the snapshot its RAM file became
-        report.vm_state = _restart_in_place(vm, snap, server, server_pid, paths, run=not stay_paused)
+        report.vm_state = _restart_in_place(vm, snap, server, server_pid, paths, run=run_after)
     if give_back_free:
         _give_back_free_pages(report, store, snap, Path(vm.spec.kernel), paths)
     return report
@@ -204,7 +206,7 @@ def _restart_in_place(vm: VM, snap: Snapshot, server: MemServer, server_pid: int
 
 
 def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names: list[str],
-                 paths: Paths, t0: float, stay_paused: bool,
+                 paths: Paths, t0: float, run_after: bool,
                  on_child: ChildCallback | None) -> ForkReport:
     t_pause = time.monotonic()
     try:
@@ -219,7 +221,7 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
                             asdict(snap.counters))
         report.children = start_children(snap, names, server, server_pid, vm.name, paths, t0, on_child)
     finally:
-        if not stay_paused and vm.is_alive():
+        if run_after and vm.is_alive():
             vm.resume()  # it runs on from its own memory, untouched by the fork
     report.vm_state = vm.run_state()
     return report

@@ -131,7 +131,12 @@ class MemServer:
         """Unmounts and ends the server. Refused while VMs still map its snapshots
         unless `force` (they then stop at their next read of it)."""
         pid = self.pid()
-        if not self._unmount(lazy=False):
+        # a QEMU that just exited may hold its RAM file open for a moment longer (its
+        # files close after /proc stops showing its command line): try for a while
+        deadline = time.monotonic() + 3.0
+        while not (unmounted := self._unmount(lazy=False)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not unmounted:
             if not force:
                 raise HvkitError("the memory server is in use: VMs still run from its snapshots",
                                  "stop them first ('hvkit vm stop'), or pass --force")
