@@ -86,7 +86,7 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
                    on_child: ChildCallback | None = None) -> list[ChildStarted]:
     """Starts one VM per name from `snapshot`, all at once; each as soon as it can.
     If one fails, the others are stopped too."""
-    state = server.store_path / "snapshots" / f"{snapshot.name}.state"
+    state = server.state_file(snapshot.name)
     ram_file = server.snapshot_file(snapshot.name)
     started: list[VM] = []
 
@@ -201,7 +201,7 @@ def _restart_in_place(vm: VM, snap: Snapshot, server: MemServer, server_pid: int
         vm.stop()
         again = VM.launch_from_snapshot(vm.name, snap.machine, snap.name, server.snapshot_file(snap.name),
                                         server_pid, vm.spec.parent, paths, console_from=console)
-    again.receive_state(server.store_path / "snapshots" / f"{snap.name}.state", run=run)
+    again.receive_state(server.state_file(snap.name), run=run)
     return again.run_state()
 
 

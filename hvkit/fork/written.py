@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from hvkit.errors import HvkitError
+from hvkit.memory import PAGE_SIZE
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 PRESENT, SWAPPED, FILE_OR_SHARED = 1 << 63, 1 << 62, 1 << 61
 
 

@@ -24,19 +24,13 @@ from pathlib import Path
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.memserver.server import STATS
-from hvkit.memserver.store import Store
+from hvkit.memserver.store import SNAPSHOT_SUFFIX, Store, state_file
+from hvkit.procs import process_runs
 
 
 def memserver_alive(pid: int | None) -> bool:
     """Whether `pid` is a live memory server process."""
-    if not pid:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X") and b"hvkit.memserver.server" in cmdline
+    return process_runs(pid, b"hvkit.memserver.server")
 
 
 def fuse_unavailable_reason() -> str | None:
@@ -76,7 +70,11 @@ class MemServer:
         return pid if memserver_alive(pid) else None
 
     def snapshot_file(self, name: str) -> Path:
-        return self.mount / f"{name}.ram"
+        return self.mount / f"{name}{SNAPSHOT_SUFFIX}"
+
+    def state_file(self, name: str) -> Path:
+        """The device state saved with snapshot `name`."""
+        return state_file(self.store_path, name)
 
     def store(self) -> Store:
         return Store(self.store_path)

@@ -103,8 +103,7 @@ class SnapshotFS:
                     st_mtime=snap.created, st_ctime=snap.created, st_atime=snap.created)
 
     def readdir(self, path, fh):
-        names = sorted(p.stem + SNAPSHOT_SUFFIX for p in (self.store.path / "snapshots").glob("*.json"))
-        return [".", "..", STATS, *names]
+        return [".", "..", STATS, *(n + SNAPSHOT_SUFFIX for n in self.store.snapshot_names())]
 
     def open(self, path, fi):
         fuse = _fuse()

@@ -28,10 +28,11 @@ from typing import Iterator
 import numpy as np
 
 from hvkit.errors import HvkitError
+from hvkit.memory import PAGE_SIZE
 from hvkit.memserver.table import (FANOUT, FILE_MASK, FILE_SHIFT, FRAMES, KIND_SHIFT, TableFile,
                                    TableWriter, frames_entry, levels_for, table_entry)
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 SNAPSHOT_SUFFIX = ".ram"
 # Odd multipliers of a per-page hash (a dot product of its 512 words); a match is
 # always confirmed byte for byte, so this only has to spread well.
@@ -83,6 +84,11 @@ class Snapshot:
         return cls(**d)
 
 
+def state_file(store: Path, name: str) -> Path:
+    """Where the store at `store` keeps the device state of snapshot `name`."""
+    return store / "snapshots" / f"{name}.state"
+
+
 def page_hashes(data: np.ndarray) -> np.ndarray:
     """One u64 per page of `data` ((n, 4096) bytes)."""
     return (data.view("<u8").reshape(len(data), 512) * _HASH_K).sum(axis=1, dtype=np.uint64)
@@ -111,12 +117,15 @@ class Store:
             raise HvkitError(f"snapshot {name!r} in {self.path} is damaged ({e})",
                              "start over with 'hvkit memserver clear'") from None
 
+    def snapshot_names(self) -> list[str]:
+        """Names of the sealed snapshots, oldest first."""
+        return sorted(p.stem for p in (self.path / "snapshots").glob("*.json"))
+
     def snapshots(self) -> list[Snapshot]:
-        names = sorted(p.stem for p in (self.path / "snapshots").glob("*.json"))
-        return [self.snapshot(n) for n in names]
+        return [self.snapshot(n) for n in self.snapshot_names()]
 
     def state_file(self, name: str) -> Path:
-        return self.path / "snapshots" / f"{name}.state"
+        return state_file(self.path, name)
 
     def frame_file(self, file_id: int) -> Path:
         """The file holding frames of `file_id` (files.json is read again for a new id)."""
@@ -166,7 +175,7 @@ class Store:
         return file_id, self.path / "frames" / files[file_id]
 
     def _new_name(self, vm: str) -> str:
-        taken = [p.stem for p in (self.path / "snapshots").glob("*.json")]
+        taken = self.snapshot_names()
         seq = 1 + max((int(n.split("-", 1)[0]) for n in taken if n.split("-", 1)[0].isdigit()), default=0)
         return f"{seq:04d}-{vm}"
 

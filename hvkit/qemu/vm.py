@@ -29,6 +29,7 @@ from hvkit.guest import GroundTruth, Workload, build_default_guest, parse_ground
 from hvkit.kernel import read_kernel_image
 from hvkit.memory import RamFileMemory
 from hvkit.memserver.daemon import memserver_alive
+from hvkit.procs import process_runs
 from hvkit.qemu.accel import ACCELS, best_accel
 from hvkit.qemu.qmp import qmp
 from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name
@@ -94,17 +95,6 @@ def _check_memory(memory: str | int) -> int:
         raise HvkitError(f"memory size {format_size(size)} is more than this host has "
                          f"({format_size(_host_memory_bytes() // MiB * MiB)})")
     return size
-
-
-def _pid_runs_in(pid: int, rundir: RuntimeDir) -> bool:
-    """Whether `pid` is a live (not zombie) QEMU of this runtime folder: a pid that was
-    reused by another process does not count."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X") and str(rundir.path).encode() in cmdline
 
 
 @dataclass(frozen=True)
@@ -421,7 +411,7 @@ class VM:
     def _qemu_alive(self) -> bool:
         if self._process is not None:  # our own child: its pid cannot have been reused
             return self._process.poll() is None
-        return self.pid is not None and _pid_runs_in(self.pid, self.rundir)
+        return process_runs(self.pid, str(self.rundir.path).encode())  # a QEMU of this folder
 
     def is_alive(self) -> bool:
         alive = self._qemu_alive()
