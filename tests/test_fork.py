@@ -96,6 +96,17 @@ def test_store_keeps_each_frame_once_and_survives_reopening(tmp_path):
     reopened.close()
 
 
+def test_fork_refuses_bad_requests_in_one_line(paths):
+    for args, says in [(["fork", "no-such-vm"], "no VM named"),
+                       (["fork"], "give either a VM"),
+                       (["fork", "--snapshot", "9999-none", "-n", "1"], "no snapshot named")]:
+        result = run_cli(*args)
+        assert result.returncode == 1, result
+        assert says in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert MemServer.of(paths).pid() is None, f"{args} left a memory server running"
+
+
 # ---- real VMs -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -146,7 +157,7 @@ def test_children_go_on_from_the_parents_exact_state(origin, paths):
 
 
 @needs_fuse
-def test_children_diverge_and_grandc1ildren_see_only_their_lineage(origin, paths):
+def test_children_diverge_and_grandchildren_see_only_their_lineage(origin, paths):
     c1, c2 = VM.attach("origin-1", paths), VM.attach("origin-2", paths)
     c1.request(f"mark childA1 {MARK_MIB}", "HVKIT-MARKED childA1")
     assert marks(c1) == ["childA1"]
@@ -155,7 +166,7 @@ def test_children_diverge_and_grandc1ildren_see_only_their_lineage(origin, paths
     report = fork("origin-1", 2, paths)
     assert [c.name for c in report.children] == ["origin-1-1", "origin-1-2"]
     g1, g2 = (VM.attach(c.name, paths) for c in report.children)
-    assert marks(g1) == ["childA1"]  # a grandc1ild starts from its parent's writes
+    assert marks(g1) == ["childA1"]  # a grandchild starts from its parent's writes
     g1.request(f"mark grandc1 {MARK_MIB}", "HVKIT-MARKED grandc1")
     c2.request(f"mark childB2 {MARK_MIB}", "HVKIT-MARKED childB2")
     assert marks(g1) == ["grandc1"]
@@ -190,16 +201,6 @@ def test_vm_list_shows_pss_and_parent(origin, paths):
         assert 0 < rows[name].pss < rows[name].memory + (256 << 20)
     result = run_cli("vm", "list")
     assert result.returncode == 0 and "PSS MiB" in result.stdout and "origin-1-1" in result.stdout
-
-
-def test_fork_refuses_bad_requests_in_one_line(paths):
-    for args, says in [(["fork", "no-such-vm"], "no VM named"),
-                       (["fork"], "give either a VM"),
-                       (["fork", "--snapshot", "9999-none", "-n", "1"], "no snapshot named")]:
-        result = run_cli(*args)
-        assert result.returncode == 1, result
-        assert says in result.stderr and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
 
 
 @needs_fuse

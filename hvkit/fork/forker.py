@@ -72,6 +72,8 @@ ChildCallback = Callable[[ChildStarted], None]
 
 def child_names(prefix: str, n: int, paths: Paths) -> list[str]:
     """The next `n` free names <prefix>-1, <prefix>-2, ..."""
+    if not 1 <= n <= 64:
+        raise HvkitError(f"invalid number of children {n}", "give 1 to 64")
     names, k = [], 1
     while len(names) < n:
         name = f"{prefix}-{k}"
@@ -119,8 +121,6 @@ def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = Fals
     file's free pages are then punched out of it."""
     paths = paths or Paths.from_env()
     t0 = time.monotonic()
-    if not 1 <= n <= 64:
-        raise HvkitError(f"invalid number of children {n}", "give 1 to 64")
     vm = VM.attach(name, paths)
     if vm.spec.ram not in ("file", "snapshot"):
         raise HvkitError(f"VM {name!r} keeps its RAM inside QEMU (ram={vm.spec.ram!r}); hvkit forks "
