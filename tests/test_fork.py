@@ -65,14 +65,18 @@ def test_tables_copy_the_top_level_and_replicate_only_under_writes(tmp_path):
 
 def test_store_keeps_each_frame_once_and_survives_reopening(tmp_path):
     store = Store(tmp_path / "store")
-    ram = tmp_path / "store" / "ram"
+    ram = store.frozen_path("fork-1")  # where a fork moves a VM's RAM file
     size = 64 << 20
     content = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
     content.tofile(ram)
-    (state := tmp_path / "state").write_bytes(b"device state")
+    (state := store.staged_state("fork-1")).write_bytes(b"device state")
     with store.lock():
-        base = store.freeze_ram_file(ram, size, "vm", state, {"name": "vm"})
-    assert not ram.exists() and base.counters.tables_written == 1
+        base = store.freeze_ram_file(ram, size, "vm", state, {"name": "vm"}, "fork-1")
+    assert store.frozen_ram_file(base) == ram and base.counters.tables_written == 1
+    assert not state.exists() and store.state_file(base.name).read_bytes() == b"device state"
+    with store.lock():  # sealing the same fork again (its recovery) finds the same snapshot
+        assert store.freeze_ram_file(ram, size, "vm", state, {"name": "vm"}, "fork-1").name == base.name
+    state = tmp_path / "state"
     page_a, page_b = np.full(PAGE, 0xAB, np.uint8), np.full(PAGE, 0xCD, np.uint8)
     data = np.stack([page_a, page_b, page_a, np.zeros(PAGE, np.uint8)])
     state.write_bytes(b"child state")

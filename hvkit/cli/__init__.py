@@ -10,6 +10,7 @@ import click
 
 from hvkit import __version__
 from hvkit.errors import HvkitError
+from hvkit.signals import Terminated, terminate_as_interrupt
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,17 +46,24 @@ _register()
 
 
 def main() -> None:
+    terminate_as_interrupt()  # SIGTERM cleans up as Ctrl-C does
     try:
         cli.main(standalone_mode=False)
     except HvkitError as e:
         click.echo(f"hvkit: error: {e}", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click's wrapping of KeyboardInterrupt
+        if isinstance(e.__cause__, Terminated):
+            click.echo("hvkit: terminated", err=True)
+            sys.exit(143)
         click.echo("hvkit: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except Terminated:
+        click.echo("hvkit: terminated", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("hvkit: interrupted", err=True)
         sys.exit(130)

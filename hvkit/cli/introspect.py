@@ -33,7 +33,7 @@ def ps(source: str, kernel: Path | None, headers: Path | None, as_json: bool) ->
     against the headers of the guest's exact kernel; no agent runs in the guest.
     """
     with status_console().status("reading the guest"):
-        with open_guest(source, kernel, headers) as guest:
+        with open_guest(source, kernel, headers, op="ps") as guest:
             walk = list_tasks(guest.kernel, guest.layout)
     if as_json:
         print_json({"processes": [t.__dict__ for t in walk.tasks], "errors": walk.errors,

@@ -9,6 +9,7 @@ import time
 
 import click
 
+from hvkit.errors import HvkitError
 from hvkit.cli.output import console, json_option, print_json, print_table, status_console
 from hvkit.qemu import VM
 from hvkit.share import Sharer, ShareResult, share_once
@@ -61,34 +62,35 @@ def share(vm_name: str, dry_run: bool, watch: float | None, max_pause: float, as
     _watch(vm, watch, dry_run, max_pause, as_json)
 
 
-def _stop_watching(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def _watch(vm: VM, period: float, dry_run: bool, max_pause: float, as_json: bool) -> None:
-    """Shares every `period` seconds until Ctrl-C (or SIGTERM). One that arrives during a
-    cycle still resumes the VM (open_guest's finally); the summary is printed either way."""
+    """Shares every `period` seconds until Ctrl-C (or SIGTERM). A signal only asks the
+    loop to end: the cycle under way finishes (its VM runs again), then the summary."""
     start, cycles, total, worst_pause = time.monotonic(), 0, 0, 0.0
     status = status_console()
     sharer = Sharer(vm)
-    signal.signal(signal.SIGTERM, _stop_watching)
-    try:
-        with status.status("starting") as line:
-            while True:
-                r = sharer.share(dry_run=dry_run, max_pause=max_pause)
-                cycles += 1
-                total += r.released_bytes
-                worst_pause = max(worst_pause, r.paused_s)
-                if as_json:
-                    sys.stdout.write(json.dumps({"t": round(time.monotonic() - start, 3), **r.to_json()}) + "\n")
-                    sys.stdout.flush()
-                line.update(f"{vm.name}: cycle {cycles}, host holds {mib(r.host_after):.1f} MiB; "
-                            f"given back {mib(total):.1f} MiB in all; last pause {r.paused_s * 1000:.0f} ms "
-                            "(Ctrl-C stops)")
-                time.sleep(max(0.0, period - r.seconds))
-    except KeyboardInterrupt:
-        pass
+    asked: list[int] = []
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: asked.append(signum))
+    with status.status("starting") as line:
+        while not asked:
+            r = sharer.share(dry_run=dry_run, max_pause=max_pause)
+            cycles += 1
+            total += r.released_bytes
+            worst_pause = max(worst_pause, r.paused_s)
+            if as_json:
+                sys.stdout.write(json.dumps({"t": round(time.monotonic() - start, 3), **r.to_json()}) + "\n")
+                sys.stdout.flush()
+            line.update(f"{vm.name}: cycle {cycles}, host holds {mib(r.host_after):.1f} MiB; "
+                        f"given back {mib(total):.1f} MiB in all; last pause {r.paused_s * 1000:.0f} ms "
+                        "(Ctrl-C stops)")
+            wake = time.monotonic() + max(0.0, period - r.seconds)
+            while not asked and time.monotonic() < wake:
+                time.sleep(min(0.05, max(0.0, wake - time.monotonic())))
     if not as_json:
+        try:
+            state = VM.attach(vm.name).run_state()
+        except HvkitError as e:
+            state = f"not reachable ({e})"
         console().print(f"stopped after {cycles} cycles in {time.monotonic() - start:.1f} s: given back "
                         f"{mib(total):.1f} MiB, longest pause {worst_pause * 1000:.0f} ms; VM {vm.name} "
-                        f"is {vm.run_state()}")
+                        f"is {state}")

@@ -1,18 +1,26 @@
 """Forking a running VM into N children that share what they only read.
 
-    fork(vm):  pause it -> save its device state (QEMU, without RAM)
-               -> snapshot its memory on the memory server:
-                    a VM with a RAM file: the file moves into the store (no copy) and
-                    one top-level table of large entries maps it;
-                    a forked VM: its parent snapshot's top-level table is copied and
-                    only the pages it wrote (from its QEMU process) are added
+    fork(vm):  hold the VM (no other hvkit command touches it meanwhile), pause it,
+               save its device state (QEMU, without RAM), snapshot its memory on the
+               memory server:
+                 a VM with a RAM file: the file moves into the store (no copy) and
+                 its QEMU ends (so nothing maps it shared any more); then one top-level
+                 table of large entries over it seals the snapshot;
+                 a forked VM: its parent snapshot's top-level table is copied and
+                 only the pages it wrote (from its QEMU process) are added
                -> start N children from the snapshot (share=off: the host shares
                   the pages they only read; each one's writes stay its own)
-               -> the VM goes on: a VM with a RAM file is restarted in its own place
-                  from the snapshot (its RAM file is the snapshot now); a forked VM
-                  simply runs on. Unless told to stay paused.
+               -> the VM goes on: a VM with a RAM file in a new QEMU that maps the
+                  frozen file privately, straight from the store (so it needs no
+                  memory server); a forked VM simply runs on. Unless told to stay paused.
                -> a frozen RAM file's free pages (found by identify) become holes:
                   they read as the zero frame, and the host holds nothing for them
+
+A fork is a transaction: before each step it records where it is (the VM's intent
+record, ownership.py), so whatever moment it dies at, the next hvkit command that
+touches the VM either undoes it (the VM runs on as before: nothing was frozen yet) or
+finishes it (the snapshot is sealed and the VM runs from it); see recovery.py.
+Children that had not finished starting are stopped.
 
 Children are named <vm>-1, <vm>-2, ... (the next free numbers).
 """
@@ -33,7 +41,9 @@ from hvkit.errors import HvkitError
 from hvkit.fork.written import written_pages
 from hvkit.memserver import MemServer, Snapshot, Store
 from hvkit.qemu import VM
+from hvkit.qemu.ownership import Ownership, fault_point
 from hvkit.qemu.runtime import check_name
+from hvkit.signals import deferred_signals
 from hvkit.share.sharer import give_back_free_pages_of_file
 
 log = logging.getLogger(__name__)
@@ -87,16 +97,22 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
                    parent: str | None, paths: Paths, t0: float,
                    on_child: ChildCallback | None = None) -> list[ChildStarted]:
     """Starts one VM per name from `snapshot`, all at once; each as soon as it can.
-    If one fails, the others are stopped too."""
+    If one fails, the others are stopped too. Each child is held while it starts, with
+    an intent to stop it: a child whose start was cut short never stays half-started."""
     state = server.state_file(snapshot.name)
     ram_file = server.snapshot_file(snapshot.name)
     started: list[VM] = []
 
     def one(name: str) -> ChildStarted:
-        vm = VM.launch_from_snapshot(name, snapshot.machine, snapshot.name, ram_file, server_pid,
-                                     parent, paths)
-        started.append(vm)
-        vm.receive_state(state)
+        owner = Ownership(paths.runtime, name)
+        with owner.hold("fork child"):
+            owner.write_intent(op="fork child", undo="stop")
+            vm = VM.launch_from_snapshot(name, snapshot.machine, snapshot.name, ram_file, server_pid,
+                                         parent, paths)
+            started.append(vm)
+            fault_point("fork child launched")
+            vm.receive_state(state)
+            owner.clear_intent()
         done = ChildStarted(name, vm.pid or 0, time.monotonic() - t0)
         if on_child:
             on_child(done)
@@ -122,93 +138,103 @@ def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = Fals
     paths = paths or Paths.from_env()
     t0 = time.monotonic()
     vm = VM.attach(name, paths)
-    if vm.spec.ram not in ("file", "snapshot"):
-        raise HvkitError(f"VM {name!r} keeps its RAM inside QEMU (ram={vm.spec.ram!r}); hvkit forks "
-                         "VMs whose RAM is a file", "start it with the default RAM")
-    names = child_names(name, n, paths)
+    _check_forkable(vm)
     server = MemServer.of(paths)
     server_pid = server.start()
     store = server.store()
     try:
-        was_running = vm.run_state() == "running"
-        if was_running:
-            vm.pause()
-        paused_at = time.monotonic()
-        if vm.spec.ram == "file":
-            report = _fork_ram_file(vm, store, server, server_pid, names, paths, t0,
-                                    was_running and not stay_paused, on_child, give_back_free)
-        else:
-            report = _fork_forked(vm, store, server, server_pid, names, paths, t0,
-                                  was_running and not stay_paused, on_child)
-        report.parent_paused_seconds = time.monotonic() - paused_at if report.vm_state == "running" else 0.0
+        # held from here to the end (a second fork, a share or a stop waits), and an
+        # interrupt waits until the fork is done
+        with vm.owned("fork"), deferred_signals():
+            _check_forkable(vm)  # it may have changed while we waited for it
+            names = child_names(name, n, paths)
+            was_running = vm.run_state() == "running"
+            fork_step = _fork_ram_file if vm.spec.ram == "file" else _fork_forked
+            report = fork_step(vm, store, server, server_pid, names, paths, t0, was_running,
+                               was_running and not stay_paused, on_child, give_back_free)
         report.server_pid = server_pid
         return report
     finally:
         store.close()
 
 
-def _save_state(vm: VM, store: Store) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{vm.name}.", suffix=".state", dir=store.path / "snapshots")
-    os.close(fd)
-    vm.save_state(Path(tmp))
-    return Path(tmp)
+def _check_forkable(vm: VM) -> None:
+    if vm.spec.ram not in ("file", "snapshot"):
+        raise HvkitError(f"VM {vm.name!r} keeps its RAM inside QEMU (ram={vm.spec.ram!r}); hvkit forks "
+                         "VMs whose RAM is a file", "start it with the default RAM")
 
 
 def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, names: list[str],
-                   paths: Paths, t0: float, run_after: bool,
+                   paths: Paths, t0: float, was_running: bool, run_after: bool,
                    on_child: ChildCallback | None, give_back_free: bool) -> ForkReport:
+    """The first fork of a VM (see the module comment); each step is recorded first."""
+    own = vm.ownership
+    fork_id = f"{time.time_ns()}-{os.getpid()}"
+    frozen, state = store.frozen_path(fork_id), store.staged_state(fork_id)
+    own.write_intent(op="fork", undo="fork", step="pausing", fork_id=fork_id, ram=str(vm.ram_path),
+                     frozen=str(frozen), state=str(state), old_pid=vm.pid, was_running=was_running,
+                     run_after=run_after, store=str(store.path), machine=asdict(vm.spec), children=names)
     t_pause = time.monotonic()
-    try:
-        state = _save_state(vm, store)
-        with store.lock():
-            snap = store.freeze_ram_file(vm.ram_path, vm.spec.memory, vm.name, state, asdict(vm.spec))
-    except BaseException:
-        if run_after:
-            vm.resume()  # nothing was frozen: the VM goes on as it was
-        raise
+    if was_running:
+        vm._qmp_stop()
+    vm.save_state(state)
+    own.update_intent(step="moving")
+    os.rename(vm.ram_path, frozen)  # QEMU still maps it; the name moves, not the data
+    # from here on the fork only goes forward: the old QEMU ends, and with it the
+    # last shared (writable) mapping of the frozen file; only then is it sealed
+    own.update_intent(step="stopping")
+    vm._stop_qemu()
+    own.update_intent(step="sealing")
+    with store.lock():
+        snap = store.freeze_ram_file(frozen, vm.spec.memory, vm.name, state, asdict(vm.spec), fork_id)
+    own.update_intent(step="sealed", snapshot=snap.name)
     snapshot_seconds = time.monotonic() - t_pause
     report = ForkReport(vm.name, snap.name, len(names), True, 0, snapshot_seconds, 0.0, "", asdict(snap.counters))
     try:
         report.children = start_children(snap, names, server, server_pid, vm.name, paths, t0, on_child)
     finally:
-        # whatever happened to the children, the VM comes back, in its own place,
-        # from the snapshot its RAM file became
-        report.vm_state = _restart_in_place(vm, snap, server, server_pid, paths, run=run_after)
+        # whatever happened to the children, the VM comes back, in its own place
+        again = restart_from_frozen(vm.name, snap, frozen, store, paths, run_after)
+        own.update_intent(step="restarted")
+    report.vm_state = again.run_state()
+    report.parent_paused_seconds = time.monotonic() - t_pause if report.vm_state == "running" else 0.0
     if give_back_free:
-        _give_back_free_pages(report, store, snap, Path(vm.spec.kernel), paths)
+        _give_back_free_pages(report, frozen, Path(vm.spec.kernel), paths)
+    own.clear_intent()
     return report
 
 
-def _give_back_free_pages(report: ForkReport, store: Store, snap: Snapshot, kernel: Path, paths: Paths) -> None:
+def restart_from_frozen(name: str, snap: Snapshot, frozen: Path, store: Store, paths: Paths,
+                        run: bool) -> VM:
+    """The VM `name` again, in its own folder, from the snapshot its RAM file became:
+    a new QEMU maps the frozen file privately, straight from the store (its writes stay
+    its own; it needs no memory server, so the server's death does not take it)."""
+    again = VM.launch_from_snapshot(name, snap.machine, snap.name, frozen, None,
+                                    snap.machine.get("parent"), paths, in_place=True)
+    again.receive_state(store.state_file(snap.name), run=run)
+    return again
+
+
+def _give_back_free_pages(report: ForkReport, frozen: Path, kernel: Path, paths: Paths) -> None:
     """Free pages of the frozen RAM file become holes: they read as the zero frame and
     the host holds nothing for them. Done after the children run (it reads the page
     array of the whole guest: it grows with memory size). A free page's content does not
     matter to the guest; a guest where it does (page poisoning) is left as it is."""
     try:
-        report.free_pages, report.free_pages_given_back = give_back_free_pages_of_file(
-            store.frozen_ram_file(snap), kernel, paths)
+        report.free_pages, report.free_pages_given_back = give_back_free_pages_of_file(frozen, kernel, paths)
     except HvkitError as e:
         report.free_pages_note = f"free pages kept: {e}"
         log.warning("%s", report.free_pages_note)
 
 
-def _restart_in_place(vm: VM, snap: Snapshot, server: MemServer, server_pid: int, paths: Paths,
-                      run: bool) -> str:
-    with tempfile.TemporaryDirectory(dir=paths.runtime) as keep:
-        console = Path(keep) / "console.log"
-        if vm.rundir.console_log.exists():
-            os.replace(vm.rundir.console_log, console)
-        vm.stop()
-        again = VM.launch_from_snapshot(vm.name, snap.machine, snap.name, server.snapshot_file(snap.name),
-                                        server_pid, vm.spec.parent, paths, console_from=console)
-    again.receive_state(server.state_file(snap.name), run=run)
-    return again.run_state()
-
-
 def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names: list[str],
-                 paths: Paths, t0: float, run_after: bool,
-                 on_child: ChildCallback | None) -> ForkReport:
+                 paths: Paths, t0: float, was_running: bool, run_after: bool,
+                 on_child: ChildCallback | None, give_back_free: bool) -> ForkReport:
+    """A forked VM: its pages are read while it is paused; it runs on from its own memory."""
+    vm.ownership.write_intent(op="fork", undo="resume" if was_running else "none", children=names)
     t_pause = time.monotonic()
+    if was_running:
+        vm._qmp_stop()
     try:
         state = _save_state(vm, store)
         pages, data = written_pages(vm.pid, vm.spec.ram_file, vm.spec.memory)
@@ -222,6 +248,15 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
         report.children = start_children(snap, names, server, server_pid, vm.name, paths, t0, on_child)
     finally:
         if run_after and vm.is_alive():
-            vm.resume()  # it runs on from its own memory, untouched by the fork
+            vm._qmp_cont()  # it runs on from its own memory, untouched by the fork
+        vm.ownership.clear_intent()
     report.vm_state = vm.run_state()
+    report.parent_paused_seconds = time.monotonic() - t_pause if report.vm_state == "running" else 0.0
     return report
+
+
+def _save_state(vm: VM, store: Store) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{vm.name}.", suffix=".state", dir=store.path / "snapshots")
+    os.close(fd)
+    vm.save_state(Path(tmp))
+    return Path(tmp)

@@ -30,19 +30,19 @@ class Guest:
     layout: Layout
     paused_for: float = 0.0  # seconds a running VM was paused (filled in on exit)
     paused_at: float | None = None  # time.monotonic() when hvkit paused it; None: not paused by hvkit
+    vm: VM | None = None  # the VM it is, as it was when paused (None: a file)
 
 
-def _open_memory(source: str, paths: Paths) -> tuple[GuestMemory, Path | None, VM | None]:
-    path = Path(source)
-    if path.exists():
+def _open_file(path: Path) -> GuestMemory:
+    """A RAM file or an ELF core, told apart by its first bytes."""
+    if path.is_dir():
+        raise HvkitError(f"{path} is a directory", "give a VM name, a RAM file or an ELF core")
+    try:
         with path.open("rb") as f:
             magic = f.read(4)
-        memory = ElfCoreMemory(path) if magic == b"\x7fELF" else RamFileMemory(path)
-        return memory, None, None
-    if "/" in source:
-        raise HvkitError(f"{source} does not exist", "give a VM name, a RAM file or an ELF core")
-    vm = VM.attach(source, paths)
-    return vm.memory(), Path(vm.spec.kernel), vm
+    except OSError as e:
+        raise HvkitError(f"cannot read {path} ({e.strerror})", "give a VM name, a RAM file or an ELF core") from None
+    return ElfCoreMemory(path) if magic == b"\x7fELF" else RamFileMemory(path)
 
 
 @dataclass(frozen=True)
@@ -63,30 +63,30 @@ def load_kernel_knowledge(kernel_file: Path, headers: str | Path | None, paths: 
 
 @contextlib.contextmanager
 def open_guest(source: str, kernel: str | Path | None = None, headers: str | Path | None = None,
-               paths: Paths | None = None, knowledge: KernelKnowledge | None = None) -> Iterator[Guest]:
-    """The guest in `source`, ready to read; a running VM stays paused inside the block.
+               paths: Paths | None = None, knowledge: KernelKnowledge | None = None,
+               op: str = "identify") -> Iterator[Guest]:
+    """The guest in `source` (a VM name, a RAM file or an ELF core), ready to read.
+    A VM is held and paused inside the block (VM.paused: no other hvkit command resumes
+    or changes it meanwhile, and it runs again after, unless the user had paused it);
+    its memory is opened only then, so it is the memory of the VM as it is now.
     `knowledge` (of this guest's kernel) saves loading symbols and layout again."""
     paths = paths or Paths.from_env()
-    memory, vm_kernel, vm = _open_memory(source, paths)
-    try:
-        kernel_file = Path(kernel) if kernel else vm_kernel
-        if kernel_file is None:
+    path = Path(source)
+    if path.exists() or "/" in source:
+        if not path.exists():
+            raise HvkitError(f"{source} does not exist", "give a VM name, a RAM file or an ELF core")
+        if kernel is None:
             raise HvkitError(f"reading {source} needs the guest's kernel", "pass --kernel FILE (its bzImage or vmlinux)")
-        knowledge = knowledge or load_kernel_knowledge(kernel_file, headers, paths)
-        symbols, layout = knowledge.symbols, knowledge.layout
-        paused = vm is not None and vm.run_state() == "running"
-        t0 = time.monotonic()
-        if paused:
-            vm.pause()
-        guest = None
-        try:  # from here on, whatever fails (a lying guest too), the VM runs again
-            guest = Guest(memory, KernelSpace.locate(memory, symbols), layout,
-                          paused_at=t0 if paused else None)
+        knowledge = knowledge or load_kernel_knowledge(Path(kernel), headers, paths)
+        with contextlib.closing(_open_file(path)) as memory:
+            yield Guest(memory, KernelSpace.locate(memory, knowledge.symbols), knowledge.layout)
+        return
+    vm = VM.attach(source, paths)
+    knowledge = knowledge or load_kernel_knowledge(Path(kernel) if kernel else Path(vm.spec.kernel), headers, paths)
+    with vm.paused(op) as pause, contextlib.closing(vm.memory()) as memory:
+        guest = Guest(memory, KernelSpace.locate(memory, knowledge.symbols), knowledge.layout,
+                      paused_at=pause.at if pause.ours else None, vm=vm)
+        try:
             yield guest
         finally:
-            if paused:
-                vm.resume()
-            if guest is not None:
-                guest.paused_for = time.monotonic() - t0 if paused else 0.0
-    finally:
-        memory.close()
+            guest.paused_for = time.monotonic() - pause.at if pause.ours else 0.0

@@ -26,6 +26,7 @@ from hvkit.errors import HvkitError
 from hvkit.memserver.server import STATS
 from hvkit.memserver.store import SNAPSHOT_SUFFIX, Store, state_file
 from hvkit.procs import process_runs
+from hvkit.config import make_private_dir
 
 
 def memserver_alive(pid: int | None) -> bool:
@@ -107,13 +108,14 @@ class MemServer:
         if pid:  # alive but not mounted: a server half-started or hung
             os.kill(pid, signal.SIGKILL)
         self._unmount(lazy=True)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.mount.mkdir(exist_ok=True)
+        make_private_dir(self.root)
+        make_private_dir(self.mount)
         Store(self.store_path).close()  # creates the store's files once
         with self.log_file.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "hvkit.memserver.server", str(self.store_path), str(self.mount)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                umask=0o077)
         self.pid_file.write_text(str(proc.pid))
         deadline = time.monotonic() + timeout
         while self._mount_state() != "mounted":

@@ -93,13 +93,13 @@ class SnapshotFS:
     def getattr(self, path, fh=None):
         fuse = _fuse()
         if path == "/":
-            return dict(st_mode=stat.S_IFDIR | 0o755, st_nlink=2)
+            return dict(st_mode=stat.S_IFDIR | 0o700, st_nlink=2)
         if path == "/" + STATS:
-            return dict(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=0)
+            return dict(st_mode=stat.S_IFREG | 0o400, st_nlink=1, st_size=0)
         snap = self._snapshot(path)
         if snap is None:
             raise fuse.FuseOSError(errno.ENOENT)
-        return dict(st_mode=stat.S_IFREG | 0o644, st_nlink=1, st_size=snap.size,
+        return dict(st_mode=stat.S_IFREG | 0o600, st_nlink=1, st_size=snap.size,
                     st_mtime=snap.created, st_ctime=snap.created, st_atime=snap.created)
 
     def readdir(self, path, fh):
@@ -176,7 +176,9 @@ def serve(store_path: Path, mount: Path) -> None:
         setattr(Operations, name, staticmethod(getattr(ops, name)))
     mount.mkdir(parents=True, exist_ok=True)
     log.info("serving %s at %s (pid %d)", store_path, mount, os.getpid())
-    fuse.FUSE(Operations(), str(mount), foreground=True, raw_fi=True, allow_other=True,
+    # no allow_other: only the user who runs the server (and the QEMUs it serves) can
+    # reach the mount at all; guest memory is nobody else's to read
+    fuse.FUSE(Operations(), str(mount), foreground=True, raw_fi=True,
               fsname="hvkit-memserver", default_permissions=False)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from hvkit.errors import HvkitError
 from hvkit.memory import PAGE_SIZE
+from hvkit.config import make_private_dir
 from hvkit.memserver.table import (FANOUT, FILE_MASK, FILE_SHIFT, FRAMES, KIND_SHIFT, TableFile,
                                    TableWriter, frames_entry, levels_for, table_entry)
 
@@ -65,6 +66,7 @@ class Snapshot:
     created: float
     machine: dict  # the VM's spec (hvkit.qemu.runtime.VMSpec as a dict)
     counters: Counters = field(default_factory=Counters)
+    fork_id: str | None = None  # the fork that made it (a fork's recovery finds it by this)
 
     @property
     def pages(self) -> int:
@@ -97,8 +99,9 @@ def page_hashes(data: np.ndarray) -> np.ndarray:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
+        make_private_dir(path)  # guest memory: its owner's alone
         for sub in ("frames", "snapshots"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
+            make_private_dir(path / sub)
         self.tables = TableFile(path / "tables.bin")
         self._files: dict[int, str] = {}
 
@@ -137,6 +140,21 @@ class Store:
             raise HvkitError(f"the memory server's store {self.path} has no frame file {file_id}",
                              "start over with 'hvkit memserver clear'") from None
 
+    def frozen_path(self, fork_id: str) -> Path:
+        """Where a fork moves a VM's RAM file (freeze_ram_file then seals it there)."""
+        return self.path / "frames" / f"{fork_id}.ram"
+
+    def staged_state(self, fork_id: str) -> Path:
+        """Where a fork saves the VM's device state before its snapshot is sealed."""
+        return self.path / "snapshots" / f".{fork_id}.state"
+
+    def snapshot_of_fork(self, fork_id: str) -> Snapshot | None:
+        """The sealed snapshot that fork `fork_id` made, if it got that far."""
+        for snap in self.snapshots():
+            if snap.fork_id == fork_id:
+                return snap
+        return None
+
     def frozen_ram_file(self, snap: Snapshot) -> Path:
         """The frozen RAM file under a snapshot made by freeze_ram_file."""
         first = int(self.tables.table(snap.root)[0])
@@ -164,10 +182,15 @@ class Store:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _new_file(self, suffix: str) -> tuple[int, Path]:
+    def _new_file(self, suffix: str, name: str | None = None) -> tuple[int, Path]:
+        """A new frame file id, for `name` (default: '<id><suffix>'); a name registered
+        already keeps its id (a fork's seal may be done again by its recovery)."""
         files = self._read_files()
+        for file_id, known in files.items():
+            if name is not None and known == name:
+                return file_id, self.path / "frames" / known
         file_id = max(files, default=0) + 1
-        files[file_id] = f"{file_id}{suffix}"
+        files[file_id] = name or f"{file_id}{suffix}"
         tmp = self.path / "files.json.tmp"
         tmp.write_text(json.dumps(files, indent=1))
         tmp.replace(self.path / "files.json")
@@ -180,21 +203,30 @@ class Store:
         return f"{seq:04d}-{vm}"
 
     def _seal(self, snap: Snapshot, state: Path) -> Snapshot:
-        os.replace(state, self.state_file(snap.name))
+        """Writes the snapshot's JSON last: before it, the snapshot does not exist. The
+        saved state is linked to its name first and unlinked from its staged name only
+        after, so a seal cut short can be done again from the same files."""
+        final = self.state_file(snap.name)
+        final.unlink(missing_ok=True)
+        os.link(state, final)
         tmp = self._snapshot_json(snap.name).with_suffix(".tmp")
         tmp.write_text(json.dumps(snap.to_json(), indent=1))
         tmp.replace(self._snapshot_json(snap.name))
+        state.unlink(missing_ok=True)
         return snap
 
-    def freeze_ram_file(self, ram: Path, size: int, vm: str, state: Path, machine: dict) -> Snapshot:
-        """A snapshot of a paused VM's RAM file, which moves into the store as it is:
-        one top-level table of large entries over it, whatever its size."""
-        file_id, frozen = self._new_file(".ram")
-        try:
-            os.rename(ram, frozen)
-        except OSError as e:
-            raise HvkitError(f"cannot move {ram} into the memory server's store {self.path} ({e.strerror})",
-                             "keep HVKIT_RUNTIME on one file system (the store lives under it)") from None
+    def freeze_ram_file(self, frozen: Path, size: int, vm: str, state: Path, machine: dict,
+                        fork_id: str) -> Snapshot:
+        """A snapshot of a VM's RAM file that a fork moved to `frozen` (frozen_path) once
+        no QEMU maps it shared any more: one top-level table of large entries over it,
+        whatever its size. Done again for the same fork, it returns the same snapshot."""
+        done = self.snapshot_of_fork(fork_id)
+        if done is not None:
+            return done
+        if not frozen.exists():
+            raise HvkitError(f"the frozen RAM file {frozen} of fork {fork_id} is missing",
+                             "nothing can be sealed; the store may have been cleared")
+        file_id, _ = self._new_file(".ram", name=frozen.name)
         levels = levels_for(size // PAGE)
         span = FANOUT ** (levels - 1)
         top = np.zeros(FANOUT, dtype=np.uint64)
@@ -202,7 +234,7 @@ class Store:
         top[:runs] = np.uint64(frames_entry(file_id, 0)) + np.arange(runs, dtype=np.uint64) * np.uint64(span)
         root = self.tables.append(top)
         snap = Snapshot(self._new_name(vm), vm, None, size, levels, root, time.time(), machine,
-                        Counters(tables_written=1))
+                        Counters(tables_written=1), fork_id)
         return self._seal(snap, state)
 
     def fork_pages(self, parent: Snapshot, pages: np.ndarray, data: np.ndarray, vm: str,
@@ -274,7 +306,7 @@ class Store:
             if name.endswith(".pool"):
                 return file_id, self.path / "frames" / name
         file_id, path = self._new_file(".pool")
-        path.touch()
+        path.touch(mode=0o600)
         return file_id, path
 
     def _pool_index(self) -> tuple[np.ndarray, np.ndarray]:

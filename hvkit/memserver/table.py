@@ -68,7 +68,7 @@ class TableFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.touch(exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR)
         self._map: mmap.mmap | None = None
         self._tables = np.zeros((0, FANOUT), dtype=np.uint64)

@@ -1,7 +1,9 @@
 """Blocking QMP calls on top of the `qemu.qmp` library (which is asyncio-only).
 
 Each call connects, runs one command and disconnects: hvkit commands are short-lived
-processes, and QEMU's QMP socket takes one client at a time.
+processes, and QEMU's QMP socket takes one client at a time (a second client waits, or
+is turned away, until the first disconnects: QMPUnreachable, which a caller that knows
+QEMU still runs retries).
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient
 from hvkit.errors import HvkitError, VMDied
 
 
+class QMPUnreachable(VMDied):
+    """No QMP session could be set up: QEMU is gone, or another client has the socket.
+    The command was not sent."""
+
+
 async def _execute(sock: Path, command: str, args: dict | None, timeout: float) -> Any:
     client = QMPClient("hvkit")
-    await asyncio.wait_for(client.connect(str(sock)), timeout)
+    try:
+        await asyncio.wait_for(client.connect(str(sock)), timeout)
+    except asyncio.TimeoutError as e:
+        raise ConnectError("timed out", e) from None
     try:
         return await asyncio.wait_for(client.execute(command, args), timeout)
     finally:
@@ -30,5 +40,7 @@ def qmp(sock: Path, command: str, args: dict | None = None, timeout: float = 10.
         return asyncio.run(_execute(sock, command, args, timeout))
     except ExecuteError as e:
         raise HvkitError(f"QEMU refused {command}: {e.error.desc}") from None
-    except (ConnectError, OSError, EOFError, asyncio.TimeoutError) as e:
+    except ConnectError as e:
+        raise QMPUnreachable(f"QEMU does not answer on {sock} ({e})") from None
+    except (OSError, EOFError, asyncio.TimeoutError) as e:
         raise VMDied(f"QEMU does not answer on {sock} ({type(e).__name__}: {e})") from None

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hvkit.errors import HvkitError
+from hvkit.config import make_private_dir
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
@@ -76,15 +77,23 @@ class RuntimeDir:
 
     def claim(self) -> None:
         """Creates the folder; FileExistsError if another VM has it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if len(str(self.qmp_sock)) > _SOCKET_PATH_MAX:
             raise HvkitError(f"the runtime folder {self.path} is too deep for a socket path",
                              "set HVKIT_RUNTIME to a shorter folder")
-        os.mkdir(self.path)
+        make_private_dir(self.path.parent)
+        os.mkdir(self.path, 0o700)  # guest memory lives here: its owner's alone
+
+    def clear_for_restart(self) -> None:
+        """Removes what a stopped QEMU left in the folder (sockets, its log, its spec),
+        keeping the console: the same VM goes on in a new QEMU."""
+        for f in (self.qmp_sock, self.ctl_sock, self.qemu_log, self.spec_file):
+            f.unlink(missing_ok=True)
 
     def write_spec(self, spec: VMSpec) -> None:
         tmp = self.spec_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(spec), indent=2) + "\n")
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(json.dumps(asdict(spec), indent=2) + "\n")
         tmp.replace(self.spec_file)
 
     def read_spec(self) -> VMSpec | None:
@@ -103,3 +112,17 @@ class RuntimeDir:
             return ""
         kept = [line for line in text.splitlines() if line.strip()]
         return "\n".join(kept[-lines:]).strip()
+
+
+def free_space_note(folder: Path, need: int = 0) -> str:
+    """'' or why the file system of `folder` cannot hold more guest RAM (full, or less
+    free than `need` bytes): a guest touching RAM its file cannot store kills QEMU."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return ""
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if total and (free < max(need, 1 << 20)):
+        return (f"the file system of {folder} is full ({free >> 20} MiB free of {total >> 20} MiB); "
+                "QEMU dies when its guest touches RAM that the RAM file cannot store")
+    return ""

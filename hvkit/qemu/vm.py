@@ -31,8 +31,10 @@ from hvkit.memory import RamFileMemory
 from hvkit.memserver.daemon import memserver_alive
 from hvkit.procs import process_runs
 from hvkit.qemu.accel import ACCELS, best_accel
-from hvkit.qemu.qmp import qmp
-from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name
+from hvkit.qemu.ownership import LOCK_WAIT, Ownership, fault_point, stale_intents
+from hvkit.qemu.qmp import QMPUnreachable, qmp
+from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name, free_space_note
+from hvkit.signals import deferred_signals
 from hvkit.units import MiB, format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -114,9 +116,22 @@ class VMStatus:
     pss: int = 0  # bytes of host memory the QEMU process holds, shared pages divided among sharers
     parent: str | None = None  # the VM it was forked from
     snapshot: str | None = None  # the memory-server snapshot it runs from
+    ram_path: str | None = None  # the file its guest RAM is mapped from (None: inside QEMU)
+    owner: str = ""  # the hvkit command that holds it now, if another one does
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
+
+
+@dataclass
+class Pause:
+    """One pause of VM.paused(): whether hvkit paused the VM (False: it was paused
+    already, and stays so), when, and for how long (filled in when it ends)."""
+
+    vm: "VM"
+    ours: bool
+    at: float  # time.monotonic()
+    seconds: float = 0.0
 
 
 class VM:
@@ -128,41 +143,138 @@ class VM:
         self.rundir = rundir
         self.spec = spec
         self._process = process  # set only in the process that started QEMU
+        self._started_here = process is not None  # the with-block of VM.start stops it
 
     # ---- finding VMs ----------------------------------------------------------------
 
     @classmethod
-    def attach(cls, name: str, paths: Paths | None = None) -> "VM":
-        """The running VM called `name`. A VM found dead is cleaned up and reported."""
+    def attach(cls, name: str, paths: Paths | None = None, wait: float = LOCK_WAIT) -> "VM":
+        """The running VM called `name`. Waits (up to `wait` s) for another hvkit command
+        that holds the VM to finish with it, and finishes the work of one that died
+        (a pause it left, a fork halfway: see ownership.py). A VM found dead is cleaned
+        up and reported."""
         paths = paths or Paths.from_env()
         rundir = RuntimeDir(paths.vm_dir(check_name(name)))
-        spec = rundir.read_spec()
-        if spec is None:
-            raise VMNotFound(f"no VM named {name!r}", "see 'hvkit vm list' for the VMs there are")
-        vm = cls(rundir, spec)
-        if not vm.is_alive():
-            reason = vm._death_reason()
-            vm._cleanup()
-            raise VMDied(f"VM {name!r} is dead ({reason}); its leftovers were removed")
-        return vm
+        owner = Ownership(paths.runtime, name)
+        with owner.hold("attach", wait) as outermost:
+            if outermost:
+                cls._finish_abandoned(owner, paths)
+            spec = rundir.read_spec()
+            if spec is None:
+                raise VMNotFound(f"no VM named {name!r}", "see 'hvkit vm list' for the VMs there are")
+            vm = cls(rundir, spec)
+            if not vm.is_alive():
+                reason = vm._death_reason()
+                vm._cleanup()
+                raise VMDied(f"VM {name!r} is dead ({reason}); its leftovers were removed")
+            return vm
 
     @classmethod
     def list(cls, paths: Paths | None = None) -> list[VMStatus]:
-        """Every VM of the runtime folder; dead ones are listed once, then cleaned up."""
+        """Every VM of the runtime folder; dead ones are listed once, then cleaned up.
+        A VM another hvkit command holds is shown as it is, never cleaned up; one whose
+        owner died has that owner's work finished first (a pause resumed, ...)."""
         paths = paths or Paths.from_env()
         if not paths.runtime.is_dir():
             return []
         rows = []
+        for name in stale_intents(paths.runtime):  # work of owners that died, first
+            owner = Ownership(paths.runtime, name)
+            with owner.try_hold("vm list") as got:
+                if got:
+                    cls._finish_abandoned(owner, paths)
         for d in sorted(paths.runtime.iterdir()):
-            rundir = RuntimeDir(d)
-            spec = rundir.read_spec()
-            if spec is None:
+            if d.name.startswith(".") or not (d / "vm.json").exists():
                 continue
-            vm = cls(rundir, spec)
-            rows.append(vm.status())
-            if rows[-1].state == "dead":
-                vm._cleanup()
+            owner = Ownership(paths.runtime, d.name)
+            with owner.try_hold("vm list") as got:
+                spec = RuntimeDir(d).read_spec()
+                if spec is None:
+                    continue
+                vm = cls(RuntimeDir(d), spec)
+                row = vm.status()
+                if got is None:  # busy: whatever it looks like now, it is not dead
+                    holder = owner.holder() or {}
+                    busy = f"hvkit {holder.get('op', '?')} (pid {holder.get('pid', '?')})"
+                    row = VMStatus(**{**row.__dict__, "owner": busy,
+                                      "state": row.state if row.state != "dead" else "busy", "reason": ""})
+                elif row.state == "dead":
+                    vm._cleanup()
+                rows.append(row)
         return rows
+
+    # ---- one owner at a time (ownership.py) ------------------------------------------
+
+    @property
+    def ownership(self) -> Ownership:
+        return Ownership(self.rundir.path.parent, self.name)
+
+    @contextlib.contextmanager
+    def owned(self, op: str, wait: float = LOCK_WAIT) -> Iterator["VM"]:
+        """This VM held by this process inside the block: no other hvkit command pauses,
+        resumes, forks or stops it meanwhile. Its spec is read again on entry (another
+        command may have restarted it, as a fork does); VMDied if it is gone."""
+        with self.ownership.hold(op, wait) as outermost:
+            if outermost:
+                self._finish_abandoned(self.ownership, self._paths())
+                if not self._reload_spec():
+                    raise VMDied(f"VM {self.name!r} is gone (stopped by another command)")
+            yield self
+
+    def _reload_spec(self) -> bool:
+        """Reads the spec again (another command may have restarted the VM in a new
+        QEMU, as a fork does); False if the VM's folder is gone."""
+        spec = self.rundir.read_spec()
+        if spec is None:
+            return False
+        if spec.pid != self.spec.pid:
+            if self._process is not None:
+                self._process.poll()  # reaps our old QEMU if it has ended
+            self._process = None  # not our child any more: find its QEMU by pid
+        self.spec = spec
+        return True
+
+    def _paths(self) -> Paths:
+        return Paths(Paths.from_env().cache, self.rundir.path.parent)
+
+    @classmethod
+    def _finish_abandoned(cls, owner: Ownership, paths: Paths) -> None:
+        """Finishes or undoes what a dead owner of the VM had recorded it was doing
+        (the caller holds the lock, so its owner is gone), and says so."""
+        intent = owner.intent()
+        if intent is None:
+            return
+        undo, what = intent.get("undo"), f"hvkit {intent.get('op', '?')} (pid {intent.get('pid', '?')})"
+        rundir = RuntimeDir(paths.runtime / owner.name)
+        spec = rundir.read_spec()
+        vm = cls(rundir, spec) if spec else None
+        if undo == "resume":
+            if vm is not None and vm.run_state() == "paused":
+                vm._qmp_cont()
+                log.warning("VM %s was left paused by %s, which did not finish: resumed it", owner.name, what)
+        elif undo == "stop":
+            if vm is not None:
+                vm._kill()
+            rundir.remove()
+            log.warning("VM %s never finished starting (%s did not finish): stopped it", owner.name, what)
+        elif undo == "fork":
+            from hvkit.fork.recovery import finish_fork  # the fork package knows its own steps
+
+            finish_fork(owner, intent, paths)
+        elif undo != "none":
+            log.warning("VM %s: unreadable record of %s left as it is", owner.name, what)
+        cls.finish_abandoned_children(intent.get("children", []), paths)
+        owner.clear_intent()
+
+    @classmethod
+    def finish_abandoned_children(cls, names: list[str], paths: Paths) -> None:
+        """Children of a fork whose start was cut short are stopped (each child's own
+        intent record says so; a child that finished starting has none)."""
+        for child in names:
+            owner = Ownership(paths.runtime, child)
+            with owner.try_hold("fork recovery") as got:
+                if got:
+                    cls._finish_abandoned(owner, paths)
 
     # ---- starting -------------------------------------------------------------------
 
@@ -221,19 +333,34 @@ class VM:
             append,
         ]))
         name = check_name(name) if name else cls._free_name(paths)
-        rundir = RuntimeDir(paths.vm_dir(name))
+        spec = VMSpec(name=name, memory=size, cpus=int(cpus), kernel=str(kernel_path),
+                      initrd=str(initrd_path) if initrd_path else None, append=cmdline,
+                      accel=accel, workload=str(workload) if workload else None,
+                      kernel_release=release, ram=ram, balloon=balloon)
+        owner = Ownership(paths.runtime, name)
+        with owner.hold("vm start") as outermost:
+            if outermost:
+                cls._finish_abandoned(owner, paths)
+            # killed before the guest is ready, this start is undone by the next command
+            owner.write_intent(op="vm start", undo="stop")
+            try:
+                return cls._start_claimed(paths, spec, binary, cpu_model, wait and hvkit_init, timeout)
+            finally:  # started, or failed and cleaned up by _start_claimed: nothing to undo
+                owner.clear_intent()
+
+    @classmethod
+    def _start_claimed(cls, paths: Paths, spec: VMSpec, binary: str, cpu_model: str | None,
+                       wait_ready: bool, timeout: float) -> "VM":
+        rundir = RuntimeDir(paths.vm_dir(spec.name))
         cls._claim(rundir)
         vm = None
         try:
-            chosen = best_accel(binary, paths.runtime) if accel == "auto" else accel
-            spec = VMSpec(name=name, memory=size, cpus=int(cpus), kernel=str(kernel_path),
-                          initrd=str(initrd_path) if initrd_path else None, append=cmdline,
-                          accel=chosen, workload=str(workload) if workload else None,
-                          kernel_release=release, ram=ram, balloon=balloon)
+            if spec.accel == "auto":
+                spec.accel = best_accel(binary, paths.runtime)
             spec.command = cls._command(binary, rundir, spec, cpu_model)
             vm = cls(rundir, spec)
             vm._launch(timeout)
-            if wait and hvkit_init:
+            if wait_ready:
                 vm.wait_for_console(READY_MARKER, timeout=timeout)
             return vm
         except BaseException:
@@ -245,23 +372,27 @@ class VM:
 
     @classmethod
     def launch_from_snapshot(cls, name: str, machine: dict, snapshot: str, ram_file: Path,
-                             memserver_pid: int, parent: str | None, paths: Paths,
-                             console_from: Path | None = None, timeout: float = 30.0) -> "VM":
+                             memserver_pid: int | None, parent: str | None, paths: Paths,
+                             in_place: bool = False, timeout: float = 30.0) -> "VM":
         """Starts QEMU for a VM that runs from memory-server snapshot `snapshot` (the file
         `ram_file`, mapped share=off), as the VM `machine` (a VMSpec as a dict) was.
         QEMU waits paused for the device state: `receive_state` finishes the start.
-        `console_from` is a console log to go on from (a VM that replaces itself)."""
+        `memserver_pid`: the server whose file it maps (None: a file of the store, read
+        directly). `in_place`: the VM replaces the stopped QEMU of the same name in its
+        folder (a VM going on from its own snapshot) and goes on with its console.
+        The caller holds the VM (ownership.py)."""
         spec = VMSpec(**{**machine, "name": check_name(name), "ram": "snapshot", "snapshot": snapshot,
                          "ram_file": str(ram_file), "memserver_pid": memserver_pid, "parent": parent,
                          "pid": None, "started_at": None, "command": []})
         old = machine.get("command") or []
         cpu_model = old[old.index("-cpu") + 1] if "-cpu" in old[:-1] else None
         rundir = RuntimeDir(paths.vm_dir(spec.name))
-        cls._claim(rundir)
+        if in_place:
+            rundir.clear_for_restart()
+        else:
+            cls._claim(rundir)
         vm = None
         try:
-            if console_from is not None and console_from.exists():
-                shutil.copyfile(console_from, rundir.console_log)
             spec.command = cls._command(qemu_binary(), rundir, spec, cpu_model)
             vm = cls(rundir, spec)
             vm._launch(timeout)
@@ -269,7 +400,8 @@ class VM:
         except BaseException:
             if vm is not None:
                 vm._kill()
-            rundir.remove()
+            if not in_place:
+                rundir.remove()
             raise
 
     def receive_state(self, state: Path, run: bool = True, timeout: float = 30.0) -> None:
@@ -287,7 +419,7 @@ class VM:
                              f"(migration {outcome}, run state {status}); QEMU said: "
                              f"{self.rundir.tail(self.rundir.qemu_log, 2) or 'nothing'}")
         if run:
-            self.resume()
+            self._qmp_cont()
 
     def save_state(self, path: Path) -> None:
         """Writes the device state of this paused VM, without its RAM, to `path` (QEMU's
@@ -296,20 +428,24 @@ class VM:
 
     @staticmethod
     def _boot_files(paths: Paths, kernel, initrd) -> tuple[Path, Path | None, str | None]:
+        if initrd is not None:
+            initrd_path = Path(initrd)
+            if not initrd_path.exists():
+                raise HvkitError(f"initrd file {initrd} does not exist", "check --initrd")
+            if not initrd_path.is_file():
+                raise HvkitError(f"initrd {initrd} is not a regular file (a directory or a device)",
+                                 "give an initramfs image (a cpio archive, possibly compressed)")
+            initrd_path = initrd_path.resolve()
         if kernel is None:
             guest = build_default_guest(paths)
-            return guest.kernel, Path(initrd) if initrd else guest.initrd, guest.release
+            return guest.kernel, initrd_path if initrd else guest.initrd, guest.release
         image = read_kernel_image(kernel)
         if not image.bootable:
             raise HvkitError(f"{kernel} is a vmlinux; QEMU boots a bzImage",
                              "pass the vmlinuz of the same kernel")
         if initrd is None:
-            initrd_path = build_default_guest(paths).initrd
-        else:
-            initrd_path = Path(initrd)
-            if not initrd_path.is_file():
-                raise HvkitError(f"initrd file {initrd} does not exist", "check --initrd")
-        return image.path.resolve(), initrd_path.resolve(), image.release
+            initrd_path = build_default_guest(paths).initrd.resolve()
+        return image.path.resolve(), initrd_path, image.release
 
     @staticmethod
     def _free_name(paths: Paths) -> str:
@@ -371,10 +507,12 @@ class VM:
 
     def _launch(self, timeout: float) -> None:
         log.info("starting %s: %s", self.name, " ".join(self.spec.command))
-        with self.rundir.qemu_log.open("wb") as out:
+        self._started_here = True
+        with os.fdopen(os.open(self.rundir.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             self._process = subprocess.Popen(
                 self.spec.command, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 start_new_session=True,  # Ctrl-C on the hvkit command does not reach QEMU
+                umask=0o077,  # the RAM file and saved states it makes: its owner's alone
             )
         self.spec.pid = self._process.pid
         self.spec.started_at = time.time()
@@ -424,7 +562,10 @@ class VM:
         return alive
 
     def _memory_server_gone(self) -> bool:
-        return self.spec.ram == "snapshot" and not memserver_alive(self.spec.memserver_pid)
+        """Whether it maps a file of a memory server that died (a VM that maps a store
+        file directly, as a forked VM itself does, needs no server)."""
+        return (self.spec.ram == "snapshot" and self.spec.memserver_pid is not None
+                and not memserver_alive(self.spec.memserver_pid))
 
     def _death_reason(self) -> str:
         """What the logs say about why QEMU is gone: QEMU's own error, else the console."""
@@ -435,6 +576,9 @@ class VM:
         qemu_said = self.rundir.tail(self.rundir.qemu_log, 3)
         if qemu_said:
             return f"QEMU said: {qemu_said}"
+        full = free_space_note(self.rundir.path) if self.spec.ram == "file" else ""
+        if full:
+            return f"{full}; free space there (or set HVKIT_RUNTIME elsewhere) and start it again"
         console = self.rundir.tail(self.rundir.console_log, 200)
         panic = [line for line in console.splitlines() if "Kernel panic" in line]
         if panic:
@@ -450,7 +594,7 @@ class VM:
         if not self.is_alive():
             return "dead"
         try:
-            return qmp(self.rundir.qmp_sock, "query-status")["status"]
+            return self.qmp("query-status")["status"]
         except VMDied:
             return "dead"
 
@@ -492,48 +636,110 @@ class VM:
             workload=self.spec.workload,
             reason=self._death_reason() if state == "dead" else "",
             pss=proportional_memory(self.pid) if state != "dead" else 0,
-            parent=self.spec.parent, snapshot=self.spec.snapshot,
+            parent=self.spec.parent, snapshot=self.spec.snapshot, ram_path=self.ram_file(),
         )
+
+    def ram_file(self) -> str | None:
+        """The host file guest RAM is mapped from: its RAM file, or the snapshot file a
+        forked VM maps privately; None for RAM inside QEMU."""
+        if self.spec.ram == "file":
+            return str(self.rundir.ram)
+        return self.spec.ram_file if self.spec.ram == "snapshot" else None
 
     # ---- control --------------------------------------------------------------------
 
     def qmp(self, command: str, args: dict | None = None, timeout: float = 10.0):
+        """The result of QMP `command`. QEMU's QMP socket serves one client at a time, so
+        while QEMU runs, a session that cannot be set up is tried again (for `timeout`):
+        another command (`vm list`, a user's own QMP client) may be talking to it."""
         self._raise_if_dead(f"before {command}")
-        try:
-            return qmp(self.rundir.qmp_sock, command, args, timeout)
-        except VMDied:
-            self._raise_if_dead(f"during {command}")
-            raise
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return qmp(self.rundir.qmp_sock, command, args, timeout)
+            except QMPUnreachable:
+                self._raise_if_dead(f"during {command}")
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+            except VMDied:
+                self._raise_if_dead(f"during {command}")
+                raise
 
-    def pause(self) -> None:
+    def _qmp_stop(self) -> None:
         self.qmp("stop")
 
-    def resume(self) -> None:
+    def _qmp_cont(self) -> None:
         self.qmp("cont")
 
+    def pause(self) -> None:
+        """Pauses the VM for the user: it stays paused until `resume`; no hvkit operation
+        resumes it (theirs are recorded as theirs, this one is not)."""
+        with self.owned("vm pause"):
+            if self.run_state() == "running":
+                self._qmp_stop()
+
+    def resume(self) -> None:
+        """Resumes a VM paused by the user (or by QEMU itself)."""
+        with self.owned("vm resume"):
+            if self.run_state() != "running":
+                self._qmp_cont()
+
     @contextlib.contextmanager
-    def paused(self) -> Iterator["VM"]:
-        """The VM paused inside the block and running again after it, whatever happens
-        inside; a VM that was paused already stays paused."""
-        running = self.run_state() == "running"
-        if running:
-            self.pause()
+    def paused(self, op: str = "pause") -> Iterator["Pause"]:
+        """The VM held by this process and paused inside the block, running again after
+        it whatever happens inside, if (and only if) this block paused it: a VM the user
+        paused stays paused. The pause is recorded before QEMU stops, so if this process
+        dies inside the block, the next hvkit command resumes the VM; Ctrl-C and SIGTERM
+        wait until the VM runs again."""
+        with self.owned(op), deferred_signals():
+            ours = self.run_state() == "running"
+            if ours:
+                self.ownership.write_intent(op=op, undo="resume")
+                self._qmp_stop()
+                fault_point(f"paused {op}")
+            pause = Pause(self, ours, time.monotonic())
+            try:
+                yield pause
+            finally:
+                if ours:
+                    self._resume_own_pause()
+                pause.seconds = time.monotonic() - pause.at
+
+    def _resume_own_pause(self) -> None:
+        """Resumes a pause this process made and drops its record; a VM that died has
+        nothing to resume. If QEMU lives but would not resume, the record stays: the next
+        hvkit command resumes it (never a pause left behind unrecorded)."""
         try:
-            yield self
-        finally:
-            if running:
-                self.resume()
+            self._qmp_cont()
+        except VMDied:
+            if self.is_alive():
+                log.warning("VM %s could not be resumed now; the next hvkit command will", self.name)
+                return
+        self.ownership.clear_intent()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Ends QEMU (politely over QMP, then by signal) and removes the runtime folder."""
-        if self.is_alive():
+        """Ends QEMU (politely over QMP, then by signal) and removes the runtime folder;
+        waits for another hvkit command that holds the VM to finish first."""
+        with self.ownership.hold("vm stop") as outermost:
+            if outermost:
+                self._finish_abandoned(self.ownership, self._paths())
+                self._reload_spec()
+            self._stop_qemu(timeout)
+            self._cleanup()
+            if outermost:
+                self.ownership.forget()
+
+    def _stop_qemu(self, timeout: float = 10.0) -> None:
+        """Ends this VM's QEMU (quit over QMP, then signals) and waits until it is gone,
+        with its mappings; the folder stays."""
+        if self._qemu_alive():
             try:
                 qmp(self.rundir.qmp_sock, "quit", timeout=timeout)
             except (VMDied, HvkitError):
                 pass
             if not self._wait_gone(timeout):
                 self._kill()
-        self._cleanup()
 
     def _wait_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -565,7 +771,7 @@ class VM:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._process is not None:
+        if self._process is not None or self._started_here:
             self.stop()
 
     # ---- the guest's console and control port ----------------------------------------
@@ -617,15 +823,12 @@ class VM:
         paused there, so hvkit's view from outside and the guest's own describe the same
         pages. Then the VM runs again and the guest exports what it read."""
         tag = f"{os.getpid()}-{time.monotonic_ns()}"
-        with ControlPort(self) as port:
+        with self.owned("ground truth"), ControlPort(self) as port:
             port.send(f"freeze {tag}")
             port.read_until(f"HVKIT-FROZEN {tag}", timeout, resend=f"freeze {tag}")
-            self.pause()
-            try:
+            with self.paused("ground truth"):
                 result = while_paused()
-            finally:
-                self.resume()
-                port.send("continue")
+            port.send("continue")
             raw = port.read_until(f"HVKIT-GT-END {tag}", timeout)
         return self._parse_export(raw, tag, save_to), result
 

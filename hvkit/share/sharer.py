@@ -73,6 +73,9 @@ def filesystem_of(path: Path) -> str:
 def check_vm_ram(vm: VM) -> None:
     """Refuses RAM that hvkit cannot give back safely: not a file, not shared with
     QEMU's mapping (QEMU is asked, not just hvkit's notes), or on huge pages."""
+    if vm.spec.ram == "snapshot":
+        raise ShareRefused(f"VM {vm.name!r} runs from memory-server snapshot {vm.spec.snapshot}: its RAM "
+                           "is private to QEMU, not a shared file", "hvkit shares VMs started with 'hvkit vm start'")
     if vm.spec.ram != "file":
         raise ShareRefused(f"VM {vm.name!r} keeps its RAM inside QEMU, not in a shared file",
                            "only VMs started with the default RAM (a share=on file) can share")
@@ -118,6 +121,7 @@ class Sharer:
         self.vm = vm
         self.paths = paths or Paths.from_env()
         self.knowledge: KernelKnowledge | None = None
+        self.checked_pid: int | None = None  # the QEMU whose RAM check_vm_ram accepted
 
     def share(self, dry_run: bool = False, max_pause: float = MAX_PAUSE) -> ShareResult:
         """Gives back the free pages of the guest, pausing it for at most about
@@ -127,6 +131,7 @@ class Sharer:
         t0 = time.monotonic()
         if self.knowledge is None:
             check_vm_ram(self.vm)
+            self.checked_pid = self.vm.pid
             self.knowledge = load_kernel_knowledge(Path(self.vm.spec.kernel), None, self.paths)
         before = self.vm.host_memory()
         first: dict = {}
@@ -146,7 +151,12 @@ class Sharer:
 
     def _cycle(self, dry_run: bool, max_pause: float) -> "_Cycle":
         """One pause: identify, give back until the pause budget runs out, resume."""
-        with open_guest(self.vm.name, paths=self.paths, knowledge=self.knowledge) as guest:
+        with open_guest(self.vm.name, paths=self.paths, knowledge=self.knowledge, op="share") as guest:
+            if guest.vm.pid != self.checked_pid:
+                # another QEMU since the last check (a fork restarts its VM): check again,
+                # now that the VM is held and cannot change under us
+                check_vm_ram(guest.vm)
+                self.checked_pid = guest.vm.pid
             free, release = free_pages_to_release(guest)
             starts, lengths = _runs(release)
             punched = 0

@@ -1,0 +1,107 @@
+"""Finishing or undoing a fork whose process died (SIGKILL, a crash, a power cut of
+the command), from the journal it kept in the VM's intent record (forker.py).
+
+A first fork (a VM with a RAM file) goes through these steps, each recorded before
+it is taken:
+
+    pausing   the VM is paused and its device state saved to a staged file
+    moving    its RAM file moves into the store (QEMU still maps it, shared)
+    stopping  its QEMU ends: from here on nothing maps the file shared
+    sealing   the snapshot's table and JSON are written (sealed when the JSON is)
+    sealed    children start; the VM is restarted from the frozen file
+    restarted the free pages of the frozen file are given back
+
+Up to `moving` the fork is undone: the RAM file moves back (the old QEMU never lost
+its mapping) and the VM runs on as before. From `stopping` on it is finished: the
+snapshot is sealed (again, if need be: sealing is idempotent) and the VM runs from it.
+Either way, children that had not finished starting are then stopped (their own
+intent records say so: VM.finish_abandoned_children).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from hvkit.config import Paths
+from hvkit.errors import HvkitError
+from hvkit.memserver import Store
+from hvkit.procs import process_runs
+from hvkit.qemu import VM
+from hvkit.qemu.ownership import Ownership
+from hvkit.qemu.runtime import RuntimeDir
+
+log = logging.getLogger(__name__)
+
+UNDONE_STEPS = ("pausing", "moving")
+
+
+def finish_fork(owner: Ownership, journal: dict, paths: Paths) -> None:
+    """Undoes or finishes the fork recorded in `journal` for the VM of `owner` (whose
+    lock the caller holds, so the fork's process is gone), and stops its children that
+    had not finished starting."""
+    name, step, by = owner.name, journal.get("step"), f"pid {journal.get('pid', '?')}"
+    rundir = RuntimeDir(paths.vm_dir(name))
+    old_alive = process_runs(journal.get("old_pid"), str(rundir.path).encode())
+    try:
+        if step in UNDONE_STEPS:
+            _undo(rundir, journal, old_alive)
+            log.warning("the fork of VM %s (%s) died before its snapshot was sealed: undone, %s", name, by,
+                        "the VM runs on as before" if old_alive else "but its QEMU is gone too")
+        else:
+            snap = _finish(rundir, journal, old_alive, paths)
+            log.warning("the fork of VM %s (%s) died at step %r: finished it, snapshot %s is sealed and "
+                        "%s runs from it", name, by, step, snap, name)
+    except HvkitError as e:
+        log.warning("the fork of VM %s (%s) died at step %r and could not be finished: %s", name, by, step, e)
+
+
+def _undo(rundir: RuntimeDir, journal: dict, old_alive: bool) -> None:
+    frozen, ram = Path(journal["frozen"]), Path(journal["ram"])
+    if frozen.exists() and not ram.exists():
+        os.rename(frozen, ram)  # the old QEMU still maps this very file
+    Path(journal["state"]).unlink(missing_ok=True)
+    spec = rundir.read_spec()
+    if old_alive and spec is not None and journal.get("was_running"):
+        vm = VM(rundir, spec)
+        if vm.run_state() == "paused":
+            vm._qmp_cont()
+
+
+def _finish(rundir: RuntimeDir, journal: dict, old_alive: bool, paths: Paths) -> str:
+    if old_alive:  # paused, its state saved; it must not map the file shared past here
+        _kill(journal["old_pid"], rundir)
+    from hvkit.fork.forker import restart_from_frozen  # the forker's own restart
+
+    store = Store(Path(journal["store"]))
+    try:
+        machine = journal["machine"]
+        with store.lock():
+            snap = store.freeze_ram_file(Path(journal["frozen"]), machine["memory"], rundir.name,
+                                         Path(journal["state"]), machine, journal["fork_id"])
+        if journal.get("step") != "restarted":
+            spec = rundir.read_spec()
+            if spec is not None and spec.pid != journal.get("old_pid"):
+                VM(rundir, spec)._kill()  # a replacement QEMU that never finished starting
+            rundir.path.mkdir(mode=0o700, exist_ok=True)
+            restart_from_frozen(rundir.name, snap, Path(journal["frozen"]), store, paths,
+                                run=bool(journal.get("run_after")))
+        return snap.name
+    finally:
+        store.close()
+
+
+def _kill(pid: int, rundir: RuntimeDir) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 3.0
+        while process_runs(pid, str(rundir.path).encode()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not process_runs(pid, str(rundir.path).encode()):
+            return
