@@ -13,6 +13,7 @@ from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.fork import ChildStarted, child_names, fork as fork_vm, start_children
 from hvkit.memserver import MemServer
+from hvkit.qemu import VM
 from hvkit.units import mib
 
 
@@ -118,7 +119,12 @@ def stop(force: bool) -> None:
 @click.option("--force", is_flag=True, help="Also while VMs run from its snapshots (they stop).")
 def clear(force: bool) -> None:
     """Stop the server and delete every snapshot it holds."""
-    server = MemServer.of(Paths.from_env())
+    paths = Paths.from_env()
+    server = MemServer.of(paths)
+    users = [row.name for row in VM.list(paths) if row.snapshot and row.state != "dead"]
+    if users and not force:
+        raise HvkitError(f"VMs run from the memory server's snapshots ({', '.join(users)}); clearing "
+                         "would leave them unable to fork again", "stop them first, or pass --force")
     server.stop(force=force)
     shutil.rmtree(server.root, ignore_errors=True)
     console().print(f"memory server stopped and {server.root} deleted")

@@ -61,6 +61,36 @@ def load_kernel_knowledge(kernel_file: Path, headers: str | Path | None, paths: 
     return KernelKnowledge(load_symbols(kernel_file, paths.cache, tree.config), build_layout(tree, paths.cache))
 
 
+@dataclass
+class _Located:
+    memory: GuestMemory
+    kernel: KernelSpace
+
+    def close(self) -> None:
+        self.memory.close()
+
+
+def _locate_in(vm: VM, knowledge: KernelKnowledge) -> _Located:
+    """The guest memory of `vm` where its kernel is found: its RAM file, or of the
+    mappings of its QEMU process that could be its RAM, the one that holds it."""
+    candidates = vm.memory_candidates()
+    failure: HvkitError | None = None
+    try:
+        for i, memory in enumerate(candidates):
+            try:
+                located = _Located(memory, KernelSpace.locate(memory, knowledge.symbols))
+            except HvkitError as e:
+                failure = failure or e
+                continue
+            candidates.pop(i)
+            return located
+    finally:
+        for memory in candidates:
+            memory.close()
+    assert failure is not None
+    raise failure
+
+
 @contextlib.contextmanager
 def open_guest(source: str, kernel: str | Path | None = None, headers: str | Path | None = None,
                paths: Paths | None = None, knowledge: KernelKnowledge | None = None,
@@ -83,9 +113,9 @@ def open_guest(source: str, kernel: str | Path | None = None, headers: str | Pat
         return
     vm = VM.attach(source, paths)
     knowledge = knowledge or load_kernel_knowledge(Path(kernel) if kernel else Path(vm.spec.kernel), headers, paths)
-    with vm.paused(op) as pause, contextlib.closing(vm.memory()) as memory:
-        guest = Guest(memory, KernelSpace.locate(memory, knowledge.symbols), knowledge.layout,
-                      paused_at=pause.at if pause.ours else None, vm=vm)
+    with vm.paused(op) as pause, contextlib.closing(_locate_in(vm, knowledge)) as found:
+        memory, kernel_space = found.memory, found.kernel
+        guest = Guest(memory, kernel_space, knowledge.layout, paused_at=pause.at if pause.ours else None, vm=vm)
         try:
             yield guest
         finally:

@@ -27,7 +27,8 @@ from hvkit.config import Paths
 from hvkit.errors import HvkitError, VMDied, VMNotFound
 from hvkit.guest import GroundTruth, Workload, build_default_guest, parse_ground_truth
 from hvkit.kernel import read_kernel_image
-from hvkit.memory import RamFileMemory
+from hvkit.memory import GuestMemory, RamFileMemory
+from hvkit.memory.process import ProcessMemory, ram_mappings
 from hvkit.memserver.daemon import memserver_alive
 from hvkit.procs import process_runs
 from hvkit.qemu.accel import ACCELS, best_accel
@@ -598,16 +599,29 @@ class VM:
         except VMDied:
             return "dead"
 
-    def memory(self) -> "RamFileMemory":
-        """The guest's physical memory, read from its RAM file (close it when done)."""
-        if self.spec.ram == "snapshot":
-            raise HvkitError(f"VM {self.name!r} runs from memory-server snapshot {self.spec.snapshot} "
-                             "(its RAM is private to QEMU); hvkit reads and gives back only a RAM file",
-                             f"read the snapshot file {self.spec.ram_file}, or a VM started with 'hvkit vm start'")
-        if self.spec.ram != "file":
-            raise HvkitError(f"VM {self.name!r} keeps its RAM inside QEMU (started with ram={self.spec.ram!r}); "
-                             "hvkit reads and gives back only a RAM file", "start it with the default RAM")
-        return RamFileMemory(self.rundir.ram)
+    def memory(self) -> GuestMemory:
+        """The guest's physical memory (close it when done): its RAM file, or for RAM
+        inside QEMU (anonymous, or a forked VM's private mapping of its snapshot) the
+        QEMU process's memory. Where QEMU has several mappings that could be guest RAM,
+        the first; `memory_candidates` gives all of them."""
+        candidates = self.memory_candidates()
+        for extra in candidates[1:]:
+            extra.close()
+        return candidates[0]
+
+    def memory_candidates(self) -> list[GuestMemory]:
+        """Every place guest RAM may be: one RAM file, or the mappings of QEMU's process
+        that could hold it (the snapshot file it maps, else every mapping of the RAM's
+        size); the caller keeps the one where it finds the guest kernel."""
+        if self.spec.ram == "file":
+            return [RamFileMemory(self.rundir.ram)]
+        path = self.spec.ram_file if self.spec.ram == "snapshot" else None
+        found = ram_mappings(self.pid, self.spec.memory, path)
+        if not found:
+            raise HvkitError(f"cannot find the guest RAM of VM {self.name!r} in QEMU process {self.pid} "
+                             f"(no mapping of {format_size(self.spec.memory)}"
+                             + (f" of {path})" if path else ")"))
+        return [ProcessMemory(self.pid, m.start, self.spec.memory) for m in found]
 
     def dump_core(self, path: Path) -> Path:
         """Writes guest memory as a QEMU dump-guest-memory ELF core (VM paused meanwhile)."""
