@@ -54,6 +54,38 @@ def start(name, memory, cpus, kernel, initrd, append, workload, accel, cpu_model
                     f"RAM file {machine.ram_path})")
 
 
+@vm.command()
+@click.option("--qmp", "qmp_socket", required=True, type=click.Path(path_type=Path),
+              help="The QMP socket of the running QEMU (its -qmp unix:PATH,server=on).")
+@click.option("--name", help="Name for it in hvkit (default: attached1, attached2, ...).")
+@click.option("--kernel", type=click.Path(path_type=Path),
+              help="The guest's kernel file, when QEMU has no -kernel and the guest's kernel is not "
+                   "a Debian kernel hvkit can fetch.")
+@json_option
+def attach(qmp_socket: Path, name: str | None, kernel: Path | None, as_json: bool) -> None:
+    """Adopt a running QEMU that hvkit did not start, by its QMP socket.
+
+    Its guest RAM, machine and kernel are found from QEMU and the guest's memory.
+    Then identify, ps, share (RAM in a shared file only), vm pause and vm resume work on
+    it by name. hvkit never stops or restarts it ('hvkit vm detach' forgets it), and
+    does not fork it (a fork restarts its VM)."""
+    machine = VM.adopt(qmp_socket, name, kernel)
+    if as_json:
+        print_json(machine.status().to_json())
+        return
+    where = f"RAM file {machine.ram_path}" if machine.spec.ram == "file" else "RAM inside QEMU"
+    console().print(f"attached QEMU pid {machine.pid} as VM [bold]{machine.name}[/]: "
+                    f"{mib(machine.spec.memory):.0f} MiB ({where}), kernel {machine.spec.kernel_release}")
+
+
+@vm.command()
+@click.argument("name")
+def detach(name: str) -> None:
+    """Forget an attached VM; its QEMU runs on, untouched."""
+    VM.attach(name).detach()
+    console().print(f"VM {name} detached (its QEMU runs on)")
+
+
 @vm.command(name="list")
 @json_option
 def list_(as_json) -> None:
@@ -71,10 +103,11 @@ def list_(as_json) -> None:
         return
     print_table(
         ["name", "state", "pid", "cpus", "memory MiB", "host MiB", "PSS MiB", "parent", "uptime s",
-         "accel", "workload"],
-        [[r.name, r.state, r.pid, r.cpus,
+         "accel", "workload", "from"],
+        [[r.name, r.state + (f" ({r.owner})" if r.owner else ""), r.pid, r.cpus,
           f"{mib(r.memory):.0f}", f"{mib(r.host_memory):.1f}", f"{mib(r.pss):.1f}", r.parent or "",
-          f"{r.uptime:.0f}" if r.uptime is not None else "", r.accel, r.workload] for r in rows],
+          f"{r.uptime:.0f}" if r.uptime is not None else "", r.accel, r.workload,
+          r.origin.split(":", 1)[0]] for r in rows],
     )
     for r in rows:
         if r.state == "dead":

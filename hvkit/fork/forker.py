@@ -159,6 +159,10 @@ def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = Fals
 
 
 def _check_forkable(vm: VM) -> None:
+    if vm.attached:
+        raise HvkitError(f"VM {vm.name!r} was attached, not started by hvkit: a fork restarts its VM from "
+                         "the snapshot, and hvkit never restarts a VM it did not start",
+                         "start the VM with 'hvkit vm start' to fork it")
     if vm.spec.ram not in ("file", "snapshot"):
         raise HvkitError(f"VM {vm.name!r} keeps its RAM inside QEMU (ram={vm.spec.ram!r}); hvkit forks "
                          "VMs whose RAM is a file", "start it with the default RAM")

@@ -72,13 +72,13 @@ def ram_mappings(pid: int, ram_size: int, path: str | None = None) -> list[Mappi
 
 class ProcessMemory(GuestMemory):
     """Guest-physical memory of the QEMU process `pid`, whose guest RAM (`ram_size`
-    bytes, laid out as QEMU's PC machine does: below the hole under 4 GiB and above it)
-    is mapped at host-virtual address `host_start`."""
+    bytes, laid out as QEMU's PC `machine` does: below the hole under 4 GiB and above
+    it) is mapped at host-virtual address `host_start`."""
 
-    def __init__(self, pid: int, host_start: int, ram_size: int) -> None:
+    def __init__(self, pid: int, host_start: int, ram_size: int, machine: str = "pc") -> None:
         self.pid = pid
         self.host_start = host_start
-        ranges = [MemoryRange(r.gpa, r.size, host_start + r.offset) for r in pc_ram_ranges(ram_size)]
+        ranges = [MemoryRange(r.gpa, r.size, host_start + r.offset) for r in pc_ram_ranges(ram_size, machine)]
         try:
             super().__init__(Path(f"/proc/{pid}/mem"), ranges)
         except PermissionError:

@@ -39,7 +39,7 @@ def qmp(sock: Path, command: str, args: dict | None = None, timeout: float = 10.
     try:
         return asyncio.run(_execute(sock, command, args, timeout))
     except ExecuteError as e:
-        raise HvkitError(f"QEMU refused {command}: {e.error.desc}") from None
+        raise HvkitError(f"QEMU refused {command}: {e}") from None
     except ConnectError as e:
         raise QMPUnreachable(f"QEMU does not answer on {sock} ({e})") from None
     except (OSError, EOFError, asyncio.TimeoutError) as e:

@@ -32,6 +32,7 @@ from hvkit.memory.process import ProcessMemory, ram_mappings
 from hvkit.memserver.daemon import memserver_alive
 from hvkit.procs import process_runs
 from hvkit.qemu.accel import ACCELS, best_accel
+from hvkit.qemu.attach import fetch_debian_kernel, probe_qmp, process_start_ticks, qemu_cmdline, release_in_memory
 from hvkit.qemu.ownership import LOCK_WAIT, Ownership, fault_point, stale_intents
 from hvkit.qemu.qmp import QMPUnreachable, qmp
 from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name, free_space_note
@@ -118,6 +119,7 @@ class VMStatus:
     parent: str | None = None  # the VM it was forked from
     snapshot: str | None = None  # the memory-server snapshot it runs from
     ram_path: str | None = None  # the file its guest RAM is mapped from (None: inside QEMU)
+    origin: str = "hvkit"  # "hvkit", or where an attached VM came from ("qmp:<socket>")
     owner: str = ""  # the hvkit command that holds it now, if another one does
 
     def to_json(self) -> dict:
@@ -254,7 +256,7 @@ class VM:
                 vm._qmp_cont()
                 log.warning("VM %s was left paused by %s, which did not finish: resumed it", owner.name, what)
         elif undo == "stop":
-            if vm is not None:
+            if vm is not None and not vm.attached:
                 vm._kill()
             rundir.remove()
             log.warning("VM %s never finished starting (%s did not finish): stopped it", owner.name, what)
@@ -276,6 +278,71 @@ class VM:
             with owner.try_hold("fork recovery") as got:
                 if got:
                     cls._finish_abandoned(owner, paths)
+
+    # ---- adopting a QEMU hvkit did not start (attach.py) ------------------------------
+
+    @classmethod
+    def adopt(cls, qmp_socket: str | Path, name: str | None = None, kernel: str | Path | None = None,
+              paths: Paths | None = None) -> "VM":
+        """Adopts the running QEMU behind `qmp_socket` as VM `name` (default: its QEMU
+        -name, else attached1, ...): what it is comes from QEMU itself (attach.py).
+        Nothing is changed in the VM; hvkit never stops or restarts it."""
+        paths = paths or Paths.from_env()
+        sock = Path(qmp_socket).resolve()
+        facts = probe_qmp(sock)
+        taken = [r for r in cls.list(paths) if r.origin == f"qmp:{sock}"]
+        if taken:
+            raise HvkitError(f"that QEMU is attached already, as VM {taken[0].name!r}", "use that name")
+        name = check_name(name) if name else cls._free_name(paths, "attached")
+        spec = VMSpec(name=name, memory=facts.memory, cpus=facts.cpus, kernel=facts.kernel or "", initrd=None,
+                      append="", accel=facts.accel, ram="file" if facts.ram_file else "anonymous",
+                      ram_file=facts.ram_file, origin=f"qmp:{sock}", qmp_socket=str(sock), memdev=facts.memdev,
+                      machine=facts.machine, pid=facts.pid, proc_start=process_start_ticks(facts.pid),
+                      started_at=time.time(), command=qemu_cmdline(facts.pid))
+        owner = Ownership(paths.runtime, name)
+        with owner.hold("vm attach") as outermost:
+            if outermost:
+                cls._finish_abandoned(owner, paths)
+            rundir = RuntimeDir(paths.vm_dir(name))
+            cls._claim(rundir)
+            vm = cls(rundir, spec)
+            try:
+                if not spec.kernel or kernel:
+                    spec.kernel = str(Path(kernel).resolve()) if kernel else str(vm._kernel_from_memory(paths))
+                spec.kernel_release = read_kernel_image(spec.kernel).release
+                rundir.write_spec(spec)
+            except BaseException:
+                rundir.remove()
+                raise
+        return vm
+
+    def _kernel_from_memory(self, paths: Paths) -> Path:
+        """The guest's kernel file when QEMU was not given one: the release its memory
+        runs, fetched from Debian's archive."""
+        candidates = self.memory_candidates()
+        try:
+            release, failure = None, None
+            for memory in candidates:
+                try:
+                    release = release_in_memory(memory)
+                    break
+                except HvkitError as e:
+                    failure = e
+            if release is None:
+                raise failure or HvkitError("no guest memory found")
+        finally:
+            for memory in candidates:
+                memory.close()
+        log.info("the guest of %s runs kernel %s; fetching it from Debian's archive", self.name, release)
+        return fetch_debian_kernel(release, paths)
+
+    def detach(self) -> None:
+        """Forgets an attached VM (its QEMU runs on, untouched)."""
+        if not self.attached:
+            raise HvkitError(f"VM {self.name!r} was started by hvkit", "stop it with 'hvkit vm stop'")
+        with self.owned("vm detach"):
+            self.rundir.remove()
+        self.ownership.forget()
 
     # ---- starting -------------------------------------------------------------------
 
@@ -449,11 +516,11 @@ class VM:
         return image.path.resolve(), initrd_path, image.release
 
     @staticmethod
-    def _free_name(paths: Paths) -> str:
+    def _free_name(paths: Paths, prefix: str = "vm") -> str:
         n = 1
-        while paths.vm_dir(f"vm{n}").exists():
+        while paths.vm_dir(f"{prefix}{n}").exists():
             n += 1
-        return f"vm{n}"
+        return f"{prefix}{n}"
 
     @classmethod
     def _claim(cls, rundir: RuntimeDir) -> None:
@@ -545,11 +612,24 @@ class VM:
 
     @property
     def ram_path(self) -> Path:
-        return self.rundir.ram
+        """Its RAM file (hvkit's own VMs: `ram` in its folder; an attached VM: QEMU's mem-path)."""
+        return Path(self.spec.ram_file) if self.attached and self.spec.ram_file else self.rundir.ram
+
+    @property
+    def qmp_path(self) -> Path:
+        return Path(self.spec.qmp_socket) if self.spec.qmp_socket else self.rundir.qmp_sock
+
+    @property
+    def attached(self) -> bool:
+        """Whether hvkit adopted this VM (vm attach) rather than started it: it never
+        stops or restarts it."""
+        return self.spec.origin != "hvkit"
 
     def _qemu_alive(self) -> bool:
         if self._process is not None:  # our own child: its pid cannot have been reused
             return self._process.poll() is None
+        if self.attached:  # the same process as when attached: pid and start time
+            return process_runs(self.pid, b"qemu") and process_start_ticks(self.pid) == self.spec.proc_start
         return process_runs(self.pid, str(self.rundir.path).encode())  # a QEMU of this folder
 
     def is_alive(self) -> bool:
@@ -574,6 +654,8 @@ class VM:
             return (f"its memory server (pid {self.spec.memserver_pid}) is gone, so its memory "
                     f"cannot be read any more; 'hvkit memserver start' serves snapshot "
                     f"{self.spec.snapshot} again to new children ('hvkit fork --snapshot {self.spec.snapshot}')")
+        if self.attached:
+            return f"its QEMU (pid {self.pid}, attached from {self.spec.origin}) is gone"
         qemu_said = self.rundir.tail(self.rundir.qemu_log, 3)
         if qemu_said:
             return f"QEMU said: {qemu_said}"
@@ -614,14 +696,14 @@ class VM:
         that could hold it (the snapshot file it maps, else every mapping of the RAM's
         size); the caller keeps the one where it finds the guest kernel."""
         if self.spec.ram == "file":
-            return [RamFileMemory(self.rundir.ram)]
+            return [RamFileMemory(self.ram_path, self.spec.machine)]
         path = self.spec.ram_file if self.spec.ram == "snapshot" else None
         found = ram_mappings(self.pid, self.spec.memory, path)
         if not found:
             raise HvkitError(f"cannot find the guest RAM of VM {self.name!r} in QEMU process {self.pid} "
                              f"(no mapping of {format_size(self.spec.memory)}"
                              + (f" of {path})" if path else ")"))
-        return [ProcessMemory(self.pid, m.start, self.spec.memory) for m in found]
+        return [ProcessMemory(self.pid, m.start, self.spec.memory, self.spec.machine) for m in found]
 
     def dump_core(self, path: Path) -> Path:
         """Writes guest memory as a QEMU dump-guest-memory ELF core (VM paused meanwhile)."""
@@ -635,7 +717,7 @@ class VM:
         merged (they are held once, elsewhere)."""
         if self.spec.ram == "file":
             try:
-                return self.rundir.ram.stat().st_blocks * 512
+                return self.ram_path.stat().st_blocks * 512
             except OSError:
                 return 0
         return _resident_ram_of(self.pid, self.spec.memory, own_only=self.spec.ram == "snapshot")
@@ -651,13 +733,14 @@ class VM:
             reason=self._death_reason() if state == "dead" else "",
             pss=proportional_memory(self.pid) if state != "dead" else 0,
             parent=self.spec.parent, snapshot=self.spec.snapshot, ram_path=self.ram_file(),
+            origin=self.spec.origin,
         )
 
     def ram_file(self) -> str | None:
         """The host file guest RAM is mapped from: its RAM file, or the snapshot file a
         forked VM maps privately; None for RAM inside QEMU."""
         if self.spec.ram == "file":
-            return str(self.rundir.ram)
+            return str(self.ram_path)
         return self.spec.ram_file if self.spec.ram == "snapshot" else None
 
     # ---- control --------------------------------------------------------------------
@@ -670,7 +753,7 @@ class VM:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return qmp(self.rundir.qmp_sock, command, args, timeout)
+                return qmp(self.qmp_path, command, args, timeout)
             except QMPUnreachable:
                 self._raise_if_dead(f"during {command}")
                 if time.monotonic() > deadline:
@@ -735,6 +818,9 @@ class VM:
     def stop(self, timeout: float = 10.0) -> None:
         """Ends QEMU (politely over QMP, then by signal) and removes the runtime folder;
         waits for another hvkit command that holds the VM to finish first."""
+        if self.attached:
+            raise HvkitError(f"VM {self.name!r} was attached ({self.spec.origin}), not started by hvkit; "
+                             "hvkit never stops it", f"'hvkit vm detach {self.name}' forgets it")
         with self.ownership.hold("vm stop") as outermost:
             if outermost:
                 self._finish_abandoned(self.ownership, self._paths())
@@ -749,7 +835,7 @@ class VM:
         with its mappings; the folder stays."""
         if self._qemu_alive():
             try:
-                qmp(self.rundir.qmp_sock, "quit", timeout=timeout)
+                qmp(self.qmp_path, "quit", timeout=timeout)
             except (VMDied, HvkitError):
                 pass
             if not self._wait_gone(timeout):

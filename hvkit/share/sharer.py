@@ -36,6 +36,10 @@ class ShareRefused(HvkitError):
     """Sharing would not be safe for this VM; the message says why."""
 
 
+SHARED_FILE_HINT = ("give it RAM in a shared file: 'hvkit vm start' does; plain QEMU: -object "
+                    "memory-backend-file,id=pc.ram,size=SIZE,mem-path=/dev/shm/NAME,share=on -machine "
+                    "memory-backend=pc.ram; libvirt: <memoryBacking><source type='file'/>"
+                    "<access mode='shared'/></memoryBacking>")
 MAX_PAUSE = 0.1  # seconds: default budget of one pause
 MAX_CYCLES = 20  # pauses one Sharer.share may take to give everything back
 
@@ -77,9 +81,11 @@ def check_vm_ram(vm: VM) -> None:
         raise ShareRefused(f"VM {vm.name!r} runs from memory-server snapshot {vm.spec.snapshot}: its RAM "
                            "is private to QEMU, not a shared file", "hvkit shares VMs started with 'hvkit vm start'")
     if vm.spec.ram != "file":
-        raise ShareRefused(f"VM {vm.name!r} keeps its RAM inside QEMU, not in a shared file",
-                           "only VMs started with the default RAM (a share=on file) can share")
-    if not vm.qmp("qom-get", {"path": "/objects/ram0", "property": "share"}):
+        # Linux lets no process drop another one's pages: process_madvise(2) takes only
+        # MADV_COLD and MADV_PAGEOUT, which move pages to swap, not give them back
+        raise ShareRefused(f"VM {vm.name!r} keeps its RAM inside QEMU (anonymous memory), which no other "
+                           "process can give back", SHARED_FILE_HINT)
+    if not vm.qmp("qom-get", {"path": f"/objects/{vm.spec.memdev}", "property": "share"}):
         raise ShareRefused(f"the RAM of VM {vm.name!r} is not mapped shared (share=off)",
                            "holes punched in the file would not reach the guest")
     fs = filesystem_of(vm.ram_path)

@@ -1,0 +1,162 @@
+"""Adopting a QEMU that hvkit did not start (`hvkit vm attach --qmp SOCKET`).
+
+What hvkit needs to know of such a VM it asks QEMU and the kernel, never the user:
+
+- its process: the peer of the QMP socket (SO_PEERCRED), checked to be a QEMU;
+- its guest RAM: the machine's RAM backend (QMP `query-memdev`, `qom-get` of the
+  machine's `memory-backend` and of the backend's `mem-path`/`share`): a shared file
+  hvkit can read and punch holes in, or memory inside QEMU read through /proc/PID/mem;
+- the machine's RAM layout: i440fx (`pc`) or q35, from `qom-get /machine type`;
+- the guest kernel: QEMU's `-kernel` file when it has one; else the release found in
+  guest memory (the kernel's banner) and that Debian kernel package fetched; else
+  the user's `--kernel`.
+
+An attached VM is never stopped or restarted by hvkit: `vm detach` forgets it.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvkit.config import Paths
+from hvkit.errors import HvkitError
+from hvkit.qemu.qmp import QMPUnreachable, qmp
+
+MACHINES = {"i440fx": "pc", "q35": "q35"}
+
+
+@dataclass(frozen=True)
+class QemuFacts:
+    pid: int
+    memory: int  # bytes of guest RAM
+    memdev: str  # the RAM backend's id
+    ram_file: str | None  # its mem-path, for a file backend
+    shared: bool  # mapped share=on (holes punched in the file reach the guest)
+    machine: str  # "pc" or "q35"
+    cpus: int
+    accel: str
+    kernel: str | None  # QEMU's -kernel, if it has one
+
+
+def peer_pid(sock: Path) -> int:
+    """The pid of the process serving unix socket `sock` (SO_PEERCRED)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5.0)
+        try:
+            s.connect(str(sock))
+        except OSError as e:
+            raise HvkitError(f"cannot connect to {sock} ({e.strerror or e})",
+                             "give the QMP socket of a running QEMU (-qmp unix:PATH,server=on)") from None
+        pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid
+
+
+def qemu_cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        raise HvkitError(f"process {pid} is gone") from None
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot): with its pid, what tells it
+    apart from a later process that got the same pid."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def probe_qmp(sock: Path) -> QemuFacts:
+    """What hvkit needs to know of the QEMU behind QMP socket `sock` (see the module)."""
+    if not sock.exists():
+        raise HvkitError(f"{sock} does not exist", "give the QMP socket of a running QEMU")
+    pid = peer_pid(sock)
+    cmdline = qemu_cmdline(pid)
+    if not cmdline or "qemu-system" not in Path(cmdline[0]).name:
+        raise HvkitError(f"{sock} is served by process {pid} ({cmdline[0] if cmdline else '?'}), not QEMU")
+    status = _first_answer(sock)
+    if status.get("status") in ("inmigrate", "prelaunch", "shutdown", "internal-error"):
+        raise HvkitError(f"the QEMU behind {sock} is {status['status']}", "attach to a VM that runs")
+    return _facts(sock, pid, cmdline)
+
+
+def _first_answer(sock: Path) -> dict:
+    """query-status; QEMU serves one QMP client at a time and may not have seen our
+    SO_PEERCRED connection close yet, so a refused session is tried again briefly."""
+    deadline = time.monotonic() + 3.0
+    while True:
+        try:
+            return qmp(sock, "query-status", timeout=5.0)
+        except QMPUnreachable as e:
+            if time.monotonic() > deadline:
+                raise HvkitError(f"{sock} does not speak QMP ({e})",
+                                 "give QEMU's -qmp socket (not a console or monitor socket)") from None
+            time.sleep(0.05)
+        except HvkitError as e:
+            raise HvkitError(f"{sock} does not speak QMP ({e})", "give QEMU's -qmp socket") from None
+
+
+def _facts(sock: Path, pid: int, cmdline: list[str]) -> QemuFacts:
+    call = lambda cmd, args=None: qmp(sock, cmd, args, timeout=5.0)  # noqa: E731
+    machine_type = call("qom-get", {"path": "/machine", "property": "type"})
+    machine = next((short for key, short in MACHINES.items() if key in machine_type), None)
+    if machine is None:
+        raise HvkitError(f"the VM's machine is {machine_type}; hvkit knows the RAM layout of the PC "
+                         "machines (i440fx and q35) only")
+    memdevs = call("query-memdev")
+    try:
+        main = call("qom-get", {"path": "/machine", "property": "memory-backend"})
+    except HvkitError:
+        main = None
+    main = main.rsplit("/", 1)[-1] if main else None
+    chosen = next((m for m in memdevs if m.get("id") == main), None) or \
+        max(memdevs, key=lambda m: m.get("size", 0), default=None)
+    if chosen is None:
+        raise HvkitError(f"QEMU process {pid} reports no RAM backend (query-memdev is empty)",
+                         "is this a QEMU older than 5.0?")
+    memdev = chosen.get("id") or "pc.ram"
+    try:
+        ram_file = call("qom-get", {"path": f"/objects/{memdev}", "property": "mem-path"})
+    except HvkitError:
+        ram_file = None  # memory-backend-ram (or memfd): inside QEMU
+    kernel = cmdline[cmdline.index("-kernel") + 1] if "-kernel" in cmdline[:-1] else None
+    accel = "kvm" if any("kvm" in a for a in cmdline) else "tcg"
+    return QemuFacts(pid=pid, memory=int(chosen["size"]), memdev=memdev, ram_file=ram_file,
+                     shared=bool(chosen.get("share")), machine=machine,
+                     cpus=len(call("query-cpus-fast")), accel=accel, kernel=kernel)
+
+
+BANNER = re.compile(rb"Linux version (\S+) \(")
+
+
+def release_in_memory(memory) -> str:
+    """The kernel release the guest memory runs, from the banner the kernel keeps in its
+    image (`Linux version <release> (...`)."""
+    for gpa in memory.find(b"Linux version ", limit=64):
+        m = BANNER.match(memory.read(gpa, 200))
+        if m:
+            return m.group(1).decode(errors="replace")
+    raise HvkitError("no Linux kernel banner in the guest's memory (is it a Linux guest, and booted?)",
+                     "pass --kernel FILE")
+
+
+def fetch_debian_kernel(release: str, paths: Paths) -> Path:
+    """The vmlinuz of Debian's `linux-image-<release>`, fetched into the cache (where the
+    default guest keeps its kernel: that one is never fetched twice)."""
+    from hvkit.guest.debian import archive_has, fetch_and_unpack
+
+    package = f"linux-image-{release}"
+    dest = paths.cache / "guest" / package
+    if not (dest / ".unpacked").exists() and not archive_has(package):
+        raise HvkitError(f"the guest runs kernel {release}, which is not a Debian kernel that apt can fetch here",
+                         "pass --kernel FILE (the guest's vmlinuz)")
+    found = sorted(fetch_and_unpack(package, dest).glob(f"boot/vmlinuz-{release}"))
+    if not found:
+        raise HvkitError(f"Debian's {package} has no boot/vmlinuz-{release}", "pass --kernel FILE")
+    return found[0]

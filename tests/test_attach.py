@@ -1,0 +1,151 @@
+"""VMs hvkit did not start: a plain QEMU (`-m 256M`, anonymous RAM, a QMP socket, no
+hvkit options) adopted by its socket, read as it is (identify and ps against the guest's
+own view), paused and resumed, never stopped, forked or shared where that would be
+unsafe; and a plain QEMU with its RAM in a shared file, whose free pages hvkit gives back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hvkit.qemu import VM, qemu_binary
+from hvkit.qemu.attach import fetch_debian_kernel
+from hvkit.share import share_once
+
+from conftest import run_cli
+from test_identify import assert_agrees_with_kpageflags, identify_at_one_moment
+from test_ps import compare_with_ground_truth
+
+
+class PlainQemu:
+    """A QEMU started the way a user would start one, outside hvkit. It has hvkit's
+    initramfs and a second serial port only so that the tests can ask the guest for its
+    own view of its memory (ground truth); hvkit is not told about either."""
+
+    def __init__(self, folder: Path, guest, workload: str, ram_file: Path | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.qmp = folder / "qmp.sock"
+        self.console = folder / "console.log"
+        ram = ["-m", "256M"]
+        if ram_file is not None:
+            ram += ["-object", f"memory-backend-file,id=pc.ram,size=256M,mem-path={ram_file},share=on",
+                    "-machine", "memory-backend=pc.ram"]
+        name, _, mib = workload.partition(":")
+        self.proc = subprocess.Popen(
+            [qemu_binary(), *ram, "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+             "-append", f"console=ttyS0 quiet panic=-1 hvkit.workload={name} hvkit.mib={mib or 64}",
+             "-display", "none", "-serial", f"file:{self.console}",
+             "-chardev", f"socket,id=ctl,path={folder / 'ctl.sock'},server=on,wait=off", "-serial", "chardev:ctl",
+             "-qmp", f"unix:{self.qmp},server=on,wait=off"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in (self.console.read_text(errors="replace") if self.console.exists() else ""):
+            assert self.proc.poll() is None, "the plain QEMU died"
+            assert time.monotonic() < deadline, f"no {text!r} on the console"
+            time.sleep(0.1)
+
+    def lend_ground_truth(self, vm: VM) -> None:
+        """Points the attached VM's folder at the guest's console and control port: test
+        instrumentation, so that VM.ground_truth() reaches this guest's own view."""
+        os.symlink(self.folder / "ctl.sock", vm.rundir.ctl_sock)
+        os.symlink(self.console, vm.rundir.console_log)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def plain(guest, tmp_path_factory):
+    q = PlainQemu(tmp_path_factory.mktemp("plain"), guest, "alloc:64")
+    try:
+        q.wait_for("HVKIT-ALLOC done mib=64")
+        yield q
+    finally:
+        q.stop()
+
+
+def test_a_plain_qemu_is_attached_and_read_as_it_is(plain, paths, guest):
+    proc = run_cli("vm", "attach", "--qmp", str(plain.qmp), "--name", "plain", "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert row["pid"] == plain.proc.pid and row["memory"] == 256 << 20 and row["origin"].startswith("qmp:")
+    assert row["ram_path"] is None  # RAM inside QEMU
+    vm = VM.attach("plain", paths)
+    assert Path(vm.spec.kernel) == Path(guest.kernel).resolve()  # QEMU's own -kernel
+    plain.lend_ground_truth(vm)
+    compare_with_ground_truth(vm, paths)
+    truth, pm, layout, _ = identify_at_one_moment(vm, paths)
+    assert_agrees_with_kpageflags(truth, pm, layout)
+
+    assert run_cli("vm", "pause", "plain").returncode == 0
+    assert vm.run_state() == "paused"
+    proc = run_cli("ps", "plain", "--json")  # read paused: it stays paused (the user's pause)
+    assert proc.returncode == 0 and vm.run_state() == "paused"
+    assert run_cli("vm", "resume", "plain").returncode == 0 and vm.run_state() == "running"
+
+    for args, says in [(["share", "plain"], "memory-backend-file"),
+                       (["fork", "plain"], "never restarts a VM it did not start"),
+                       (["vm", "stop", "plain"], "vm detach plain"),
+                       (["vm", "attach", "--qmp", str(plain.qmp)], "attached already")]:
+        proc = run_cli(*args)
+        assert proc.returncode == 1 and says in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert vm.run_state() == "running"
+    rows = {r["name"]: r for r in json.loads(run_cli("vm", "list", "--json").stdout)}
+    assert rows["plain"]["state"] == "running" and rows["plain"]["origin"] == f"qmp:{plain.qmp.resolve()}"
+
+    # the kernel from guest memory alone (QEMU without -kernel): its release, then Debian's package
+    assert fetch_debian_kernel(guest.release, paths) == Path(guest.kernel)
+    assert vm._kernel_from_memory(paths).resolve() == Path(guest.kernel).resolve()
+
+    assert run_cli("vm", "detach", "plain").returncode == 0
+    assert plain.proc.poll() is None, "detaching stopped the QEMU"
+    assert "plain" not in run_cli("vm", "list").stdout
+
+
+def test_attach_refuses_what_is_not_a_running_qemu(plain, paths, tmp_path):
+    for target, says in [(plain.folder / "ctl.sock", "does not speak QMP"),
+                         (tmp_path / "none.sock", "does not exist")]:
+        proc = run_cli("vm", "attach", "--qmp", str(target), timeout=60)
+        assert proc.returncode == 1 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_vm_that_stops_while_attached_is_reported(guest, paths, tmp_path):
+    q = PlainQemu(tmp_path / "gone", guest, "idle")
+    try:
+        q.wait_for("HVKIT-READY")
+        assert run_cli("vm", "attach", "--qmp", str(q.qmp), "--name", "gone").returncode == 0
+    finally:
+        q.stop()
+    proc = run_cli("ps", "gone")
+    assert proc.returncode == 1 and "is gone" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "gone" not in run_cli("vm", "list").stdout
+
+
+def test_share_gives_back_a_plain_qemus_free_pages_in_a_shared_file(guest, paths, tmp_path):
+    ram = Path("/dev/shm") / f"hvt-plain-{os.getpid()}.ram"
+    q = PlainQemu(tmp_path / "fileram", guest, "alloc:180", ram_file=ram)
+    try:
+        q.wait_for("HVKIT-ALLOC done mib=180")
+        assert run_cli("vm", "attach", "--qmp", str(q.qmp), "--name", "fileram").returncode == 0
+        vm = VM.attach("fileram", paths)
+        assert vm.spec.ram == "file" and vm.ram_path == ram
+        q.lend_ground_truth(vm)
+        truth, result = vm.frozen_ground_truth(lambda: share_once(vm, paths))
+        free = truth.meminfo["MemFree"]  # the guest's own word, at the moment of sharing
+        assert result.released_bytes >= 0.9 * free, (result.released_bytes, free)
+        q.wait_for("HVKIT-HEARTBEAT")
+        compare_with_ground_truth(vm, paths)  # the guest runs on, its processes intact
+        assert run_cli("vm", "detach", "fileram").returncode == 0
+    finally:
+        q.stop()
+        ram.unlink(missing_ok=True)
