@@ -23,11 +23,18 @@ DISCARD_CHUNK = 16 << 20  # bytes per hole punched: the host frees ~0.6 us per p
 GiB = 1 << 30
 
 
-def pc_ram_ranges(ram_size: int) -> list[MemoryRange]:
-    """Where QEMU's PC (i440fx) machine puts its RAM: up to 3 GiB at 0 when the guest has
-    3.5 GiB or more (else up to 3.5 GiB), the rest from 4 GiB up. The RAM file holds both
-    parts back to back. (QEMU 7.2, pc_piix.c, gigabyte_align machine types.)"""
-    lowmem = 3 * GiB if ram_size >= 0xE0000000 else 0xE0000000
+def pc_ram_ranges(ram_size: int, machine: str = "pc") -> list[MemoryRange]:
+    """Where QEMU's PC machines put their RAM: the i440fx machine (`pc`) up to 3 GiB at 0
+    when the guest has 3.5 GiB or more (else up to 3.5 GiB), q35 up to 2 GiB when it
+    has 2.75 GiB or more (else up to 2.75 GiB); the rest from 4 GiB up. The RAM file
+    holds both parts back to back. (QEMU 7.2, pc_piix.c and pc_q35.c, gigabyte_align
+    machine types.)"""
+    if machine == "q35":
+        lowmem = 2 * GiB if ram_size >= 0xB0000000 else 0xB0000000
+    elif machine == "pc":
+        lowmem = 3 * GiB if ram_size >= 0xE0000000 else 0xE0000000
+    else:
+        raise HvkitError(f"unknown machine type {machine!r}", "hvkit knows the PC machines 'pc' (i440fx) and 'q35'")
     below = min(ram_size, lowmem)
     ranges = [MemoryRange(0, below, 0)]
     if ram_size > below:
@@ -53,13 +60,11 @@ class RamFileMemory(GuestMemory):
         path = Path(path)
         if not path.is_file():
             raise HvkitError(f"RAM file {path} does not exist or is not a file")
-        if machine != "pc":
-            raise HvkitError(f"unknown machine type {machine!r} for a RAM file", "hvkit knows 'pc'")
         size = path.stat().st_size
         if size == 0 or size % 4096:
             raise HvkitError(f"{path} is not a guest RAM file (its size, {size} bytes, "
                              "is not a whole number of pages)")
-        super().__init__(path, pc_ram_ranges(size))
+        super().__init__(path, pc_ram_ranges(size, machine))
 
     def backed(self, pages: int) -> np.ndarray:
         """Per page frame below `pages`: does the host hold memory for it? One mincore(2)
