@@ -15,7 +15,9 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 #    qemu-system-x86: runs the guests; gcc + libc6-dev: build the guest's static helper;
 #    python3-venv: the project's virtual environment; cpio: a test reads hvkit's initramfs
 #    back with it; make: runs the guest kernel's build system for the layout interface;
-#    fuse3 (and with it libfuse3): the memory server that forked VMs read their memory from.
+#    fuse3 (and with it libfuse3): the memory server that forked VMs read their memory from;
+#    libvirt-daemon-system + libvirt-clients: `hvkit vm attach --libvirt` talks QMP through
+#    virsh, and the tests run a real libvirt daemon (they start libvirtd themselves).
 #    apt/dpkg (always there) fetch the guest kernel, busybox and kernel headers.
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -25,6 +27,8 @@ command -v make >/dev/null || need+=(make)
 command -v cpio >/dev/null || need+=(cpio)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v virsh >/dev/null || need+=(libvirt-clients)
+[ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing Debian packages: ${need[*]}"
     SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo

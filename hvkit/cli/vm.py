@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from hvkit.errors import HvkitError
 from hvkit.cli.output import console, json_option, print_json, print_table
 from hvkit.guest.workload import NAMES as WORKLOADS
 from hvkit.qemu import VM
@@ -55,21 +56,28 @@ def start(name, memory, cpus, kernel, initrd, append, workload, accel, cpu_model
 
 
 @vm.command()
-@click.option("--qmp", "qmp_socket", required=True, type=click.Path(path_type=Path),
+@click.option("--qmp", "qmp_socket", type=click.Path(path_type=Path),
               help="The QMP socket of the running QEMU (its -qmp unix:PATH,server=on).")
-@click.option("--name", help="Name for it in hvkit (default: attached1, attached2, ...).")
+@click.option("--libvirt", "domain", metavar="DOMAIN", help="A running libvirt domain (QMP through libvirt).")
+@click.option("--connect", default="qemu:///system", show_default=True, metavar="URI",
+              help="The libvirt connection of --libvirt.")
+@click.option("--name", help="Name for it in hvkit (default: the domain's name, else attached1, ...).")
 @click.option("--kernel", type=click.Path(path_type=Path),
               help="The guest's kernel file, when QEMU has no -kernel and the guest's kernel is not "
                    "a Debian kernel hvkit can fetch.")
 @json_option
-def attach(qmp_socket: Path, name: str | None, kernel: Path | None, as_json: bool) -> None:
-    """Adopt a running QEMU that hvkit did not start, by its QMP socket.
+def attach(qmp_socket: Path | None, domain: str | None, connect: str, name: str | None, kernel: Path | None,
+           as_json: bool) -> None:
+    """Adopt a running QEMU that hvkit did not start, by its QMP socket or as a
+    libvirt domain (hvkit then talks QMP through libvirt, which owns the socket).
 
     Its guest RAM, machine and kernel are found from QEMU and the guest's memory.
     Then identify, ps, share (RAM in a shared file only), vm pause and vm resume work on
     it by name. hvkit never stops or restarts it ('hvkit vm detach' forgets it), and
     does not fork it (a fork restarts its VM)."""
-    machine = VM.adopt(qmp_socket, name, kernel)
+    if (qmp_socket is None) == (domain is None):
+        raise HvkitError("give either --qmp SOCKET or --libvirt DOMAIN", "see 'hvkit vm attach --help'")
+    machine = VM.adopt(qmp_socket, name, kernel, libvirt=domain, connect=connect)
     if as_json:
         print_json(machine.status().to_json())
         return

@@ -1,8 +1,11 @@
-"""Adopting a QEMU that hvkit did not start (`hvkit vm attach --qmp SOCKET`).
+"""Adopting a QEMU that hvkit did not start (`hvkit vm attach --qmp SOCKET`, or
+`--libvirt DOMAIN`: then QMP goes through libvirt's pass-through, since libvirt holds
+the domain's own QMP socket).
 
 What hvkit needs to know of such a VM it asks QEMU and the kernel, never the user:
 
-- its process: the peer of the QMP socket (SO_PEERCRED), checked to be a QEMU;
+- its process: the peer of the QMP socket (SO_PEERCRED), or the QEMU whose command line
+  names the libvirt domain; checked to be a QEMU;
 - its guest RAM: the machine's RAM backend (QMP `query-memdev`, `qom-get` of the
   machine's `memory-backend` and of the backend's `mem-path`/`share`): a shared file
   hvkit can read and punch holes in, or memory inside QEMU read through /proc/PID/mem;
@@ -19,13 +22,15 @@ from __future__ import annotations
 import re
 import socket
 import struct
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
-from hvkit.qemu.qmp import QMPUnreachable, qmp
+from hvkit.qemu.qmp import QMPUnreachable, libvirt_qmp, qmp
 
 MACHINES = {"i440fx": "pc", "q35": "q35"}
 
@@ -83,7 +88,43 @@ def probe_qmp(sock: Path) -> QemuFacts:
     status = _first_answer(sock)
     if status.get("status") in ("inmigrate", "prelaunch", "shutdown", "internal-error"):
         raise HvkitError(f"the QEMU behind {sock} is {status['status']}", "attach to a VM that runs")
-    return _facts(sock, pid, cmdline)
+    return _facts(lambda cmd, args=None: qmp(sock, cmd, args, timeout=5.0), pid, cmdline)
+
+
+def probe_libvirt(domain: str, uri: str) -> QemuFacts:
+    """What hvkit needs to know of libvirt domain `domain`, asked through libvirt."""
+    try:
+        out = subprocess.run(["virsh", "-c", uri, "domstate", domain], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise HvkitError("virsh is not installed", "apt-get install libvirt-clients (./setup.sh does)") from None
+    if out.returncode != 0:
+        said = " ".join(out.stderr.split())
+        if "failed to get domain" in said:
+            raise HvkitError(f"libvirt at {uri} has no domain named {domain!r}", "see 'virsh -c URI list --all'")
+        raise HvkitError(f"libvirt at {uri} did not answer for domain {domain!r}: {said}",
+                         "is libvirtd running, and is this the right --connect URI?")
+    state = out.stdout.strip()
+    if state not in ("running", "paused"):
+        raise HvkitError(f"libvirt domain {domain!r} is {state}", "start it first ('virsh start')")
+    pid = _libvirt_qemu_pid(domain)
+    call = lambda cmd, args=None: libvirt_qmp(uri, domain, cmd, args, timeout=30.0)  # noqa: E731
+    return _facts(call, pid, qemu_cmdline(pid))
+
+
+def _libvirt_qemu_pid(domain: str) -> int:
+    """The QEMU process libvirt runs for `domain` (its command line has -name guest=NAME)."""
+    wanted = f"guest={domain},".encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline.split(b"\0", 1)[0] and any(
+                    arg.startswith(wanted) or arg == wanted[:-1] for arg in cmdline.split(b"\0")):
+                return int(proc.name)
+    raise HvkitError(f"no QEMU process of libvirt domain {domain!r} on this host",
+                     "hvkit reads a domain's memory on the host that runs it")
 
 
 def _first_answer(sock: Path) -> dict:
@@ -102,8 +143,7 @@ def _first_answer(sock: Path) -> dict:
             raise HvkitError(f"{sock} does not speak QMP ({e})", "give QEMU's -qmp socket") from None
 
 
-def _facts(sock: Path, pid: int, cmdline: list[str]) -> QemuFacts:
-    call = lambda cmd, args=None: qmp(sock, cmd, args, timeout=5.0)  # noqa: E731
+def _facts(call: Callable[..., Any], pid: int, cmdline: list[str]) -> QemuFacts:
     machine_type = call("qom-get", {"path": "/machine", "property": "type"})
     machine = next((short for key, short in MACHINES.items() if key in machine_type), None)
     if machine is None:

@@ -9,6 +9,8 @@ QEMU still runs retries).
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +46,29 @@ def qmp(sock: Path, command: str, args: dict | None = None, timeout: float = 10.
         raise QMPUnreachable(f"QEMU does not answer on {sock} ({e})") from None
     except (OSError, EOFError, asyncio.TimeoutError) as e:
         raise VMDied(f"QEMU does not answer on {sock} ({type(e).__name__}: {e})") from None
+
+
+def libvirt_qmp(uri: str, domain: str, command: str, args: dict | None = None, timeout: float = 10.0) -> Any:
+    """The result of QMP `command` sent to libvirt domain `domain` through libvirt's own
+    pass-through (`virsh qemu-monitor-command`): libvirt holds the domain's QMP socket, so
+    nobody else may talk to it directly. VMDied when the domain is gone or not running."""
+    message = json.dumps({"execute": command, **({"arguments": args} if args else {})})
+    try:
+        out = subprocess.run(["virsh", "-c", uri, "qemu-monitor-command", domain, message],
+                             capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise HvkitError("virsh is not installed", "apt-get install libvirt-clients (./setup.sh does)") from None
+    except subprocess.TimeoutExpired:
+        raise VMDied(f"libvirt did not answer {command} for domain {domain} within {timeout:.0f} s") from None
+    if out.returncode != 0:
+        said = " ".join(out.stderr.split()) or "no message"
+        if "failed to get domain" in said or "not running" in said:
+            raise VMDied(f"libvirt domain {domain!r} is gone or not running ({said})")
+        raise HvkitError(f"libvirt refused to pass {command} to domain {domain!r}: {said}")
+    try:
+        reply = json.loads(out.stdout)
+    except ValueError:
+        raise HvkitError(f"libvirt answered {command} for {domain!r} with no JSON: {out.stdout[:200]!r}") from None
+    if "error" in reply:
+        raise HvkitError(f"QEMU refused {command}: {reply['error'].get('desc', reply['error'])}")
+    return reply.get("return")

@@ -58,11 +58,14 @@ class VMSpec:
     ram_file: str | None = None  # ram="snapshot": that snapshot's file on the memory server
     memserver_pid: int | None = None  # ram="snapshot": the server that serves it
     parent: str | None = None  # the VM it was forked from
-    origin: str = "hvkit"  # "hvkit": started by hvkit; "qmp:<socket>": an attached QEMU hvkit never stops
+    origin: str = "hvkit"  # "hvkit": started by hvkit; "qmp:<socket>" or "libvirt:<uri>#<domain>": an
+    #                        attached QEMU, which hvkit never stops
     qmp_socket: str | None = None  # an attached VM's QMP socket (hvkit's own VMs: qmp.sock in the folder)
     memdev: str = "ram0"  # the id of QEMU's guest-RAM backend object
     machine: str = "pc"  # the PC machine's RAM layout: "pc" (i440fx) or "q35"
     proc_start: int | None = None  # an attached QEMU's start time (with its pid: which process it is)
+    libvirt_uri: str | None = None  # an attached libvirt domain: QMP goes through libvirt
+    libvirt_domain: str | None = None
 
 
 class RuntimeDir:

@@ -32,10 +32,11 @@ from hvkit.memory.process import ProcessMemory, ram_mappings
 from hvkit.memserver.daemon import memserver_alive
 from hvkit.procs import process_runs
 from hvkit.qemu.accel import ACCELS, best_accel
-from hvkit.qemu.attach import fetch_debian_kernel, probe_qmp, process_start_ticks, qemu_cmdline, release_in_memory
+from hvkit.qemu.attach import (QemuFacts, fetch_debian_kernel, probe_libvirt, probe_qmp, process_start_ticks,
+                               qemu_cmdline, release_in_memory)
 from hvkit.qemu.ownership import LOCK_WAIT, Ownership, fault_point, stale_intents
-from hvkit.qemu.qmp import QMPUnreachable, qmp
-from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name, free_space_note
+from hvkit.qemu.qmp import QMPUnreachable, libvirt_qmp, qmp
+from hvkit.qemu.runtime import NAME_RE, RuntimeDir, VMSpec, check_name, free_space_note
 from hvkit.signals import deferred_signals
 from hvkit.units import MiB, format_size, parse_size
 
@@ -282,23 +283,38 @@ class VM:
     # ---- adopting a QEMU hvkit did not start (attach.py) ------------------------------
 
     @classmethod
-    def adopt(cls, qmp_socket: str | Path, name: str | None = None, kernel: str | Path | None = None,
-              paths: Paths | None = None) -> "VM":
-        """Adopts the running QEMU behind `qmp_socket` as VM `name` (default: its QEMU
-        -name, else attached1, ...): what it is comes from QEMU itself (attach.py).
-        Nothing is changed in the VM; hvkit never stops or restarts it."""
+    def adopt(cls, qmp_socket: str | Path | None = None, name: str | None = None,
+              kernel: str | Path | None = None, paths: Paths | None = None,
+              libvirt: str | None = None, connect: str = "qemu:///system") -> "VM":
+        """Adopts a running QEMU that hvkit did not start: the one behind `qmp_socket`, or
+        libvirt domain `libvirt` (at URI `connect`), as VM `name` (default: the domain's
+        name, else attached1, ...). What it is comes from QEMU itself (attach.py); nothing
+        in the VM changes, and hvkit never stops or restarts it."""
         paths = paths or Paths.from_env()
-        sock = Path(qmp_socket).resolve()
-        facts = probe_qmp(sock)
-        taken = [r for r in cls.list(paths) if r.origin == f"qmp:{sock}"]
+        if (qmp_socket is None) == (libvirt is None):
+            raise HvkitError("give either a QMP socket or a libvirt domain to attach")
+        if libvirt is not None:
+            facts, origin = probe_libvirt(libvirt, connect), f"libvirt:{connect}#{libvirt}"
+            transport = {"libvirt_uri": connect, "libvirt_domain": libvirt}
+            if name is None and NAME_RE.match(libvirt):
+                name = libvirt
+        else:
+            sock = Path(qmp_socket).resolve()
+            facts, origin, transport = probe_qmp(sock), f"qmp:{sock}", {"qmp_socket": str(sock)}
+        taken = [r for r in cls.list(paths) if r.origin == origin]
         if taken:
             raise HvkitError(f"that QEMU is attached already, as VM {taken[0].name!r}", "use that name")
         name = check_name(name) if name else cls._free_name(paths, "attached")
+        return cls._adopt_as(name, facts, origin, transport, kernel, paths)
+
+    @classmethod
+    def _adopt_as(cls, name: str, facts: QemuFacts, origin: str, transport: dict,
+                  kernel: str | Path | None, paths: Paths) -> "VM":
         spec = VMSpec(name=name, memory=facts.memory, cpus=facts.cpus, kernel=facts.kernel or "", initrd=None,
                       append="", accel=facts.accel, ram="file" if facts.ram_file else "anonymous",
-                      ram_file=facts.ram_file, origin=f"qmp:{sock}", qmp_socket=str(sock), memdev=facts.memdev,
-                      machine=facts.machine, pid=facts.pid, proc_start=process_start_ticks(facts.pid),
-                      started_at=time.time(), command=qemu_cmdline(facts.pid))
+                      ram_file=facts.ram_file, origin=origin, memdev=facts.memdev, machine=facts.machine,
+                      pid=facts.pid, proc_start=process_start_ticks(facts.pid), started_at=time.time(),
+                      command=qemu_cmdline(facts.pid), **transport)
         owner = Ownership(paths.runtime, name)
         with owner.hold("vm attach") as outermost:
             if outermost:
@@ -307,7 +323,7 @@ class VM:
             cls._claim(rundir)
             vm = cls(rundir, spec)
             try:
-                if not spec.kernel or kernel:
+                if kernel or not spec.kernel or not Path(spec.kernel).is_file():
                     spec.kernel = str(Path(kernel).resolve()) if kernel else str(vm._kernel_from_memory(paths))
                 spec.kernel_release = read_kernel_image(spec.kernel).release
                 rundir.write_spec(spec)
@@ -753,6 +769,9 @@ class VM:
         deadline = time.monotonic() + timeout
         while True:
             try:
+                if self.spec.libvirt_domain:
+                    return libvirt_qmp(self.spec.libvirt_uri, self.spec.libvirt_domain, command, args,
+                                       max(timeout, 30.0))
                 return qmp(self.qmp_path, command, args, timeout)
             except QMPUnreachable:
                 self._raise_if_dead(f"during {command}")
