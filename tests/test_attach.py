@@ -149,3 +149,25 @@ def test_share_gives_back_a_plain_qemus_free_pages_in_a_shared_file(guest, paths
     finally:
         q.stop()
         ram.unlink(missing_ok=True)
+
+
+def test_ram_that_cannot_be_found_or_verified_gives_one_line(plain, paths):
+    """The attach record says the RAM is where it is not (as if QEMU had lied or the
+    guest were another): ps fails in one line, and the VM is not left paused."""
+    import json as _json
+
+    assert run_cli("vm", "attach", "--qmp", str(plain.qmp), "--name", "liar").returncode == 0
+    vm = VM.attach("liar", paths)
+    spec_file = vm.rundir.spec_file
+    try:
+        for change, says in [({"memory": 512 << 20}, "cannot find the guest RAM"),
+                             ({"kernel": str(plain.folder / "console.log")}, "")]:
+            spec = _json.loads(spec_file.read_text())
+            spec_file.write_text(_json.dumps({**spec, **change}))
+            proc = run_cli("ps", "liar")
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr
+            assert vm.run_state() == "running"
+            spec_file.write_text(_json.dumps(spec))
+    finally:
+        run_cli("vm", "detach", "liar")
