@@ -69,3 +69,6 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
+    except MemoryError:  # the walks over guest memory are bounded; a host short of memory is not
+        click.echo("hvkit: error: this host ran out of memory; free some, or read a smaller guest", err=True)
+        sys.exit(1)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from hvkit.errors import HvkitError
 from hvkit.introspect.pagetables import translate
 from hvkit.kernel.symbols import KernelSymbols
-from hvkit.memory import GuestAddressError, GuestMemory
+from hvkit.memory import PAGE_SIZE, GuestAddressError, GuestMemory
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 KERNEL_IMAGE_SPAN = 1 << 30  # KERNEL_IMAGE_SIZE: the image mapping is at most 1 GiB
@@ -46,6 +46,13 @@ def kernel_half_shift(levels: int) -> int:
 def _canonical_kernel(va: int, levels: int) -> bool:
     shift = kernel_half_shift(levels)
     return va >> shift == (1 << (64 - shift)) - 1
+
+
+def _image_mapped(phys_text: int, phys_base: int) -> bool:
+    """Does phys_base put _text inside the kernel image mapping (KASLR slides it within
+    those 1 GiB), as every kernel's own does?"""
+    runtime_text = (phys_text - phys_base + START_KERNEL_MAP) & U64
+    return START_KERNEL_MAP <= runtime_text < START_KERNEL_MAP + KERNEL_IMAGE_SPAN
 
 
 def _image_pa(phys_text: int, symbols: KernelSymbols, name: str) -> int:
@@ -82,12 +89,13 @@ class KernelSpace:
         for name, value in (("page_offset_base", page_offset_base), ("vmemmap_base", vmemmap_base)):
             if not _canonical_kernel(value, levels) or value % GiB:
                 raise GuestInconsistent(f"{name} = {value:#x} is not a kernel region base")
-        if (phys_base - phys_text) % (2 << 20):
+        if (phys_base - phys_text) % (2 << 20) or not _image_mapped(phys_text, phys_base):
             raise GuestInconsistent(f"phys_base = {phys_base:#x} does not fit the image at {phys_text:#x}")
         top_pgt = _image_pa(phys_text, symbols, "init_top_pgt")
         max_pfn = image_u64("max_pfn") if "max_pfn" in symbols else mem.max_pfn
-        if not 0 < max_pfn <= mem.max_pfn:
-            raise GuestInconsistent(f"max_pfn = {max_pfn:#x} does not fit {mem.size >> 20} MiB of memory")
+        if not 0 < max_pfn <= mem.max_pfn or not mem.contains((max_pfn - 1) * PAGE_SIZE):
+            raise GuestInconsistent(f"max_pfn = {max_pfn:#x} does not fit {mem.size >> 20} MiB of memory",
+                                    "is the file truncated?" if max_pfn > mem.max_pfn else None)
         return cls(mem, symbols, phys_text, phys_base, page_offset_base, vmemmap_base,
                    levels, top_pgt, max_pfn)
 
@@ -143,6 +151,8 @@ def _image_base(mem: GuestMemory, symbols: KernelSymbols) -> int:
     text = symbols["_text"]
     banner = symbols.banner.encode()
     offset = symbols["linux_banner"] - text
+    # places with the banner whose init_uts_ns is past the end of RAM / does not name the release
+    cut, unnamed = None, None
     for r in mem.ranges:
         first = -(-r.gpa // IMAGE_ALIGN) * IMAGE_ALIGN
         for base in range(first, r.end - offset - len(banner), IMAGE_ALIGN):
@@ -150,18 +160,91 @@ def _image_base(mem: GuestMemory, symbols: KernelSymbols) -> int:
                 continue
             if "init_uts_ns" in symbols:
                 uts = _image_pa(base, symbols, "init_uts_ns")
-                if not mem.contains(uts, 512) or symbols.release.encode() not in mem.read(uts, 512):
+                if not mem.contains(uts, 512):
+                    cut = base if cut is None else cut
+                    continue
+                if symbols.release.encode() not in mem.read(uts, 512):
+                    unnamed = base if unnamed is None else unnamed
                     continue
             return base
+    if cut is not None:
+        raise GuestInconsistent(f"the kernel image at {cut:#x} runs past the end of this memory",
+                                "is the file truncated?")
+    if unnamed is not None:
+        raise GuestInconsistent(f"the kernel's banner is where a kernel image starts ({unnamed:#x}), but its "
+                                f"init_uts_ns does not name release {symbols.release}: the image is damaged")
     if mem.find(banner, limit=1):
         raise GuestInconsistent("the kernel's banner is in memory, but never where a kernel image could start")
-    raise KernelMismatch(f"the kernel file ({symbols.release}) is not the kernel in this memory"
-                         f"{_running_kernel_hint(mem)}", "pass the guest's own kernel with --kernel")
+    raise _not_this_kernel(mem, symbols)
 
 
-def _running_kernel_hint(mem: GuestMemory) -> str:
-    for gpa in mem.find(b"Linux version ", limit=8):
-        m = re.match(rb"Linux version (\S+) \(", mem.read(gpa, 200))
-        if m:
-            return f"; the memory runs kernel {m.group(1).decode('ascii', 'replace')}"
-    return "; no Linux kernel banner was found in it at all"
+BANNER_MAX = 512  # bytes of a banner read from memory (the kernel's own is ~200)
+SHOWN = 24  # characters of the same text shown around where two banners differ
+
+
+def _banners_in(mem: GuestMemory, limit: int = 16) -> list[str]:
+    """Linux banners among the first `limit` places that start like one, each up to its
+    line end; text that is not all printable (a compressed copy, say) is left out."""
+    out = []
+    for gpa in mem.find(b"Linux version ", limit=limit):
+        raw = mem.read(gpa, min(BANNER_MAX, _bytes_left(mem, gpa)))
+        line = re.split(rb"[\n\0]", raw, maxsplit=1)[0]
+        if re.fullmatch(rb"Linux version [\x21-\x7e]+ \([\x20-\x7e]*", line):
+            out.append(line.decode("ascii"))
+    return out
+
+
+def _bytes_left(mem: GuestMemory, gpa: int) -> int:
+    """Bytes of RAM from `gpa` to the end of its range."""
+    return next(r.end - gpa for r in mem.ranges if r.gpa <= gpa < r.end)
+
+
+def _common_ends(a: str, b: str) -> tuple[int, int]:
+    """Lengths of the common beginning and the common end of `a` and `b` (not overlapping)."""
+    head = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    tail = 0
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    return head, tail
+
+
+def _difference(a: str, b: str) -> int:
+    """Characters of `a` and `b` outside their common beginning and end."""
+    head, tail = _common_ends(a, b)
+    return len(a) + len(b) - 2 * (head + tail)
+
+
+def _differing_part(a: str, b: str) -> tuple[str, str]:
+    """The parts of `a` and `b` between their common beginning and end, with SHOWN
+    characters of context (so a build date or package version shows where it changed)."""
+    head, tail = _common_ends(a, b)
+    lo = max(0, head - SHOWN)
+
+    def cut(s: str) -> str:
+        hi = min(len(s), len(s) - tail + SHOWN, lo + 4 * SHOWN)
+        return ("..." if lo else "") + s[lo:hi] + ("..." if hi < len(s) else "")
+
+    return cut(a), cut(b)
+
+
+def _not_this_kernel(mem: GuestMemory, symbols: KernelSymbols) -> HvkitError:
+    """Why the kernel file's banner is not in memory, from the banners that are (the one
+    closest to the file's speaks for the memory): another release, another build of the
+    same release (quoted where the banners differ), or no Linux banner at all."""
+    ours = symbols.banner.rstrip("\n")
+    hint = "pass the guest's own kernel with --kernel"
+    banners = _banners_in(mem)
+    if not banners:
+        return KernelMismatch(f"the kernel file ({symbols.release}) is not the kernel in this memory; "
+                              "no Linux kernel banner was found in it at all", hint)
+    if ours in banners:
+        return GuestInconsistent("the kernel's banner is in memory only as a copy (as in the kernel log), never "
+                                 "where a kernel image could start: the image is damaged")
+    theirs = min(banners, key=lambda b: _difference(ours, b))
+    release = theirs.split()[2]
+    if release != symbols.release:
+        return KernelMismatch(f"the kernel file ({symbols.release}) is not the kernel in this memory; "
+                              f"the memory runs kernel {release}", hint)
+    mine, other = _differing_part(ours, theirs)
+    return KernelMismatch(f"the kernel file is another build of {release} than the one in this memory: "
+                          f"the memory's banner has '{other}' where the file's has '{mine}'", hint)

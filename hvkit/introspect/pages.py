@@ -30,9 +30,11 @@ import numpy as np
 
 from hvkit.introspect.kernelspace import KernelSpace, kernel_half_shift
 from hvkit.introspect.pagetables import lookup
-from hvkit.introspect.tasks import TaskWalk
+from hvkit.introspect.tasks import SHARED_OWNER, TaskWalk
 from hvkit.kernel.layout import Layout
 from hvkit.memory import PAGE_SIZE, GuestAddressError
+
+__all__ = ["SHARED_OWNER", "PageClass", "PageMap", "classify", "frame_count", "read_memmap"]
 
 
 class PageClass(IntEnum):
@@ -49,9 +51,6 @@ class PageClass(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower().replace("_", " ")
-
-
-SHARED_OWNER = -1  # owner of a page that several processes map
 
 
 @dataclass
@@ -146,6 +145,9 @@ def read_memmap(ks: KernelSpace, layout: Layout, errors: list[str]) -> tuple[np.
     if unreadable:
         errors.append(f"struct page array: {unreadable} pages of it unreadable (first {first_error}); "
                       "their page frames count as not present")
+    elif n and not have.any():  # a kernel always maps its array: vmemmap_base or its tables lie
+        errors.append(f"struct page array: nothing of it is mapped at vmemmap_base = {ks.vmemmap_base:#x}; "
+                      "every page frame counts as not present")
     in_ram = np.zeros(n, bool)
     for r in mem.ranges:
         in_ram[r.gpa // PAGE_SIZE : min(r.end // PAGE_SIZE, n)] = True
@@ -249,8 +251,7 @@ def classify(ks: KernelSpace, layout: Layout, tasks: TaskWalk | None = None) -> 
 
 def _owners(n: int, tasks: TaskWalk | None) -> np.ndarray:
     owner = np.zeros(n, np.int32)
-    for pid, pfns in (tasks.frames.items() if tasks else ()):
-        pfns = pfns[pfns < n]
-        cur = owner[pfns]
-        owner[pfns] = np.where((cur == 0) | (cur == pid), pid, SHARED_OWNER)
+    if tasks is not None and tasks.owner is not None:
+        m = min(n, tasks.owner.size)
+        owner[:m] = tasks.owner[:m]
     return owner

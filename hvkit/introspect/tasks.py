@@ -1,24 +1,28 @@
 """The guest's processes, from the kernel's task list (init_task.tasks), as `ps` shows
 them: thread-group leaders with pid, name, parent, and the pages their page tables map.
 
-The walk trusts nothing: it stops after MAX_TASKS, at a task seen before (a loop), and
-at a pointer that leads nowhere; what went wrong is reported per task, and the tasks
-read so far are kept.
+The walk trusts nothing: it stops after as many tasks as the memory could hold, at a
+task seen before (a loop), at a pointer that leads nowhere, and at the deadline of its
+budget; the page tables of all processes share one budget of tables read (pagetables.
+WalkBudget). What went wrong is reported per task, and what was read so far is kept.
 """
 
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hvkit.errors import HvkitError
 from hvkit.introspect.kernelspace import KernelSpace
-from hvkit.introspect.pagetables import mapped_pages
+from hvkit.introspect.pagetables import MappedPages, WalkBudget, walk_pages
 from hvkit.kernel.layout import Layout
 
-MAX_TASKS = 1 << 16
+MAX_TASKS = 1 << 16  # a cap whatever the memory; small guests are bounded lower (max_tasks)
+KERNEL_STACK = 16 << 10  # every task also has a kernel stack (THREAD_SIZE on x86-64)
+SHARED_OWNER = -1  # owner of a page that several processes map
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,17 @@ class GuestTask:
 class TaskWalk:
     tasks: list[GuestTask] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # one line per object that could not be read
-    frames: dict[int, np.ndarray] = field(default_factory=dict)  # pid -> pfns its page tables map
+    # per page frame: pid of the one process whose page tables map it, SHARED_OWNER when
+    # several do, 0 when none; None when page tables were not walked. One array, whatever
+    # the number of processes (a list of frames per process could grow with it).
+    owner: np.ndarray | None = None
+
+    def add_owner(self, pid: int, frames: np.ndarray) -> None:
+        """Marks `frames` as mapped by `pid` (or by several, when another did too)."""
+        owner = self.owner
+        frames = frames[frames < owner.size]
+        cur = owner[frames]
+        owner[frames] = np.where((cur == 0) | (cur == pid), pid, SHARED_OWNER)
 
 
 def _task_fields(ks: KernelSpace, layout: Layout, va: int) -> dict:
@@ -54,20 +68,51 @@ def _tgid(ks: KernelSpace, layout: Layout, task_va: int) -> int:
     return struct.unpack("<i", ks.read(task_va + layout.offset("task_struct", "tgid"), 4))[0]
 
 
-def _user_frames(ks: KernelSpace, layout: Layout, mm: int) -> np.ndarray:
+def _user_pages(ks: KernelSpace, layout: Layout, mm: int, budget: WalkBudget) -> MappedPages:
     pgd_va = ks.read_u64(mm + layout.offset("mm_struct", "pgd"))
-    return mapped_pages(ks.mem, ks.va_to_pa(pgd_va), ks.levels)
+    return walk_pages(ks.mem, ks.va_to_pa(pgd_va), ks.levels, budget=budget, max_pfn=ks.max_pfn)
 
 
-def list_tasks(ks: KernelSpace, layout: Layout, count_pages: bool = True) -> TaskWalk:
-    walk = TaskWalk()
+def max_tasks(ks: KernelSpace, layout: Layout) -> int:
+    """The most tasks this memory can hold: each has a task_struct and a kernel stack."""
+    return max(1, min(MAX_TASKS, ks.mem.size // (layout.size("task_struct") + KERNEL_STACK)))
+
+
+def _count_pages(ks: KernelSpace, layout: Layout, walk: TaskWalk, t: dict, budget: WalkBudget) -> int:
+    """Pages the process `t` maps, its frames added to walk.owner; a walk that was cut
+    short or met wild pointers is reported for this process (what it found is kept)."""
+    who = f"task {t['pid']} ({t['name']})"
+    try:
+        found = _user_pages(ks, layout, t["mm"], budget)
+    except HvkitError as e:
+        walk.errors.append(f"{who}: page tables unreadable: {e}")
+        return 0
+    walk.add_owner(t["pid"], found.frames)
+    if found.wild:
+        walk.errors.append(f"{who}: {found.wild} page-table entries point to tables outside RAM; not followed")
+    if found.stopped:
+        walk.errors.append(f"{who}: page tables read in part ({found.tables} tables): {found.stopped}")
+    return int(found.frames.size)
+
+
+def list_tasks(ks: KernelSpace, layout: Layout, count_pages: bool = True,
+               budget: WalkBudget | None = None) -> TaskWalk:
+    """The processes of the guest; with `count_pages`, also what their page tables map,
+    all within `budget` (default: the budget of this memory, pagetables.WalkBudget)."""
+    budget = budget or WalkBudget.for_memory(ks.mem)
+    walk = TaskWalk(owner=np.zeros(ks.max_pfn, np.int32) if count_pages else None)
+    limit, not_walked = max_tasks(ks, layout), 0
     tasks_off = layout.offset("task_struct", "tasks")
     head = ks.symbol_va("init_task") + tasks_off
     seen = {head}
     cur = _task_fields(ks, layout, ks.symbol_va("init_task"))["next"]
     while cur != head:
-        if len(walk.tasks) >= MAX_TASKS:
-            walk.errors.append(f"task list: more than {MAX_TASKS} tasks, stopped there")
+        if len(walk.tasks) >= limit:
+            walk.errors.append(f"task list: more than {limit} tasks (all this memory can hold), stopped there")
+            break
+        if time.monotonic() > budget.deadline:
+            walk.errors.append(f"task list: stopped after {len(walk.tasks)} tasks at the time limit "
+                               f"of {budget.seconds:.1f} s")
             break
         if cur in seen:
             walk.errors.append(f"task list: loops back to {cur:#x} without reaching init_task")
@@ -82,12 +127,13 @@ def list_tasks(ks: KernelSpace, layout: Layout, count_pages: bool = True) -> Tas
             break
         pages = 0
         if t["mm"] and count_pages:
-            try:
-                walk.frames[t["pid"]] = frames = _user_frames(ks, layout, t["mm"])
-                pages = int(frames.size)
-            except HvkitError as e:
-                walk.errors.append(f"task {t['pid']} ({t['name']}): page tables unreadable: {e}")
+            if budget.why_spent():
+                not_walked += 1
+            else:
+                pages = _count_pages(ks, layout, walk, t, budget)
         walk.tasks.append(GuestTask(t["pid"], t["tgid"], t["name"], ppid, t["mm"], pages))
         cur = t["next"]
+    if not_walked:
+        walk.errors.append(f"page tables of {not_walked} more processes not read: {budget.why_spent()}")
     walk.tasks.sort(key=lambda t: t.pid)
     return walk

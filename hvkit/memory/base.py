@@ -80,7 +80,7 @@ class GuestMemory:
             r = self._range_of(gpa)
             n = min(size, r.end - gpa)
             chunk = os.pread(self._fd, n, r.offset + gpa - r.gpa)
-            if len(chunk) < n:  # a file shorter than its layout (truncated dump)
+            if len(chunk) < n:  # a file shorter than its layout (it shrank since it was opened)
                 chunk += bytes(n - len(chunk))
             out += chunk
             gpa += n
@@ -94,7 +94,7 @@ class GuestMemory:
             r = self._range_of(gpa + done)
             n = min(len(into) - done, r.end - gpa - done)
             got = os.preadv(self._fd, [into[done : done + n]], r.offset + gpa + done - r.gpa)
-            if got < n:  # a file shorter than its layout (truncated dump)
+            if got < n:  # a file shorter than its layout (it shrank since it was opened)
                 into[done + got : done + n] = bytes(n - got)
             done += n
 

@@ -1,5 +1,7 @@
 """A QEMU `dump-guest-memory` ELF core: its PT_LOAD segments say which guest-physical
-range (p_paddr) lies where in the file (p_offset)."""
+range (p_paddr) lies where in the file (p_offset). A segment is only believed as far as
+the file goes: a truncated or made-up core cannot claim memory it does not hold (and
+make every per-page array of a reader that large)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,23 @@ def _load_ranges(path: Path) -> list[MemoryRange]:
             elf = ELFFile(f)
             if elf["e_type"] != "ET_CORE":
                 raise HvkitError(f"{path} is an ELF file but not a core dump")
-            return [MemoryRange(s["p_paddr"], s["p_filesz"], s["p_offset"])
-                    for s in elf.iter_segments() if s["p_type"] == "PT_LOAD" and s["p_filesz"]]
+            size = path.stat().st_size
+            return [r for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"
+                    if (r := _within(s["p_paddr"], s["p_filesz"], s["p_offset"], size)) is not None]
         except ELFError as e:
             raise HvkitError(f"{path} is not a readable ELF core ({e})") from None
+
+
+MAX_PHYS = 1 << 52  # x86-64 physical addresses have at most 52 bits
+
+
+def _within(gpa: int, size: int, offset: int, file_size: int) -> MemoryRange | None:
+    """The part of a segment that the file holds; None when it holds none of it, or when
+    the segment lies outside the physical address space."""
+    size = min(size, file_size - offset)
+    if size <= 0 or gpa + size > MAX_PHYS:
+        return None
+    return MemoryRange(gpa, size, offset)
 
 
 class ElfCoreMemory(GuestMemory):
@@ -29,6 +44,6 @@ class ElfCoreMemory(GuestMemory):
         path = Path(path)
         ranges = _load_ranges(path)
         if not ranges:
-            raise HvkitError(f"{path} holds no guest memory (no PT_LOAD segments)",
+            raise HvkitError(f"{path} holds no guest memory (no PT_LOAD segment inside the file)",
                              "make it with QMP dump-guest-memory without paging")
         super().__init__(path, ranges)

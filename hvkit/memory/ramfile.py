@@ -61,7 +61,9 @@ class RamFileMemory(GuestMemory):
         if not path.is_file():
             raise HvkitError(f"RAM file {path} does not exist or is not a file")
         size = path.stat().st_size
-        if size == 0 or size % 4096:
+        if size == 0:
+            raise HvkitError(f"{path} is empty, not a guest RAM file")
+        if size % 4096:
             raise HvkitError(f"{path} is not a guest RAM file (its size, {size} bytes, "
                              "is not a whole number of pages)")
         super().__init__(path, pc_ram_ranges(size, machine))
