@@ -27,6 +27,9 @@ def vm() -> None:
 @click.option("--cpus", default=1, show_default=True, type=int, help="Virtual CPUs.")
 @click.option("--kernel", type=click.Path(path_type=Path), help="bzImage to boot (default: the default guest's kernel).")
 @click.option("--initrd", type=click.Path(path_type=Path), help="Your own initramfs (default: hvkit's, which runs --workload).")
+@click.option("--kernel-package", metavar="NAME",
+              help="Boot this Debian kernel package (e.g. linux-image-6.12-cloud-amd64, or NAME/SUITE such as "
+                   "linux-image-cloud-amd64/sid), fetched with hvkit's own apt, with hvkit's initramfs for it.")
 @click.option("--append", default="", help="Extra kernel command line.")
 @click.option("--workload", help=f"What hvkit's init runs: {', '.join(WORKLOADS)}, as NAME or NAME:MIB (default idle).")
 @click.option("--accel", type=click.Choice(ACCELS), default="auto", show_default=True,
@@ -38,11 +41,12 @@ def vm() -> None:
 @click.option("--balloon", is_flag=True, help="Add a virtio-balloon with free page reporting (for comparisons).")
 @click.option("--no-wait", is_flag=True, help="Return once QEMU runs, before the guest is ready.")
 @json_option
-def start(name, memory, cpus, kernel, initrd, append, workload, accel, cpu_model, ram, balloon, no_wait,
-          as_json) -> None:
+def start(name, memory, cpus, kernel, initrd, kernel_package, append, workload, accel, cpu_model, ram, balloon,
+          no_wait, as_json) -> None:
     """Start a VM in the background; it keeps running after this command returns."""
     t0 = time.monotonic()
-    machine = VM.start(name, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd, append=append,
+    machine = VM.start(name, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd,
+                       kernel_package=kernel_package, append=append,
                        workload=workload, accel=accel, cpu_model=cpu_model, ram=ram, balloon=balloon,
                        wait=not no_wait)
     elapsed = time.monotonic() - t0

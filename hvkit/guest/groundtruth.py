@@ -46,7 +46,13 @@ class GroundTruth:
         kpageflags cannot tell the kernel image from other reserved pages: both are
         RESERVED here. It marks every page of a free block BUDDY (not just the first).
         Page cache is what sits on an LRU list, is mapped, or is a transparent huge
-        page, and is not anonymous."""
+        page, and is not anonymous.
+
+        The KPF_* bits are a stable ABI, and the kernel keeps their meaning when its own
+        marks change: on 6.1 KPF_SLAB comes from PG_slab of the compound head, on 6.12
+        (slab a page type, PG_slab gone) from the folio's page type, again for every page
+        of the slab; KPF_BUDDY, KPF_PGTABLE and KPF_OFFLINE follow the page types either
+        way. So this decoding is the same for both (tests/test_kernels.py checks it)."""
         from hvkit.introspect.pages import PageClass
 
         k = self.kpageflags

@@ -10,12 +10,18 @@ Classes, in the order they are decided (the first that fits wins):
   free          in a free block of the buddy allocator; the block's first page carries
                 the page type "buddy" and its order in `private`
   page table    page type "table" (user page tables; kernel ones have no mark)
-  slab          PG_slab on the page or on the head of its compound page
+  slab          on the head of its compound page: the page flag PG_slab, or the page
+                type "slab" (newer kernels)
   kernel image  PG_reserved inside the physical span of the kernel image
   reserved      PG_reserved elsewhere (firmware, memmap, ...), or page type "offline"
   anonymous     the head page's `mapping` has PAGE_MAPPING_ANON
   page cache    the head page's `mapping` points to an address_space (files, tmpfs)
   kernel other  anything else the kernel holds: stacks, vmalloc, per-CPU lists, ...
+
+How page types, slab pages and free-block orders are encoded differs between kernels
+(bits cleared under PAGE_TYPE_BASE, or enum pagetype in page_type's top byte; PG_slab
+or a slab page type): kernel.layout.PageEncoding decides it from the kernel's compiled
+interface.
 
 Everything read is guest data: free-block orders, compound-head pointers and mapping
 pointers are checked, and what fails a check is reported, never trusted.
@@ -31,7 +37,7 @@ import numpy as np
 from hvkit.introspect.kernelspace import KernelSpace, kernel_half_shift
 from hvkit.introspect.pagetables import lookup
 from hvkit.introspect.tasks import SHARED_OWNER, TaskWalk
-from hvkit.kernel.layout import Layout
+from hvkit.kernel.layout import Layout, PageEncoding
 from hvkit.memory import PAGE_SIZE, GuestAddressError
 
 __all__ = ["SHARED_OWNER", "PageClass", "PageMap", "classify", "frame_count", "read_memmap"]
@@ -163,11 +169,11 @@ def _examples(pfns: np.ndarray) -> str:
     return ", ".join(str(int(p)) for p in pfns[:MAX_REPORTED]) + (", ..." if pfns.size > MAX_REPORTED else "")
 
 
-def _page_type(layout: Layout, page_type: np.ndarray, name: str) -> np.ndarray:
-    """PageBuddy() and friends: the type bit is *cleared* in a field that is otherwise
-    -1 (a _mapcount), under the PAGE_TYPE_BASE prefix."""
-    base, bit = layout.const("PAGE_TYPE_BASE"), layout.const(name)
-    return (page_type & np.uint32(base | bit)) == np.uint32(base)
+def _has_type(enc: PageEncoding, page_type: np.ndarray, name: str) -> np.ndarray:
+    """PageBuddy() and friends, as this kernel tests them (PageEncoding: a bit cleared
+    under PAGE_TYPE_BASE, or the top byte of page_type)."""
+    test = enc.types[name]
+    return (page_type & np.uint32(test.mask)) == np.uint32(test.value)
 
 
 def _head_pfns(ks: KernelSpace, layout: Layout, pages: np.ndarray, errors: list[str]) -> np.ndarray:
@@ -187,15 +193,15 @@ def _head_pfns(ks: KernelSpace, layout: Layout, pages: np.ndarray, errors: list[
     return pfn
 
 
-def _free_pages(layout: Layout, pages: np.ndarray, order: np.ndarray, errors: list[str]) -> np.ndarray:
+def _free_pages(enc: PageEncoding, pages: np.ndarray, order: np.ndarray, errors: list[str]) -> np.ndarray:
     """Mask of the pages inside free buddy blocks; fills `order` at each block's head.
-    A head whose order is impossible (too big, misaligned, past the end) is reported and
-    its block is not counted free: releasing memory on a guest's word needs it right."""
+    A head whose order is impossible (past the kernel's free lists, misaligned, past the
+    end) is reported and its block is not counted free: releasing memory on a guest's
+    word needs it right."""
     n = pages.size
-    heads = np.flatnonzero(_page_type(layout, pages["page_type"], "PG_buddy"))
+    heads = np.flatnonzero(_has_type(enc, pages["page_type"], "buddy"))
     orders = pages["private"][heads]
-    max_order = layout.const("MAX_ORDER")  # orders < MAX_ORDER before 6.4, <= after: allow <=
-    ok = orders <= np.uint64(max_order)
+    ok = orders < np.uint64(enc.free_orders)
     sizes = np.ones(heads.size, np.int64)
     sizes[ok] = np.left_shift(1, orders[ok].astype(np.int64))
     ok &= (heads % sizes == 0) & (heads + sizes <= n)
@@ -210,6 +216,14 @@ def _free_pages(layout: Layout, pages: np.ndarray, order: np.ndarray, errors: li
     return np.cumsum(edges[:n]) > 0
 
 
+def _slab(enc: PageEncoding, pages: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    """Pages of slab memory: the compound head carries the page flag PG_slab, or (on
+    kernels where slab is a page type) the page type slab."""
+    if enc.slab_flag is not None:
+        return (pages["flags"][heads] >> np.uint64(enc.slab_flag)) & np.uint64(1) != 0
+    return _has_type(enc, pages["page_type"][heads], "slab")
+
+
 def _is_kernel_pointer(p: np.ndarray, levels: int) -> np.ndarray:
     shift = kernel_half_shift(levels)
     return (p >> np.uint64(shift)) == np.uint64((1 << (64 - shift)) - 1)
@@ -218,25 +232,25 @@ def _is_kernel_pointer(p: np.ndarray, levels: int) -> np.ndarray:
 def classify(ks: KernelSpace, layout: Layout, tasks: TaskWalk | None = None) -> PageMap:
     """The class of every page frame of the guest; owners of mapped pages from `tasks`
     (a task walk with frames) when given."""
+    enc = layout.page_encoding()  # before reading: a kernel hvkit cannot decode fails fast
     errors: list[str] = []
     pages, present = read_memmap(ks, layout, errors)
     n = pages.size
     order = np.full(n, -1, np.int8)
     heads = _head_pfns(ks, layout, pages, errors)
-    head_flags = pages["flags"][heads]
     mapping = pages["mapping"][heads]
     flag = lambda flags, name: (flags >> np.uint64(layout.const(name))) & np.uint64(1) != 0  # noqa: E731
     image = np.zeros(n, bool)
     image[ks.phys_text // PAGE_SIZE : -(-ks.symbol_pa("_end") // PAGE_SIZE)] = True
     low_bits = mapping & np.uint64(layout.const("PAGE_MAPPING_ANON") | layout.const("PAGE_MAPPING_MOVABLE"))
-    reserved = flag(pages["flags"], "PG_reserved") | _page_type(layout, pages["page_type"], "PG_offline")
+    reserved = flag(pages["flags"], "PG_reserved") | _has_type(enc, pages["page_type"], "offline")
 
     # The first condition that holds decides (np.select takes them in order).
     conditions = [
         ~present,
-        _free_pages(layout, pages, order, errors),
-        _page_type(layout, pages["page_type"], "PG_table"),
-        flag(head_flags, "PG_slab"),
+        _free_pages(enc, pages, order, errors),
+        _has_type(enc, pages["page_type"], "table"),
+        _slab(enc, pages, heads),
         reserved & image,
         reserved,
         (low_bits & np.uint64(layout.const("PAGE_MAPPING_ANON"))) != 0,
@@ -250,6 +264,7 @@ def classify(ks: KernelSpace, layout: Layout, tasks: TaskWalk | None = None) -> 
 
 
 def _owners(n: int, tasks: TaskWalk | None) -> np.ndarray:
+    """The task walk's owner of each of the `n` page frames (0 where it has none)."""
     owner = np.zeros(n, np.int32)
     if tasks is not None and tasks.owner is not None:
         m = min(n, tasks.owner.size)

@@ -2,9 +2,11 @@
 interface against.
 
 Debian: `linux-headers-<release>` with what it depends on (the -common headers and
-linux-kbuild) unpacked together into the cache without root. Its top Makefile includes
-an absolute /usr/src/... path, which is pointed into the cache. Anything else:
-`--headers DIR` with a prepared tree (one where `make modules_prepare` has run).
+linux-kbuild) unpacked together into the cache without root, fetched with hvkit's own
+apt configuration (hvkit.guest.debian.Apt.private: every suite from bookworm to sid).
+Its top Makefile includes an absolute /usr/src/... path, which is pointed into the
+cache. Anything else: `--headers DIR` with a prepared tree (one where `make
+modules_prepare` has run).
 """
 
 from __future__ import annotations
@@ -56,17 +58,36 @@ def prepared_tree(path: str | Path, release: str | None = None) -> KernelTree:
     return KernelTree(root, release or tree_release or "unknown")
 
 
+RECHECK_AGE = 86400  # seconds: lists older than this are updated before a release is declared missing
+
+
+def _fetch_headers(release: str, dest: Path, cache: Path) -> None:
+    """linux-headers-<release> with the -common headers and linux-kbuild it depends on,
+    fetched with hvkit's own apt configuration (any Debian suite) into `dest`."""
+    package = f"linux-headers-{release}"
+    apt = debian.Apt.private(cache)
+    with apt.locked():
+        apt.ensure_lists()
+    if not debian.archive_has(package, apt):
+        with apt.locked():  # lists perhaps from before that kernel was published: once a day, ask again
+            if (apt.lists_age() or 0) > RECHECK_AGE:
+                apt.update()
+        if not debian.archive_has(package, apt):
+            raise HvkitError(f"Debian's archive has no {package} (searched: "
+                             f"{', '.join(s for _, s in debian.SUITES)})",
+                             "pass --headers DIR with a prepared build tree of that kernel "
+                             "('hvkit guest build --refresh ...' updates hvkit's package lists)")
+    deps = [d for d in debian.package_depends(package, apt)
+            if d.startswith(("linux-headers-", "linux-kbuild-"))]
+    debian.fetch_and_unpack([package, *deps], dest, apt)
+
+
 def debian_tree(release: str, cache: Path) -> KernelTree:
     """Debian's headers of kernel `release`, fetched into the cache on first use."""
     package = f"linux-headers-{release}"
     dest = cache / "headers" / release
     if not (dest / ".unpacked").exists():
-        if not debian.archive_has(package):
-            raise HvkitError(f"Debian's archive has no {package}",
-                             "pass --headers DIR with a prepared build tree of that kernel")
-        deps = [d for d in debian.package_depends(package)
-                if d.startswith(("linux-headers-", "linux-kbuild-"))]
-        debian.fetch_and_unpack([package, *deps], dest)
+        _fetch_headers(release, dest, cache)
     root = dest / "usr" / "src" / package
     makefile = root / "Makefile"
     text = makefile.read_text()
@@ -77,5 +98,6 @@ def debian_tree(release: str, cache: Path) -> KernelTree:
     cc = tree.compiler()
     if cc and shutil.which(cc) is None:
         raise HvkitError(f"kernel {release} was built with {cc}, which is not installed",
-                         f"apt-get install {cc}")
+                         f"apt-get install {cc} where this machine's Debian has it; else pass --headers DIR "
+                         "with a build tree prepared on a machine that does")
     return tree

@@ -3,7 +3,9 @@
 build_layout() compiles files/hvkit_layout.c with the kernel's own build system against
 a KernelTree and reads the object file: DWARF for the structures (every member, with
 anonymous unions and structs flattened into their parent, the way C code names them)
-and for enum values, ELF symbols `hvkit_c_*`/`hvkit_s_*` for macro constants and sizes.
+and for enum values (each also under its enum's name), ELF symbols `hvkit_c_*`/`hvkit_s_*`
+for macro constants and sizes. PageEncoding tells from these how the kernel marks its
+pages (page types, slab pages, free-block orders).
 The result is cached per kernel release, .config and interface source, so a second run
 compiles nothing.
 """
@@ -44,6 +46,7 @@ class Layout:
     config_hash: str
     structs: dict[str, StructLayout]
     constants: dict[str, int]  # macros, sizes and enum values by name
+    enums: dict[str, dict[str, int]] = field(default_factory=dict)  # named enum -> its members
 
     def offset(self, struct: str, member: str) -> int:
         try:
@@ -61,13 +64,128 @@ class Layout:
         except KeyError:
             raise HvkitError(f"kernel {self.release} has no constant {name}") from None
 
+    def enum(self, name: str) -> dict[str, int]:
+        """The members of `enum name` ({} when the kernel has no such enum)."""
+        return self.enums.get(name, {})
+
+    def missing(self, *names: str) -> list[str]:
+        """Those of `names` the compiled interface did not find."""
+        return [n for n in names if n not in self.constants]
+
+    def page_encoding(self) -> "PageEncoding":
+        """How this kernel marks its pages (see PageEncoding.of)."""
+        return PageEncoding.of(self)
+
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "Layout":
         structs = {k: StructLayout(**v) for k, v in data["structs"].items()}
-        return cls(data["release"], data["config_hash"], structs, data["constants"])
+        return cls(data["release"], data["config_hash"], structs, data["constants"], data.get("enums", {}))
+
+
+@dataclass(frozen=True)
+class TypeTest:
+    """A page type as the kernel tests it: (page_type & mask) == value."""
+
+    mask: int
+    value: int
+
+
+@dataclass(frozen=True)
+class PageEncoding:
+    """How one kernel marks its pages, decided from what its compiled interface found
+    (never from its version number):
+
+    - page types (buddy, table, offline, and slab where slab is one): as bits cleared
+      under PAGE_TYPE_BASE (`(page_type & (PAGE_TYPE_BASE | PG_x)) == PAGE_TYPE_BASE`,
+      the macros of Linux up to 6.10) or, where the kernel has `enum pagetype`, as the
+      top byte of page_type (`page_type >> 24 == PGTY_x`, Linux 6.11 and later);
+    - slab pages: the page flag PG_slab (enum pageflags) of the compound head, or the
+      page type slab of the head (the macro PG_slab of 6.10, PGTY_slab);
+    - free blocks: the order in `private` of the block's first page, at most
+      free_orders - 1 (the length of struct zone's free_area array)."""
+
+    scheme: str  # "PAGE_TYPE_BASE" or "enum pagetype": which the interface found
+    types: dict[str, TypeTest]  # buddy, offline, table (and slab when it is a page type)
+    slab_flag: int | None  # bit of PG_slab in page->flags, when slab is a flag
+    free_orders: int  # free-block orders are 0 .. free_orders - 1
+
+    REQUIRED = ("buddy", "offline", "table")
+
+    @classmethod
+    def of(cls, layout: Layout) -> "PageEncoding":
+        if "PAGE_TYPE_BASE" in layout.constants:
+            return cls._cleared_bits(layout)
+        if layout.enum("pagetype"):
+            return cls._top_byte(layout)
+        raise HvkitError(f"kernel {layout.release}: the compiled interface finds neither the constant "
+                         "PAGE_TYPE_BASE nor enum pagetype, so how it marks free pages is unknown",
+                         "this kernel's page types are not supported yet")
+
+    @classmethod
+    def _cleared_bits(cls, layout: Layout) -> "PageEncoding":
+        names = [f"PG_{t}" for t in cls.REQUIRED]
+        cls._require(layout, ["PAGE_TYPE_BASE", *names], "page types under PAGE_TYPE_BASE")
+        base = layout.const("PAGE_TYPE_BASE") & 0xFFFFFFFF
+        types = {t: TypeTest(base | layout.const(n), base) for t, n in zip(cls.REQUIRED, names)}
+        slab_flag = None
+        if "PAGE_TYPE_PG_slab" in layout.constants:  # the macro PG_slab: a page type (6.10)
+            types["slab"] = TypeTest(base | layout.const("PAGE_TYPE_PG_slab"), base)
+        else:
+            slab_flag = cls._slab_flag(layout)
+        return cls("PAGE_TYPE_BASE", types, slab_flag, cls._free_orders(layout))
+
+    @classmethod
+    def _top_byte(cls, layout: Layout) -> "PageEncoding":
+        members = layout.enum("pagetype")
+        missing = [f"PGTY_{t}" for t in cls.REQUIRED if f"PGTY_{t}" not in members]
+        if missing:
+            raise HvkitError(f"kernel {layout.release}: enum pagetype has no {', '.join(missing)}",
+                             "this kernel's page types are not supported yet")
+        width = 8 * layout.constants.get("HVKIT_PAGE_TYPE_BYTES", 4)
+        shift = layout.constants.get("PAGE_TYPE_SHIFT", width - 8)  # the type is page_type's top byte
+        mask = ((1 << width) - 1) & ~((1 << shift) - 1)
+        types = {t: TypeTest(mask, members[f"PGTY_{t}"] << shift) for t in cls.REQUIRED}
+        slab_flag = None
+        if "PGTY_slab" in members:
+            types["slab"] = TypeTest(mask, members["PGTY_slab"] << shift)
+        else:
+            slab_flag = cls._slab_flag(layout)
+        return cls("enum pagetype", types, slab_flag, cls._free_orders(layout))
+
+    @staticmethod
+    def _require(layout: Layout, names: list[str], what: str) -> None:
+        missing = layout.missing(*names)
+        if missing:
+            raise HvkitError(f"kernel {layout.release} has no constant {', '.join(missing)} ({what})",
+                             "this kernel's page types are not supported yet")
+
+    @staticmethod
+    def _slab_flag(layout: Layout) -> int:
+        flags = layout.enum("pageflags")
+        if "PG_slab" not in flags:
+            raise HvkitError(f"kernel {layout.release} marks slab pages neither with the page flag PG_slab "
+                             "(enum pageflags) nor with a page type (PG_slab, PGTY_slab)",
+                             "this kernel's page types are not supported yet")
+        return flags["PG_slab"]
+
+    @staticmethod
+    def _free_orders(layout: Layout) -> int:
+        """The number of free lists per zone. From the array itself; a layout without it
+        falls back on the names of its bound (NR_PAGE_ORDERS and MAX_PAGE_ORDER count
+        unambiguously; MAX_ORDER meant the count before 6.4, the highest order after)."""
+        c = layout.constants
+        if "HVKIT_FREE_AREAS" in c:
+            return c["HVKIT_FREE_AREAS"]
+        if "NR_PAGE_ORDERS" in c:
+            return c["NR_PAGE_ORDERS"]
+        if "MAX_PAGE_ORDER" in c:
+            return c["MAX_PAGE_ORDER"] + 1
+        raise HvkitError(f"kernel {layout.release} has no constant HVKIT_FREE_AREAS, NR_PAGE_ORDERS or "
+                         "MAX_PAGE_ORDER (the number of free-block orders)",
+                         "this kernel's free lists are not supported yet")
 
 
 def _interface_source() -> bytes:
@@ -121,16 +239,28 @@ def _members(die, base: int, prefix: str, depth: int, out: dict[str, int]) -> No
             _members(kind, offset, name + ".", depth - 1, out)
 
 
-def _read_object(obj: Path) -> tuple[dict[str, StructLayout], dict[str, int]]:
+def _enum(die) -> tuple[str | None, dict[str, int]]:
+    """(name or None, members) of an enumeration type DIE."""
+    name = die.attributes["DW_AT_name"].value.decode() if "DW_AT_name" in die.attributes else None
+    members = {c.attributes["DW_AT_name"].value.decode(): c.attributes["DW_AT_const_value"].value
+               for c in die.iter_children() if c.tag == "DW_TAG_enumerator"}
+    return name, members
+
+
+def _read_object(obj: Path) -> tuple[dict[str, StructLayout], dict[str, int], dict[str, dict[str, int]]]:
     structs: dict[str, StructLayout] = {}
     constants: dict[str, int] = {}
+    enums: dict[str, dict[str, int]] = {}
     with obj.open("rb") as f:
         elf = ELFFile(f)
         for cu in elf.get_dwarf_info().iter_CUs():
             for die in cu.iter_DIEs():
-                if die.tag == "DW_TAG_enumerator":
-                    constants.setdefault(die.attributes["DW_AT_name"].value.decode(),
-                                         die.attributes["DW_AT_const_value"].value)
+                if die.tag == "DW_TAG_enumeration_type":
+                    name, members = _enum(die)
+                    for member, value in members.items():
+                        constants.setdefault(member, value)
+                    if name and members:
+                        enums.setdefault(name, members)
                 elif (die.tag == "DW_TAG_structure_type" and "DW_AT_byte_size" in die.attributes
                       and "DW_AT_name" in die.attributes):
                     name = die.attributes["DW_AT_name"].value.decode()
@@ -151,11 +281,14 @@ def _read_object(obj: Path) -> tuple[dict[str, StructLayout], dict[str, int]]:
     for name, layout in structs.items():  # DWARF and sizeof() must agree
         if constants.get(f"sizeof({name})", layout.size) != layout.size:
             raise HvkitError(f"struct {name}: DWARF and sizeof disagree")
-    return structs, constants
+    return structs, constants, enums
+
+
+LAYOUT_FORMAT = b"2"  # what a cached layout holds (2: enums by name); part of its cache key
 
 
 def _cache_file(tree: KernelTree, cache: Path) -> Path:
-    iface = hashlib.sha256(_interface_source()).hexdigest()[:12]
+    iface = hashlib.sha256(_interface_source() + LAYOUT_FORMAT).hexdigest()[:12]
     return cache / "layouts" / f"{tree.release}-{tree.config_hash()}-{iface}.json"
 
 
@@ -166,8 +299,8 @@ def build_layout(tree: KernelTree, cache: Path) -> Layout:
         return Layout.from_json(json.loads(cached.read_text()))
     log.info("compiling the layout interface against %s", tree.root)
     with tempfile.TemporaryDirectory(prefix="hvkit-layout-") as tmp:
-        structs, constants = _read_object(_compile(tree, Path(tmp)))
-    layout = Layout(tree.release, tree.config_hash(), structs, constants)
+        structs, constants, enums = _read_object(_compile(tree, Path(tmp)))
+    layout = Layout(tree.release, tree.config_hash(), structs, constants, enums)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmpfile = cached.with_suffix(".tmp")
     tmpfile.write_text(json.dumps(layout.to_json(), indent=1, sort_keys=True))

@@ -25,7 +25,8 @@ from typing import Callable, Iterator, TypeVar
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError, VMDied, VMNotFound
-from hvkit.guest import GroundTruth, Workload, build_default_guest, parse_ground_truth
+from hvkit.guest import (GroundTruth, Workload, build_default_guest, build_kernel_guest, guest_of_kernel,
+                         parse_ground_truth)
 from hvkit.kernel import read_kernel_image
 from hvkit.memory import GuestMemory, RamFileMemory
 from hvkit.memory.process import ProcessMemory, ram_mappings
@@ -371,6 +372,7 @@ class VM:
         cpus: int = 1,
         kernel: str | Path | None = None,
         initrd: str | Path | None = None,
+        kernel_package: str | None = None,
         append: str = "",
         workload: str | Workload | None = None,
         accel: str = "auto",
@@ -384,9 +386,11 @@ class VM:
         """Starts a VM in the background and returns once QEMU answers on QMP (and, for
         hvkit's own init, once the guest printed its ready marker).
 
-        Without `kernel`, the default guest (built on first use). Without `initrd`,
-        hvkit's initramfs, whose init runs `workload`; with your own initrd, the guest
-        is yours and hvkit does not wait for a ready marker.
+        Without `kernel`, the default guest (built on first use); `kernel_package` (a
+        Debian `linux-image-*` package or meta package, NAME/SUITE for another suite)
+        boots that kernel with hvkit's initramfs made for it. Without `initrd`, hvkit's
+        initramfs, whose init runs `workload`; with your own initrd, the guest is yours
+        and hvkit does not wait for a ready marker.
 
         `ram="file"` (default) puts guest RAM in a shared file hvkit can read and give
         back; `ram="anonymous"` keeps it in QEMU's own memory with KSM merging allowed
@@ -405,6 +409,10 @@ class VM:
             raise HvkitError("a workload needs hvkit's own initramfs", "leave out --initrd")
         workload = Workload.parse(workload) if isinstance(workload, str) else workload
 
+        if kernel_package is not None:
+            if kernel is not None:
+                raise HvkitError("give either a kernel file or a kernel package", "leave out --kernel")
+            kernel = build_kernel_guest(paths, kernel_package).kernel
         kernel_path, initrd_path, release = cls._boot_files(paths, kernel, initrd)
         hvkit_init = initrd is None
         if hvkit_init:
@@ -527,8 +535,9 @@ class VM:
         if not image.bootable:
             raise HvkitError(f"{kernel} is a vmlinux; QEMU boots a bzImage",
                              "pass the vmlinuz of the same kernel")
-        if initrd is None:
-            initrd_path = build_default_guest(paths).initrd.resolve()
+        if initrd is None:  # hvkit's initramfs made for this kernel (its modules), else the default's
+            own = guest_of_kernel(paths, image.path)
+            initrd_path = (own or build_default_guest(paths)).initrd.resolve()
         return image.path.resolve(), initrd_path, image.release
 
     @staticmethod

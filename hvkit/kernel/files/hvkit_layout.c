@@ -3,12 +3,25 @@
  * kernel, it turns into an object file from which hvkit reads
  *
  *   - structure layouts (sizes and field offsets) from the DWARF of the types below;
+ *   - enum values from the DWARF, each under its enum's name (enum pageflags, enum
+ *     pagetype, ...: the build keeps unused types with -fno-eliminate-unused-debug-types);
  *   - constants that no debug information carries (preprocessor macros such as the
- *     page-type values), as initialised data: one symbol hvkit_c_<NAME> per constant.
+ *     page-type values of older kernels), as initialised data: one symbol
+ *     hvkit_c_<NAME> per constant.
  *
  * It is never loaded into a kernel. Every macro is guarded with #ifdef, so the same file
- * builds on kernels that lack some of them; enum values come from the DWARF (the build
- * keeps unused types with -fno-eliminate-unused-debug-types).
+ * builds on kernels that lack some of them (or have an enum of that name instead): what
+ * a kernel lacks is missing from the layout, and hvkit names it when it needs it.
+ * hvkit decides how this kernel marks its pages from what is found here, never from
+ * its version number (hvkit/kernel/layout.py, PageEncoding):
+ *
+ *   - page types as bits cleared under PAGE_TYPE_BASE (macros PG_buddy, PG_table, ...:
+ *     Linux up to 6.10), or as the top byte of page_type (enum pagetype, PGTY_buddy,
+ *     ...: Linux 6.11 and later);
+ *   - slab pages marked by the page flag PG_slab (a member of enum pageflags), or by a
+ *     page type (the macro PG_slab of 6.10, PGTY_slab of enum pagetype);
+ *   - free-block orders 0 .. HVKIT_FREE_AREAS - 1: the length of struct zone's free_area
+ *     array, whatever the kernel calls its bound (MAX_ORDER, NR_PAGE_ORDERS).
  */
 #include <linux/module.h>
 #include <linux/mm.h>
@@ -22,6 +35,7 @@
 
 #define HVKIT_SIZE(type) const unsigned long long hvkit_s_##type = sizeof(struct type);
 #define HVKIT_CONST(name) const unsigned long long hvkit_c_##name = (unsigned long long)(name);
+#define HVKIT_VALUE(name, value) const unsigned long long hvkit_c_##name = (unsigned long long)(value);
 
 HVKIT_SIZE(page)
 HVKIT_SIZE(task_struct)
@@ -34,12 +48,33 @@ HVKIT_SIZE(address_space)
 HVKIT_SIZE(list_head)
 HVKIT_SIZE(new_utsname)
 
+/* what the C language itself can tell, on every kernel */
+HVKIT_VALUE(HVKIT_FREE_AREAS, sizeof(((struct zone *)0)->free_area) / sizeof(struct free_area))
+HVKIT_VALUE(HVKIT_PAGE_TYPE_BYTES, sizeof(((struct page *)0)->page_type))
+
+#ifdef PAGE_SHIFT
 HVKIT_CONST(PAGE_SHIFT)
+#endif
+#ifdef __START_KERNEL_map
 HVKIT_CONST(__START_KERNEL_map)
+#endif
+#ifdef TASK_COMM_LEN /* an enum value in newer kernels: then from the DWARF */
 HVKIT_CONST(TASK_COMM_LEN)
+#endif
+#ifdef MAX_NR_ZONES
 HVKIT_CONST(MAX_NR_ZONES)
+#endif
+#ifdef PAGE_MAPPING_ANON
 HVKIT_CONST(PAGE_MAPPING_ANON)
+#endif
+#ifdef PAGE_MAPPING_MOVABLE
 HVKIT_CONST(PAGE_MAPPING_MOVABLE)
+#endif
+#ifdef SECTION_SIZE_BITS
+HVKIT_CONST(SECTION_SIZE_BITS)
+#endif
+
+/* the bound of free-block orders, by whichever name this kernel has */
 #ifdef MAX_ORDER
 HVKIT_CONST(MAX_ORDER)
 #endif
@@ -49,6 +84,8 @@ HVKIT_CONST(MAX_PAGE_ORDER)
 #ifdef NR_PAGE_ORDERS
 HVKIT_CONST(NR_PAGE_ORDERS)
 #endif
+
+/* page types as bits cleared under PAGE_TYPE_BASE (macros, up to Linux 6.10) */
 #ifdef PAGE_TYPE_BASE
 HVKIT_CONST(PAGE_TYPE_BASE)
 #endif
@@ -67,26 +104,55 @@ HVKIT_CONST(PG_table)
 #ifdef PG_guard
 HVKIT_CONST(PG_guard)
 #endif
+#ifdef PG_slab /* a macro only where slab is a page type (6.10); else enum pageflags' flag bit */
+HVKIT_VALUE(PAGE_TYPE_PG_slab, PG_slab)
+#endif
 #ifdef PAGE_TYPE_SHIFT
 HVKIT_CONST(PAGE_TYPE_SHIFT)
 #endif
-#ifdef SECTION_SIZE_BITS
-HVKIT_CONST(SECTION_SIZE_BITS)
-#endif
+
 /* /proc/kpageflags bit numbers, so tests read the guest's ground truth by name */
+#ifdef KPF_SLAB
 HVKIT_CONST(KPF_SLAB)
+#endif
+#ifdef KPF_BUDDY
 HVKIT_CONST(KPF_BUDDY)
+#endif
+#ifdef KPF_ANON
 HVKIT_CONST(KPF_ANON)
+#endif
+#ifdef KPF_LRU
 HVKIT_CONST(KPF_LRU)
+#endif
+#ifdef KPF_NOPAGE
 HVKIT_CONST(KPF_NOPAGE)
+#endif
+#ifdef KPF_PGTABLE
 HVKIT_CONST(KPF_PGTABLE)
+#endif
+#ifdef KPF_RESERVED
 HVKIT_CONST(KPF_RESERVED)
+#endif
+#ifdef KPF_OFFLINE
 HVKIT_CONST(KPF_OFFLINE)
+#endif
+#ifdef KPF_MMAP
 HVKIT_CONST(KPF_MMAP)
+#endif
+#ifdef KPF_COMPOUND_TAIL
 HVKIT_CONST(KPF_COMPOUND_TAIL)
+#endif
+#ifdef KPF_COMPOUND_HEAD
 HVKIT_CONST(KPF_COMPOUND_HEAD)
+#endif
+#ifdef KPF_THP
 HVKIT_CONST(KPF_THP)
+#endif
+#ifdef KPF_ZERO_PAGE
 HVKIT_CONST(KPF_ZERO_PAGE)
+#endif
+#ifdef KPF_HUGE
 HVKIT_CONST(KPF_HUGE)
+#endif
 
 MODULE_LICENSE("GPL");
