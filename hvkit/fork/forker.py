@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -187,7 +188,7 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     # from here on the fork only goes forward: the old QEMU ends, and with it the
     # last shared (writable) mapping of the frozen file; only then is it sealed
     own.update_intent(step="stopping")
-    vm._stop_qemu()
+    vm._kill(signal.SIGKILL)  # paused, its state saved: nothing to shut down politely
     own.update_intent(step="sealing")
     with store.lock():
         snap = store.freeze_ram_file(frozen, vm.spec.memory, vm.name, state, asdict(vm.spec), fork_id)

@@ -36,7 +36,7 @@ from hvkit.qemu.accel import ACCELS, best_accel
 from hvkit.qemu.attach import (QemuFacts, fetch_debian_kernel, probe_libvirt, probe_qmp, process_start_ticks,
                                qemu_cmdline, release_in_memory)
 from hvkit.qemu.ownership import LOCK_WAIT, Ownership, fault_point, stale_intents
-from hvkit.qemu.qmp import QMPUnreachable, libvirt_qmp, qmp
+from hvkit.qemu.qmp import QMPUnreachable, incoming_migration, libvirt_qmp, qmp
 from hvkit.qemu.runtime import NAME_RE, RuntimeDir, VMSpec, check_name, free_space_note
 from hvkit.signals import deferred_signals
 from hvkit.units import MiB, format_size, parse_size
@@ -499,19 +499,18 @@ class VM:
     def receive_state(self, state: Path, run: bool = True, timeout: float = 30.0) -> None:
         """Loads the device state saved by `save_state` into this VM (started by
         launch_from_snapshot), then lets it run unless `run` is False."""
-        self.qmp("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
-        deadline = time.monotonic() + timeout
-        while (status := self.run_state()) == "inmigrate":
-            if time.monotonic() > deadline:
-                raise HvkitError(f"VM {self.name!r} did not load its device state within {timeout:.0f} s")
-            time.sleep(0.002)
-        outcome = self.qmp("query-migrate").get("status")
+        self._raise_if_dead("before loading its device state")
+        try:
+            status, outcome = incoming_migration(self.qmp_path, f"exec:cat {shlex.quote(str(state))}", run, timeout)
+        except VMDied:
+            self._raise_if_dead("while loading its device state")
+            raise
+        if status == "inmigrate":
+            raise HvkitError(f"VM {self.name!r} did not load its device state within {timeout:.0f} s")
         if outcome != "completed":
             raise HvkitError(f"VM {self.name!r} could not load its device state from {state} "
                              f"(migration {outcome}, run state {status}); QEMU said: "
                              f"{self.rundir.tail(self.rundir.qemu_log, 2) or 'nothing'}")
-        if run:
-            self._qmp_cont()
 
     def save_state(self, path: Path) -> None:
         """Writes the device state of this paused VM, without its RAM, to `path` (QEMU's
@@ -616,14 +615,22 @@ class VM:
             if time.monotonic() > deadline:
                 raise HvkitError(f"QEMU did not open its QMP socket within {timeout:.0f} s")
             time.sleep(0.02)
-        try:
-            qmp(self.rundir.qmp_sock, "query-status")
-        except VMDied:
-            # QEMU opens its sockets before it checks the rest of its command line, so a
-            # refused connection usually means it is exiting: report what it said.
-            self._wait_gone(2.0)
-            self._raise_if_dead("while starting")
-            raise
+        while True:
+            try:
+                qmp(self.rundir.qmp_sock, "query-status")
+                return
+            except QMPUnreachable:
+                # the socket file exists from bind() on, before QEMU listens; and QEMU opens
+                # its sockets before it checks the rest of its command line, so a refused
+                # connection means either "not yet" or "exiting": wait, or say what it said
+                if self._wait_gone(0.005) or time.monotonic() > deadline:
+                    self._wait_gone(2.0)
+                    self._raise_if_dead("while starting")
+                    raise
+            except VMDied:
+                self._wait_gone(2.0)
+                self._raise_if_dead("while starting")
+                raise
 
     # ---- state ----------------------------------------------------------------------
 
@@ -877,8 +884,10 @@ class VM:
             time.sleep(0.02)
         return True
 
-    def _kill(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+    def _kill(self, first: signal.Signals = signal.SIGTERM) -> None:
+        """Ends QEMU by signal (`first`, then SIGKILL) and waits until it is gone, with
+        its mappings."""
+        for sig in dict.fromkeys((first, signal.SIGKILL)):
             if not self._qemu_alive():
                 return
             try:
