@@ -1,8 +1,10 @@
 """bench/identify: identification timed on real guests, beside an in-guest agent.
 
-    .venv/bin/python bench/identify.py [--sizes 256M,1G,4G] [--repeat 5] [--json out.json]
+    .venv/bin/python bench/identify.py [--kernels default,linux-image-6.12-cloud-amd64]
+                                       [--sizes 256M,1G,4G] [--repeat 5] [--json out.json]
 
-Per guest size (each guest holds 64 MiB after allocating and freeing): the time to
+Per kernel (the default guest's, and any Debian kernel package) and guest size (each
+guest holds 64 MiB after allocating and freeing): the time to
 classify every page from outside (`hvkit identify`: task walk + struct page array, the
 VM paused meanwhile) against the baseline of asking an agent inside the guest (the
 default guest's `dump` of /proc/kpageflags over its serial port), and how well the two
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvkit.config import Paths  # noqa: E402
-from hvkit.guest import build_default_guest  # noqa: E402
+from hvkit.guest import build_default_guest, build_kernel_guest  # noqa: E402
 from hvkit.introspect import PageClass, classify, list_tasks  # noqa: E402
 from hvkit.introspect.source import open_guest  # noqa: E402
 from hvkit.kernel.headers import debian_tree  # noqa: E402
@@ -65,8 +67,9 @@ def agreement(truth, pm, layout) -> dict:
     return out
 
 
-def guest_run(size: str, repeat: int, paths: Paths) -> dict:
-    with VM.start(f"bench-id-{size}", memory=size, workload="hold:64", paths=paths) as vm:
+def guest_run(size: str, repeat: int, paths: Paths, package: str | None) -> dict:
+    with VM.start(f"bench-id-{size}", memory=size, workload="hold:64", kernel_package=package,
+                  paths=paths) as vm:
         vm.wait_for_console("HVKIT-HOLD holding", timeout=300)
         ps_total, ps_paused, id_total, id_paused, classify_s, agent = [], [], [], [], [], []
         for _ in range(repeat):
@@ -93,7 +96,8 @@ def guest_run(size: str, repeat: int, paths: Paths) -> dict:
         truth, (pm, layout) = vm.frozen_ground_truth(look, timeout=600)
     gib = parse_size(size) / (1 << 30)
     med = statistics.median
-    return {"size": size, "bytes": parse_size(size), "pages": pm.pages, "processes": count,
+    return {"kernel": layout.release, "size": size, "bytes": parse_size(size), "pages": pm.pages,
+            "processes": count,
             "identify_total_s": med(id_total), "identify_paused_s": med(id_paused),
             "classify_s": med(classify_s), "identify_s_per_gib": med(id_total) / gib,
             "agent_export_s": med(agent), "agent_over_hvkit": med(agent) / med(id_total),
@@ -104,28 +108,34 @@ def guest_run(size: str, repeat: int, paths: Paths) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernels", default="default,linux-image-6.12-cloud-amd64",
+                    help="'default' (the default guest's kernel) and/or Debian kernel packages")
     ap.add_argument("--sizes", default="256M,1G,4G")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", type=Path, default=Path("bench/results/identify.json"))
     args = ap.parse_args()
     paths = Paths.from_env()
-    guest = build_default_guest(paths)
-    build = first_build(guest)
-    rows = [guest_run(s, args.repeat, paths) for s in args.sizes.split(",")]
-    print(f"layout: first build {build['layout_first_s']:.2f} s (target < 30), cached "
-          f"{build['layout_cached_s'] * 1000:.1f} ms (target < 1000) -> {build['layout_first_s'] / build['layout_cached_s']:.0f}x")
-    print(f"symbols: first {build['symbols_first_s']:.2f} s, cached {build['symbols_cached_s'] * 1000:.1f} ms")
+    builds, rows = {}, []
+    for name in args.kernels.split(","):
+        package = None if name == "default" else name
+        guest = build_default_guest(paths) if package is None else build_kernel_guest(paths, package)
+        builds[guest.release] = first_build(guest)
+        rows += [guest_run(s, args.repeat, paths, package) for s in args.sizes.split(",")]
+    for release, build in builds.items():
+        print(f"{release}: layout first build {build['layout_first_s']:.2f} s (target < 30), cached "
+              f"{build['layout_cached_s'] * 1000:.1f} ms (target < 1000); symbols first "
+              f"{build['symbols_first_s']:.2f} s, cached {build['symbols_cached_s'] * 1000:.1f} ms")
     print()
-    print(f"{'guest':>6} {'identify s':>10} {'paused s':>9} {'s/GiB':>6} {'target':>6} "
+    print(f"{'kernel':>28} {'guest':>6} {'identify s':>10} {'paused s':>9} {'s/GiB':>6} {'target':>6} "
           f"{'agent s':>8} {'agent/hvkit':>11} {'ps s':>6} {'ps paused':>9} {'worst agreement':>22}")
     for r in rows:
         worst = min((v, k) for k, v in r["agreement"].items() if v is not None)
-        print(f"{r['size']:>6} {r['identify_total_s']:>10.3f} {r['identify_paused_s']:>9.3f} "
+        print(f"{r['kernel']:>28} {r['size']:>6} {r['identify_total_s']:>10.3f} {r['identify_paused_s']:>9.3f} "
               f"{r['identify_s_per_gib']:>6.3f} {0.5:>6.1f} {r['agent_export_s']:>8.2f} "
               f"{r['agent_over_hvkit']:>10.0f}x {r['ps_total_s']:>6.3f} {r['ps_paused_s']:>9.3f} "
               f"{worst[1]:>14} {100 * worst[0]:.2f}%")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"kernel": guest.release, "build": build, "guests": rows}, indent=2))
+    args.json.write_text(json.dumps({"builds": builds, "guests": rows}, indent=2))
     print(f"written {args.json}")
 
 
