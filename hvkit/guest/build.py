@@ -309,6 +309,17 @@ def build_kernel_guest(paths: Paths, kernel_package: str, refresh: bool = False)
     return artifacts
 
 
+def fetch_kernel_file(paths: Paths, kernel_package: str) -> Path:
+    """The kernel file (vmlinuz) of Debian's `kernel_package`, from the cache or fetched
+    with hvkit's own apt configuration (any suite); no initramfs is built."""
+    cache = paths.cache / "guest"
+    if (cache / kernel_package / ".unpacked").exists():
+        package, root = kernel_package, cache / kernel_package
+    else:
+        package, root = _fetch_kernel(paths, kernel_package, refresh=False)
+    return _kernel_files(root, package)[0]
+
+
 def guest_of_kernel(paths: Paths, kernel: str | Path) -> GuestArtifacts | None:
     """The guest hvkit built whose kernel is the file `kernel` (the default guest or
     one of build_kernel_guest), so that a VM started with that kernel alone gets the

@@ -187,16 +187,13 @@ def release_in_memory(memory) -> str:
 
 
 def fetch_debian_kernel(release: str, paths: Paths) -> Path:
-    """The vmlinuz of Debian's `linux-image-<release>`, fetched into the cache (where the
-    default guest keeps its kernel: that one is never fetched twice)."""
-    from hvkit.guest.debian import archive_has, fetch_and_unpack
+    """The vmlinuz of Debian's `linux-image-<release>`, from any suite, fetched into the
+    cache with hvkit's own apt configuration (the default guest's kernel is found there
+    and never fetched twice)."""
+    from hvkit.guest.build import fetch_kernel_file
 
-    package = f"linux-image-{release}"
-    dest = paths.cache / "guest" / package
-    if not (dest / ".unpacked").exists() and not archive_has(package):
-        raise HvkitError(f"the guest runs kernel {release}, which is not a Debian kernel that apt can fetch here",
-                         "pass --kernel FILE (the guest's vmlinuz)")
-    found = sorted(fetch_and_unpack(package, dest).glob(f"boot/vmlinuz-{release}"))
-    if not found:
-        raise HvkitError(f"Debian's {package} has no boot/vmlinuz-{release}", "pass --kernel FILE")
-    return found[0]
+    try:
+        return fetch_kernel_file(paths, f"linux-image-{release}")
+    except HvkitError as e:
+        raise HvkitError(f"the guest runs kernel {release}, which hvkit cannot fetch from Debian's archive ({e})",
+                         "pass --kernel FILE (the guest's vmlinuz)") from None
