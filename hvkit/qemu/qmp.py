@@ -12,7 +12,7 @@ import asyncio
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Coroutine
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
@@ -24,28 +24,39 @@ class QMPUnreachable(VMDied):
     The command was not sent."""
 
 
-async def _execute(sock: Path, command: str, args: dict | None, timeout: float) -> Any:
+async def _connected(sock: Path, timeout: float) -> QMPClient:
     client = QMPClient("hvkit")
     try:
         await asyncio.wait_for(client.connect(str(sock)), timeout)
     except asyncio.TimeoutError as e:
         raise ConnectError("timed out", e) from None
+    return client
+
+
+async def _execute(sock: Path, command: str, args: dict | None, timeout: float) -> Any:
+    client = await _connected(sock, timeout)
     try:
         return await asyncio.wait_for(client.execute(command, args), timeout)
     finally:
         await client.disconnect()
 
 
-def qmp(sock: Path, command: str, args: dict | None = None, timeout: float = 10.0) -> Any:
-    """The result of QMP `command`; HvkitError if QEMU refuses it, VMDied if it is gone."""
+def _session(sock: Path, what: str, session: Coroutine) -> Any:
+    """Runs one QMP session; QEMU's refusal -> HvkitError, no session -> QMPUnreachable,
+    a session that breaks -> VMDied."""
     try:
-        return asyncio.run(_execute(sock, command, args, timeout))
+        return asyncio.run(session)
     except ExecuteError as e:
-        raise HvkitError(f"QEMU refused {command}: {e}") from None
+        raise HvkitError(f"QEMU refused {what}: {e}") from None
     except ConnectError as e:
         raise QMPUnreachable(f"QEMU does not answer on {sock} ({e})") from None
     except (OSError, EOFError, asyncio.TimeoutError) as e:
         raise VMDied(f"QEMU does not answer on {sock} ({type(e).__name__}: {e})") from None
+
+
+def qmp(sock: Path, command: str, args: dict | None = None, timeout: float = 10.0) -> Any:
+    """The result of QMP `command`; HvkitError if QEMU refuses it, VMDied if it is gone."""
+    return _session(sock, command, _execute(sock, command, args, timeout))
 
 
 def libvirt_qmp(uri: str, domain: str, command: str, args: dict | None = None, timeout: float = 10.0) -> Any:
@@ -75,11 +86,7 @@ def libvirt_qmp(uri: str, domain: str, command: str, args: dict | None = None, t
 
 
 async def _incoming(sock: Path, uri: str, run: bool, timeout: float) -> tuple[str, str]:
-    client = QMPClient("hvkit")
-    try:
-        await asyncio.wait_for(client.connect(str(sock)), timeout)
-    except asyncio.TimeoutError as e:
-        raise ConnectError("timed out", e) from None
+    client = await _connected(sock, timeout)
     try:
         await client.execute("migrate-incoming", {"uri": uri})
         loop = asyncio.get_running_loop()
@@ -102,11 +109,4 @@ def incoming_migration(sock: Path, uri: str, run: bool, timeout: float = 30.0) -
     -incoming defer) in one QMP session, and lets it run when `run` and the load
     completed: (run state, migration status). One session instead of one per poll: a
     forked child runs tens of milliseconds sooner."""
-    try:
-        return asyncio.run(_incoming(sock, uri, run, timeout))
-    except ExecuteError as e:
-        raise HvkitError(f"QEMU refused to load the device state: {e}") from None
-    except ConnectError as e:
-        raise QMPUnreachable(f"QEMU does not answer on {sock} ({e})") from None
-    except (OSError, EOFError, asyncio.TimeoutError) as e:
-        raise VMDied(f"QEMU does not answer on {sock} ({type(e).__name__}: {e})") from None
+    return _session(sock, "to load the device state", _incoming(sock, uri, run, timeout))
