@@ -23,16 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.memserver import Store
-from hvkit.procs import process_runs
 from hvkit.qemu import VM
 from hvkit.qemu.ownership import Ownership
-from hvkit.qemu.runtime import RuntimeDir
+from hvkit.qemu.runtime import RuntimeDir, VMSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +43,17 @@ def finish_fork(owner: Ownership, journal: dict, paths: Paths) -> None:
     had not finished starting."""
     name, step, by = owner.name, journal.get("step"), f"pid {journal.get('pid', '?')}"
     rundir = RuntimeDir(paths.vm_dir(name))
-    old_alive = process_runs(journal.get("old_pid"), str(rundir.path).encode())
+    old = VM(rundir, VMSpec(**journal["machine"]))  # the VM as the fork found it: its old QEMU
+    old_alive = old._qemu_alive()
     try:
         if step in UNDONE_STEPS:
             _undo(rundir, journal, old_alive)
             log.warning("the fork of VM %s (%s) died before its snapshot was sealed: undone, %s", name, by,
                         "the VM runs on as before" if old_alive else "but its QEMU is gone too")
         else:
-            snap = _finish(rundir, journal, old_alive, paths)
+            if old_alive:  # paused, its state saved; it must not map the file shared past here
+                old._kill(signal.SIGKILL)
+            snap = _finish(rundir, journal, paths)
             log.warning("the fork of VM %s (%s) died at step %r: finished it, snapshot %s is sealed and "
                         "%s runs from it", name, by, step, snap, name)
     except HvkitError as e:
@@ -71,9 +72,7 @@ def _undo(rundir: RuntimeDir, journal: dict, old_alive: bool) -> None:
             vm._qmp_cont()
 
 
-def _finish(rundir: RuntimeDir, journal: dict, old_alive: bool, paths: Paths) -> str:
-    if old_alive:  # paused, its state saved; it must not map the file shared past here
-        _kill(journal["old_pid"], rundir)
+def _finish(rundir: RuntimeDir, journal: dict, paths: Paths) -> str:
     from hvkit.fork.forker import restart_from_frozen  # the forker's own restart
 
     store = Store(Path(journal["store"]))
@@ -92,16 +91,3 @@ def _finish(rundir: RuntimeDir, journal: dict, old_alive: bool, paths: Paths) ->
         return snap.name
     finally:
         store.close()
-
-
-def _kill(pid: int, rundir: RuntimeDir) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 3.0
-        while process_runs(pid, str(rundir.path).encode()) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not process_runs(pid, str(rundir.path).encode()):
-            return

@@ -122,15 +122,15 @@ class RuntimeDir:
         return "\n".join(kept[-lines:]).strip()
 
 
-def free_space_note(folder: Path, need: int = 0) -> str:
-    """'' or why the file system of `folder` cannot hold more guest RAM (full, or less
-    free than `need` bytes): a guest touching RAM its file cannot store kills QEMU."""
+def free_space_note(folder: Path) -> str:
+    """'' or why the file system of `folder` cannot hold more guest RAM (less than 1 MiB
+    free): a guest touching RAM its file cannot store kills QEMU."""
     try:
         st = os.statvfs(folder)
     except OSError:
         return ""
     free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-    if total and (free < max(need, 1 << 20)):
+    if total and free < 1 << 20:
         return (f"the file system of {folder} is full ({free >> 20} MiB free of {total >> 20} MiB); "
                 "QEMU dies when its guest touches RAM that the RAM file cannot store")
     return ""

@@ -908,7 +908,7 @@ class VM:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._process is not None or self._started_here:
+        if self._started_here:
             self.stop()
 
     # ---- the guest's console and control port ----------------------------------------
