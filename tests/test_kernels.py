@@ -21,13 +21,13 @@ from hvkit.guest import build_kernel_guest, guest_of_kernel
 from hvkit.introspect import PageClass
 from hvkit.kernel.headers import debian_tree
 from hvkit.kernel.layout import build_layout
-from hvkit.memory import PAGE_SIZE
 from hvkit.qemu import VM
-from hvkit.share import share_once
 
 from conftest import run_cli
-from test_identify import assert_agrees_with_kpageflags, identify_at_one_moment
+from test_identify import (assert_agrees_with_kpageflags, assert_fragmented_memory_has_its_owner,
+                           identify_at_one_moment)
 from test_ps import compare_with_ground_truth
+from test_share import assert_share_gives_back_free_memory
 
 pytestmark = pytest.mark.slow
 
@@ -101,34 +101,11 @@ def test_identify_cli(vm612):
 
 
 def test_share_gives_back_the_guests_free_memory(vm612, paths):
-    before = vm612.host_memory()
-    truth, result = vm612.frozen_ground_truth(lambda: share_once(vm612, paths))
-    mem_free = truth.meminfo["MemFree"]  # the guest's own word, at the moment of sharing
-    print(f"share: {result.released_bytes >> 20} MiB given back of MemFree {mem_free >> 20} MiB "
-          f"({result.released_bytes / mem_free:.1%}); free pages {result.free_pages}")
-    assert abs(result.free_pages * PAGE_SIZE - mem_free) <= 0.01 * mem_free
-    assert before - vm612.host_memory() >= 0.9 * mem_free
-    assert result.released_bytes >= 0.9 * mem_free
-    assert vm612.run_state() == "running"
-
-    # the guest goes on, and can use all of its memory again (the host allocates anew)
-    start = len(vm612.console())
-    again = mem_free // (1 << 20) - 24
-    vm612.request(f"run alloc {again}", until="HVKIT-RUNNING alloc")
-    vm612.wait_for_console(rf"HVKIT-ALLOC done mib={again}", timeout=120, after=start)
-    assert vm612.host_memory() > before - 0.5 * mem_free
+    assert_share_gives_back_free_memory(vm612, paths)
 
 
 def test_fragmented_memory_and_owners(vm612, paths):
-    start = len(vm612.console())
-    vm612.request("run fragment 64", until="HVKIT-RUNNING fragment")
-    vm612.wait_for_console(r"HVKIT-FRAGMENT holding mib=32", timeout=60, after=start)
-    truth, pm, layout, walk = identify_at_one_moment(vm612, paths)
-    assert_agrees_with_kpageflags(truth, pm, layout)  # free memory in order-0 holes now
-    owners = pm.anonymous_by_owner()
-    holder = max(owners, key=owners.get)
-    assert {t.pid: t.name for t in walk.tasks}[holder] == "hvkit-mem"
-    assert 32 << 20 <= owners[holder] * PAGE_SIZE <= 33 << 20  # every other page of 64 MiB
+    assert_fragmented_memory_has_its_owner(vm612, paths)
 
 
 def test_kernel_ran_without_oops(vm612):
