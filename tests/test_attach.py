@@ -171,3 +171,21 @@ def test_ram_that_cannot_be_found_or_verified_gives_one_line(plain, paths):
             spec_file.write_text(_json.dumps(spec))
     finally:
         run_cli("vm", "detach", "liar")
+
+
+def test_attach_killed_halfway_leaves_nothing_and_the_qemu_runs(plain, paths):
+    """SIGKILL of `vm attach` before its record exists and just before it is done: the
+    next command removes what it left; the QEMU it was adopting runs on untouched."""
+    import signal
+    import sys
+
+    for moment in ("after vm attach:stop", "before done vm attach"):
+        proc = subprocess.run([sys.executable, "-m", "hvkit", "vm", "attach", "--qmp", str(plain.qmp),
+                               "--name", "halfatt"], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HVKIT_DIE_AT": moment})
+        assert proc.returncode == -signal.SIGKILL, (moment, proc.stderr)
+        listed = run_cli("vm", "list", "--json")
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr
+        assert "halfatt" not in {r["name"] for r in json.loads(listed.stdout)}, moment
+        assert not (paths.runtime / "halfatt").exists(), moment
+        assert plain.proc.poll() is None, f"killing attach at {moment!r} took the QEMU down"

@@ -320,6 +320,9 @@ class VM:
         with owner.hold("vm attach") as outermost:
             if outermost:
                 cls._finish_abandoned(owner, paths)
+            # killed halfway, the next command removes the half-made record (never the QEMU:
+            # a VM with an attached spec is not killed by that undo)
+            owner.write_intent(op="vm attach", undo="stop")
             rundir = RuntimeDir(paths.vm_dir(name))
             cls._claim(rundir)
             vm = cls(rundir, spec)
@@ -331,6 +334,8 @@ class VM:
             except BaseException:
                 rundir.remove()
                 raise
+            finally:
+                owner.clear_intent()
         return vm
 
     def _kernel_from_memory(self, paths: Paths) -> Path:
