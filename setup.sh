@@ -17,7 +17,10 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 #    back with it; make: runs the guest kernel's build system for the layout interface;
 #    fuse3 (and with it libfuse3): the memory server that forked VMs read their memory from;
 #    libvirt-daemon-system + libvirt-clients: `hvkit vm attach --libvirt` talks QMP through
-#    virsh, and the tests run a real libvirt daemon (they start libvirtd themselves).
+#    virsh, and the tests run a real libvirt daemon (they start libvirtd themselves);
+#    mmdebstrap: a Debian root with the compiler of a kernel newer than this host can
+#    build for (Debian unstable's kernels need gcc-16 and a newer C library); lzop:
+#    unpacks LZO-compressed kernels.
 #    apt/dpkg (always there) fetch the guest kernel, busybox and kernel headers.
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -29,6 +32,8 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v virsh >/dev/null || need+=(libvirt-clients)
 [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v lzop >/dev/null || need+=(lzop)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing Debian packages: ${need[*]}"
     SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo

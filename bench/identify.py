@@ -1,6 +1,6 @@
 """bench/identify: identification timed on real guests, beside an in-guest agent.
 
-    .venv/bin/python bench/identify.py [--kernels default,linux-image-6.12-cloud-amd64]
+    .venv/bin/python bench/identify.py [--kernels default,linux-image-6.12-cloud-amd64,linux-image-cloud-amd64/sid]
                                        [--sizes 256M,1G,4G] [--repeat 5] [--json out.json]
 
 Per kernel (the default guest's, and any Debian kernel package) and guest size (each
@@ -108,7 +108,7 @@ def guest_run(size: str, repeat: int, paths: Paths, package: str | None) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernels", default="default,linux-image-6.12-cloud-amd64",
+    ap.add_argument("--kernels", default="default,linux-image-6.12-cloud-amd64,linux-image-cloud-amd64/sid",
                     help="'default' (the default guest's kernel) and/or Debian kernel packages")
     ap.add_argument("--sizes", default="256M,1G,4G")
     ap.add_argument("--repeat", type=int, default=5)

@@ -78,8 +78,23 @@ def test_unprepared_tree_is_refused(tmp_path):
 
 
 def test_release_without_headers_in_archive(paths):
-    with pytest.raises(HvkitError, match="has no linux-headers-0.0.0-nosuch"):
-        debian_tree("0.0.0-nosuch", paths.cache)
+    with pytest.raises(HvkitError, match="has no linux-headers-0.0.0-99-nosuch-amd64") as e:
+        debian_tree("0.0.0-99-nosuch-amd64", paths.cache)
+    assert "--headers DIR" in str(e.value)
+
+
+def test_kernel_not_of_debian_is_told_how_to_supply_headers(paths):
+    for release in ("6.8.0-45-generic", "6.9.0"):  # Ubuntu's, a self-built one
+        with pytest.raises(HvkitError, match=f"kernel {release} is not one of Debian's") as e:
+            debian_tree(release, paths.cache)
+        assert "pass --headers DIR" in str(e.value)
+
+
+def test_host_without_apt_is_told_how_to_supply_headers(paths, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no apt-get, no dpkg-deb
+    with pytest.raises(HvkitError, match="this host has no apt-get, apt-cache, dpkg-deb") as e:
+        debian_tree("6.1.0-99-cloud-amd64", paths.cache)
+    assert "pass --headers DIR" in str(e.value)
 
 
 # -- how the kernel marks its pages, from its compiled interface ---------------------------

@@ -74,7 +74,11 @@ class KernelSpace:
     max_pfn: int  # one past the highest page frame the kernel manages (an ELF core may hold ROM above)
 
     @classmethod
-    def locate(cls, mem: GuestMemory, symbols: KernelSymbols) -> "KernelSpace":
+    def locate(cls, mem: GuestMemory, symbols: KernelSymbols,
+               fixed_bases: dict[str, int] | None = None) -> "KernelSpace":
+        """The kernel in `mem`. `fixed_bases`: the region bases a kernel without
+        CONFIG_RANDOMIZE_MEMORY uses (Layout.fixed_bases(): the macros of its headers),
+        for when page_offset_base and vmemmap_base are not symbols of it."""
         phys_text = _image_base(mem, symbols)
 
         def image_u64(name: str) -> int:
@@ -84,8 +88,18 @@ class KernelSpace:
             "<I", mem.read(_image_pa(phys_text, symbols, "__pgtable_l5_enabled"), 4))[0] == 1
         levels = 5 if l5 else 4
         phys_base = image_u64("phys_base")
-        page_offset_base = image_u64("page_offset_base")
-        vmemmap_base = image_u64("vmemmap_base")
+        def region_base(name: str) -> int:
+            if name in symbols:  # CONFIG_RANDOMIZE_MEMORY: a variable KASLR set at boot
+                return image_u64(name)
+            key = f"{name}_L{levels}"
+            if fixed_bases and key in fixed_bases:
+                return fixed_bases[key]
+            raise HvkitError(f"kernel {symbols.release} has no symbol {name} (it is built without "
+                             f"CONFIG_RANDOMIZE_MEMORY) and its headers gave no fixed {name} for "
+                             f"{levels}-level paging")
+
+        page_offset_base = region_base("page_offset_base")
+        vmemmap_base = region_base("vmemmap_base")
         for name, value in (("page_offset_base", page_offset_base), ("vmemmap_base", vmemmap_base)):
             if not _canonical_kernel(value, levels) or value % GiB:
                 raise GuestInconsistent(f"{name} = {value:#x} is not a kernel region base")

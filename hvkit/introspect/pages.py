@@ -14,7 +14,7 @@ Classes, in the order they are decided (the first that fits wins):
                 type "slab" (newer kernels)
   kernel image  PG_reserved inside the physical span of the kernel image
   reserved      PG_reserved elsewhere (firmware, memmap, ...), or page type "offline"
-  anonymous     the head page's `mapping` has PAGE_MAPPING_ANON
+  anonymous     the head page's `mapping` has PAGE_MAPPING_ANON (FOLIO_MAPPING_ANON)
   page cache    the head page's `mapping` points to an address_space (files, tmpfs)
   kernel other  anything else the kernel holds: stacks, vmalloc, per-CPU lists, ...
 
@@ -104,10 +104,11 @@ class PageMap:
 
 def _page_dtype(layout: Layout) -> np.dtype:
     off = lambda f: layout.offset("page", f)  # noqa: E731
+    compound = layout.page_encoding().compound_field  # compound_head, or compound_info (7.x)
     return np.dtype({
         "names": ["flags", "compound_head", "mapping", "private", "page_type"],
         "formats": ["<u8", "<u8", "<u8", "<u8", "<u4"],
-        "offsets": [off("flags"), off("compound_head"), off("mapping"), off("private"), off("page_type")],
+        "offsets": [off("flags"), off(compound), off("mapping"), off("private"), off("page_type")],
         "itemsize": layout.size("page"),
     })
 
@@ -178,12 +179,18 @@ def _has_type(enc: PageEncoding, page_type: np.ndarray, name: str) -> np.ndarray
 
 def _head_pfns(ks: KernelSpace, layout: Layout, pages: np.ndarray, errors: list[str]) -> np.ndarray:
     """The pfn of each page's compound head (itself for a page that is not a tail). A
-    tail's compound_head is the head's struct page address plus 1."""
+    tail's compound word is the head's struct page address plus 1, or (PageEncoding.
+    tail_mask) a mask plus 1 that turns the tail's own struct page address into the head's."""
     pfn = np.arange(pages.size, dtype=np.int64)
     ch = pages["compound_head"]
     tail = (ch & np.uint64(1)) != 0
-    rel = (ch[tail] - np.uint64(1)) - np.uint64(ks.vmemmap_base)  # wraps when below: caught next
     size = np.uint64(pages.dtype.itemsize)
+    if layout.page_encoding().tail_mask:
+        own = np.uint64(ks.vmemmap_base) + pfn[tail].astype(np.uint64) * size
+        head = own & (ch[tail] - np.uint64(1))
+    else:
+        head = ch[tail] - np.uint64(1)
+    rel = head - np.uint64(ks.vmemmap_base)  # wraps when below: caught next
     ok = (rel % size == 0) & (rel // size < np.uint64(pages.size))
     tails = pfn[tail]
     if not ok.all():
@@ -242,7 +249,7 @@ def classify(ks: KernelSpace, layout: Layout, tasks: TaskWalk | None = None) -> 
     flag = lambda flags, name: (flags >> np.uint64(layout.const(name))) & np.uint64(1) != 0  # noqa: E731
     image = np.zeros(n, bool)
     image[ks.phys_text // PAGE_SIZE : -(-ks.symbol_pa("_end") // PAGE_SIZE)] = True
-    low_bits = mapping & np.uint64(layout.const("PAGE_MAPPING_ANON") | layout.const("PAGE_MAPPING_MOVABLE"))
+    low_bits = mapping & np.uint64(enc.mapping_flags)
     reserved = flag(pages["flags"], "PG_reserved") | _has_type(enc, pages["page_type"], "offline")
 
     # The first condition that holds decides (np.select takes them in order).
@@ -253,7 +260,7 @@ def classify(ks: KernelSpace, layout: Layout, tasks: TaskWalk | None = None) -> 
         _slab(enc, pages, heads),
         reserved & image,
         reserved,
-        (low_bits & np.uint64(layout.const("PAGE_MAPPING_ANON"))) != 0,
+        (low_bits & np.uint64(enc.mapping_anon)) != 0,
         (mapping != 0) & (low_bits == 0) & _is_kernel_pointer(mapping, ks.levels),
     ]
     choices = [PageClass.NOT_PRESENT, PageClass.FREE, PageClass.PAGE_TABLE, PageClass.SLAB,

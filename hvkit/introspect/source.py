@@ -78,7 +78,7 @@ def _locate_in(vm: VM, knowledge: KernelKnowledge) -> _Located:
     try:
         for i, memory in enumerate(candidates):
             try:
-                located = _Located(memory, KernelSpace.locate(memory, knowledge.symbols))
+                located = _Located(memory, KernelSpace.locate(memory, knowledge.symbols, knowledge.layout.fixed_bases()))
             except HvkitError as e:
                 failure = failure or e
                 continue
@@ -109,7 +109,7 @@ def open_guest(source: str, kernel: str | Path | None = None, headers: str | Pat
             raise HvkitError(f"reading {source} needs the guest's kernel", "pass --kernel FILE (its bzImage or vmlinux)")
         knowledge = knowledge or load_kernel_knowledge(Path(kernel), headers, paths)
         with contextlib.closing(_open_file(path)) as memory:
-            yield Guest(memory, KernelSpace.locate(memory, knowledge.symbols), knowledge.layout)
+            yield Guest(memory, KernelSpace.locate(memory, knowledge.symbols, knowledge.layout.fixed_bases()), knowledge.layout)
         return
     vm = VM.attach(source, paths)
     knowledge = knowledge or load_kernel_knowledge(Path(kernel) if kernel else Path(vm.spec.kernel), headers, paths)

@@ -5,37 +5,61 @@ Debian: `linux-headers-<release>` with what it depends on (the -common headers a
 linux-kbuild) unpacked together into the cache without root, fetched with hvkit's own
 apt configuration (hvkit.guest.debian.Apt.private: every suite from bookworm to sid).
 Its top Makefile includes an absolute /usr/src/... path, which is pointed into the
-cache. Anything else: `--headers DIR` with a prepared tree (one where `make
+cache. A kernel this host cannot build against (its compiler missing, its kbuild
+programs needing a newer C library: Debian unstable's kernels on Debian 12) is built
+inside a Debian root of its own suite instead (hvkit.kernel.buildroot). Anything else: `--headers DIR` with a prepared tree (one where `make
 modules_prepare` has run).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from hvkit.errors import HvkitError
 from hvkit.guest import debian
+from hvkit.kernel import buildroot
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class KernelTree:
-    root: Path  # where `make -C root M=<dir> modules` works
+    root: Path  # where `make -C root M=<dir> modules` works (as the build sees it)
     release: str
+    sysroot: Path | None = None  # the Debian root the build runs in (None: this host)
+
+    @property
+    def host_root(self) -> Path:
+        """`root` as seen from this host."""
+        return self.sysroot / self.root.relative_to("/") if self.sysroot else self.root
 
     @property
     def config(self) -> Path:
-        return self.root / ".config"
+        return self.host_root / ".config"
+
+    def make(self, workdir: Path, target: str) -> subprocess.CompletedProcess:
+        """`make -C <tree> M=<workdir> <target>`, here or inside the tree's sysroot
+        (`workdir` as the build sees it: see buildroot.scratch_dir)."""
+        argv = ["make", "-C", str(self.root), f"M={workdir}", target]
+        if self.sysroot:
+            return buildroot.run_inside(self.sysroot, argv)
+        if shutil.which("make") is None:
+            raise HvkitError("make is not installed; it runs the kernel's build system",
+                             "apt-get install make")
+        return subprocess.run(argv, capture_output=True, text=True)
 
     def config_hash(self) -> str:
         return hashlib.sha256(self.config.read_bytes()).hexdigest()[:16]
 
     def compiler(self) -> str | None:
         """The C compiler the kernel was built with, if the tree says (Debian does)."""
-        variables = self.root / ".kernelvariables"
+        variables = self.host_root / ".kernelvariables"
         if variables.exists():
             m = re.search(r"^CC\s*=.*?(gcc-\d+)\s*$", variables.read_text(), re.M)
             if m:
@@ -61,10 +85,23 @@ def prepared_tree(path: str | Path, release: str | None = None) -> KernelTree:
 RECHECK_AGE = 86400  # seconds: lists older than this are updated before a release is declared missing
 
 
+SUPPLY_HEADERS = ("pass --headers DIR: that kernel's build tree after 'make modules_prepare', "
+                  "or its linux-headers package unpacked (dpkg-deb -x, rpm2cpio, ...)")
+# what Debian's kernel releases look like: 6.1.0-56-cloud-amd64, 6.12.117+deb12-amd64
+DEBIAN_RELEASE = re.compile(r"\d+\.\d+(\.\d+)?(-\d+|\+deb\d+)(-[a-z0-9]+)*-(amd64|arm64|i386|[a-z0-9]+64)")
+
+
 def _fetch_headers(release: str, dest: Path, cache: Path) -> None:
     """linux-headers-<release> with the -common headers and linux-kbuild it depends on,
     fetched with hvkit's own apt configuration (any Debian suite) into `dest`."""
     package = f"linux-headers-{release}"
+    if not DEBIAN_RELEASE.fullmatch(release):
+        raise HvkitError(f"kernel {release} is not one of Debian's, so hvkit cannot fetch its headers",
+                         SUPPLY_HEADERS)
+    missing = [tool for tool in ("apt-get", "apt-cache", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        raise HvkitError(f"this host has no {', '.join(missing)} to fetch the headers of kernel {release} "
+                         "from Debian's archive", SUPPLY_HEADERS)
     apt = debian.Apt.private(cache)
     with apt.locked():
         apt.ensure_lists()
@@ -75,8 +112,7 @@ def _fetch_headers(release: str, dest: Path, cache: Path) -> None:
         if not debian.archive_has(package, apt):
             raise HvkitError(f"Debian's archive has no {package} (searched: "
                              f"{', '.join(s for _, s in debian.SUITES)})",
-                             "pass --headers DIR with a prepared build tree of that kernel "
-                             "('hvkit guest build --refresh ...' updates hvkit's package lists)")
+                             SUPPLY_HEADERS + " ('hvkit guest build --refresh ...' updates hvkit's package lists)")
     deps = [d for d in debian.package_depends(package, apt)
             if d.startswith(("linux-headers-", "linux-kbuild-"))]
     debian.fetch_and_unpack([package, *deps], dest, apt)
@@ -95,9 +131,8 @@ def debian_tree(release: str, cache: Path) -> KernelTree:
     if fixed != text:
         makefile.write_text(fixed)
     tree = KernelTree(root, release)
-    cc = tree.compiler()
-    if cc and shutil.which(cc) is None:
-        raise HvkitError(f"kernel {release} was built with {cc}, which is not installed",
-                         f"apt-get install {cc} where this machine's Debian has it; else pass --headers DIR "
-                         "with a build tree prepared on a machine that does")
+    why = buildroot.host_cannot_build(root, tree.compiler())
+    if why:
+        log.info("kernel %s: %s; building inside a Debian root of its own", release, why)
+        return KernelTree(Path("/usr/src") / package, release, buildroot.build_root(release, cache))
     return tree

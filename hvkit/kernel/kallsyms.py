@@ -46,6 +46,12 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
+def _aligned_candidates(pos: int) -> list[int]:
+    """Where a table that follows at `pos` may start: scripts/kallsyms.c aligned its tables
+    to 8 bytes for years; newer kernels (7.x) align less. Most aligned first."""
+    return list(dict.fromkeys([_align8(pos), (pos + 3) & ~3, (pos + 1) & ~1]))
+
+
 def _strings_back(data: bytes, pos: int, count: int) -> int:
     """Start of the string `count` NUL-terminated strings before the one at `pos`."""
     for _ in range(count):
@@ -67,14 +73,14 @@ def _token_table(data: bytes) -> tuple[int, list[bytes], int]:
                 end = data.index(b"\0", pos)
                 tokens.append(data[pos:end])
                 pos = end + 1
-            index_pos = _align8(pos)
-            index = struct.unpack_from("<256H", data, index_pos)
             offsets, off = [], 0
             for t in tokens:
                 offsets.append(off)
                 off += len(t) + 1
-            if list(index) == offsets and all(tokens):
-                return start, tokens, index_pos
+            for index_pos in _aligned_candidates(pos):
+                index = struct.unpack_from("<256H", data, index_pos)
+                if list(index) == offsets and all(tokens):
+                    return start, tokens, index_pos
         except (KallsymsError, ValueError, struct.error):
             pass
         hit = data.find(_DIGITS, hit + 1)
@@ -113,22 +119,24 @@ _SEARCH_WINDOW = 32 << 20
 
 
 def _names_and_markers(data: bytes, table_start: int, tokens: list[bytes]) -> tuple[int, int]:
-    """(start of kallsyms_names, number of symbols): the 8-aligned u32 before the names
-    counts them, and the markers that follow the names agree with them."""
+    """(start of kallsyms_names, number of symbols): the u32 before the names counts
+    them (8 bytes before them up to 6.x, 4 in 7.x), and the markers that follow the
+    names (8- or 4-aligned) agree with them."""
     lo = max(8, table_start - _SEARCH_WINDOW) & ~7
-    counts = np.frombuffer(data, dtype="<u4", count=(table_start - lo) // 4, offset=lo)[::2]
+    counts = np.frombuffer(data, dtype="<u4", count=(table_start - lo) // 4, offset=lo)
     for k in np.flatnonzero((counts >= 256) & (counts < 1 << 22))[::-1]:
-        num, start = int(counts[k]), lo + 8 * int(k) + 8
-        if not _plausible_name(data, start, tokens):
-            continue
-        try:
-            end = _skip_names(data, start, num)
-            second = _skip_names(data, start, 256) - start
-            markers = _align8(end)
-            if end < table_start and struct.unpack_from("<II", data, markers) == (0, second):
-                return start, num
-        except (KallsymsError, IndexError, struct.error):
-            continue
+        num, at = int(counts[k]), lo + 4 * int(k)
+        for start in (at + 8, at + 4):
+            if start % 8 or not _plausible_name(data, start, tokens):
+                continue
+            try:
+                end = _skip_names(data, start, num)
+                second = _skip_names(data, start, 256) - start
+                if end < table_start and any(struct.unpack_from("<II", data, markers) == (0, second)
+                                             for markers in _aligned_candidates(end)[:2]):
+                    return start, num
+            except (KallsymsError, IndexError, struct.error):
+                continue
     raise KallsymsError("kallsyms_num_syms and the names were not found before the token table")
 
 
@@ -151,10 +159,19 @@ def _addresses(offsets: np.ndarray, base: int, absolute_percpu: bool) -> np.ndar
     return np.uint64(base) + offsets.view(np.uint32).astype(np.uint64)
 
 
+def _sorted_kernel_addresses(addresses: np.ndarray, num: int) -> bool:
+    """Whether most addresses are in the kernel's upper half and those are sorted, as
+    kallsyms keeps them."""
+    kernel = addresses[addresses >= np.uint64(0xFFFF800000000000)]
+    return kernel.size > num // 2 and bool(np.all(np.diff(kernel) >= 0))
+
+
 def _offsets_and_base(data: bytes, names_start: int, index_pos: int, num: int,
-                      absolute_percpu: bool) -> np.ndarray:
+                      absolute_percpu: bool, data_va: int | None = None) -> np.ndarray:
     """Symbol addresses, from kallsyms_offsets and kallsyms_relative_base in the order
-    of up to 6.2 (offsets, base, num_syms, names) or of 6.3+ (token index, offsets, base)."""
+    of up to 6.2 (offsets, base, num_syms, names) or of 6.3+ (token index, offsets, base);
+    or, in 7.x, from place-relative offsets after the token index (each symbol's address
+    is the address of its offset plus the offset; `data_va`: where `data` is mapped)."""
     candidates = [(names_start - 16 - _align8(4 * num), names_start - 16)]
     off_pos = _align8(index_pos + 512)
     candidates.append((off_pos, _align8(off_pos + 4 * num)))
@@ -166,20 +183,29 @@ def _offsets_and_base(data: bytes, names_start: int, index_pos: int, num: int,
             continue
         addresses = _addresses(np.frombuffer(data, dtype="<i4", count=num, offset=off_pos),
                                base, absolute_percpu)
-        kernel = addresses[addresses >= np.uint64(base)]
-        if kernel.size > num // 2 and np.all(np.diff(kernel) >= 0):  # kallsyms is sorted
+        if _sorted_kernel_addresses(addresses, num):
             return addresses
+    if data_va is not None:  # 7.x: the offsets follow the index with no gap beyond 4-alignment
+        for off_pos in dict.fromkeys([(index_pos + 512 + 3) & ~3, _align8(index_pos + 512)]):
+            if off_pos + 4 * num > len(data):
+                continue
+            offsets = np.frombuffer(data, dtype="<i4", count=num, offset=off_pos).astype(np.int64)
+            places = data_va + off_pos + 4 * np.arange(num, dtype=np.int64).astype(np.uint64)
+            addresses = (places.astype(np.uint64) + offsets.astype(np.uint64)).astype(np.uint64)
+            if _sorted_kernel_addresses(addresses, num):
+                return addresses
     raise KallsymsError("kallsyms_offsets and kallsyms_relative_base not found",
                         "kernels without CONFIG_KALLSYMS_BASE_RELATIVE are not supported")
 
 
-def read_kallsyms(rodata: bytes, absolute_percpu: bool = True) -> list[Symbol]:
-    """Every symbol of the kernel whose .rodata is `rodata`, in kallsyms order."""
+def read_kallsyms(rodata: bytes, absolute_percpu: bool = True, rodata_va: int | None = None) -> list[Symbol]:
+    """Every symbol of the kernel whose .rodata is `rodata` (mapped at `rodata_va`), in
+    kallsyms order."""
     try:
         table_start, tokens, index_pos = _token_table(rodata)
         names_start, num = _names_and_markers(rodata, table_start, tokens)
         raw = _expand(rodata, names_start, num, tokens)
-        addresses = _offsets_and_base(rodata, names_start, index_pos, num, absolute_percpu)
+        addresses = _offsets_and_base(rodata, names_start, index_pos, num, absolute_percpu, rodata_va)
     except (struct.error, IndexError) as e:
         raise KallsymsError(f"the kallsyms tables are damaged ({e})") from None
     return [Symbol(r[1:].decode("ascii", "replace"), int(a), chr(r[0]))

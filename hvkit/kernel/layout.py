@@ -12,12 +12,10 @@ compiles nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import shutil
-import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 
 from hvkit.errors import HvkitError
+from hvkit.kernel import buildroot
 from hvkit.kernel.headers import KernelTree
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,14 @@ class Layout:
         """Those of `names` the compiled interface did not find."""
         return [n for n in names if n not in self.constants]
 
+    def fixed_bases(self) -> dict[str, int]:
+        """The region bases of a kernel without CONFIG_RANDOMIZE_MEMORY, by paging levels:
+        {"page_offset_base_L4": ..., "vmemmap_base_L5": ...} (as many as the headers define)."""
+        names = {"__PAGE_OFFSET_BASE": "page_offset_base", "__VMEMMAP_BASE": "vmemmap_base"}
+        return {f"{name}_L{levels}": self.constants[f"{macro}_L{levels}"]
+                for macro, name in names.items() for levels in (4, 5)
+                if f"{macro}_L{levels}" in self.constants}
+
     def page_encoding(self) -> "PageEncoding":
         """How this kernel marks its pages (see PageEncoding.of)."""
         return PageEncoding.of(self)
@@ -105,21 +112,32 @@ class PageEncoding:
     - slab pages: the page flag PG_slab (enum pageflags) of the compound head, or the
       page type slab of the head (the macro PG_slab of 6.10, PGTY_slab);
     - free blocks: the order in `private` of the block's first page, at most
-      free_orders - 1 (the length of struct zone's free_area array)."""
+      free_orders - 1 (the length of struct zone's free_area array);
+    - anonymous pages: the bit PAGE_MAPPING_ANON (FOLIO_MAPPING_ANON since 6.16) of the
+      head's `mapping`, whose low bits (PAGE_/FOLIO_MAPPING_FLAGS) are flags, not address;
+    - compound tails (bit 0 of the word after flags set): the rest is the head's
+      struct page address (`compound_head`, and 7.x's `compound_info` in general), or a
+      mask that turns the tail's own struct page address into its head's (7.x's
+      `compound_info` where CONFIG_HUGETLB_PAGE_OPTIMIZE_VMEMMAP is on and struct page
+      has a power-of-two size: compound_info_has_mask())."""
 
     scheme: str  # "PAGE_TYPE_BASE" or "enum pagetype": which the interface found
     types: dict[str, TypeTest]  # buddy, offline, table (and slab when it is a page type)
     slab_flag: int | None  # bit of PG_slab in page->flags, when slab is a flag
     free_orders: int  # free-block orders are 0 .. free_orders - 1
+    mapping_anon: int = 1  # the bit of `mapping` that marks an anonymous page
+    mapping_flags: int = 3  # the low bits of `mapping` that are flags
+    compound_field: str = "compound_head"  # the struct page member that marks tails
+    tail_mask: bool = False  # a tail's word is a mask over its own address, not a pointer
 
     REQUIRED = ("buddy", "offline", "table")
 
     @classmethod
     def of(cls, layout: Layout) -> "PageEncoding":
         if "PAGE_TYPE_BASE" in layout.constants:
-            return cls._cleared_bits(layout)
+            return cls._compound(layout, cls._cleared_bits(layout))
         if layout.enum("pagetype"):
-            return cls._top_byte(layout)
+            return cls._compound(layout, cls._top_byte(layout))
         raise HvkitError(f"kernel {layout.release}: the compiled interface finds neither the constant "
                          "PAGE_TYPE_BASE nor enum pagetype, so how it marks free pages is unknown",
                          "this kernel's page types are not supported yet")
@@ -154,6 +172,33 @@ class PageEncoding:
         else:
             slab_flag = cls._slab_flag(layout)
         return cls("enum pagetype", types, slab_flag, cls._free_orders(layout))
+
+    @staticmethod
+    def _mapping_bits(layout: Layout) -> tuple[int, int]:
+        """(anonymous bit, flag bits) of page->mapping, by whichever names the kernel has."""
+        c = layout.constants
+        for anon, flags, movable in (("PAGE_MAPPING_ANON", "PAGE_MAPPING_FLAGS", "PAGE_MAPPING_MOVABLE"),
+                                     ("FOLIO_MAPPING_ANON", "FOLIO_MAPPING_FLAGS", None)):
+            if anon in c:
+                return c[anon], c.get(flags, c[anon] | c.get(movable or "", 0))
+        raise HvkitError(f"kernel {layout.release} has no constant PAGE_MAPPING_ANON or FOLIO_MAPPING_ANON "
+                         "(how page->mapping marks anonymous memory)",
+                         "this kernel's struct page is not supported yet")
+
+    @classmethod
+    def _compound(cls, layout: Layout, enc: "PageEncoding") -> "PageEncoding":
+        anon, flags = cls._mapping_bits(layout)
+        enc = dataclasses.replace(enc, mapping_anon=anon, mapping_flags=flags)
+        fields = layout.structs["page"].fields
+        if "compound_head" in fields:
+            return enc
+        if "compound_info" not in fields:
+            raise HvkitError(f"kernel {layout.release}: struct page has neither compound_head nor "
+                             "compound_info, so compound pages cannot be told apart",
+                             "this kernel's struct page is not supported yet")
+        size = layout.size("page")
+        mask = "HVKIT_HUGETLB_PAGE_OPTIMIZE_VMEMMAP" in layout.constants and size & (size - 1) == 0
+        return dataclasses.replace(enc, compound_field="compound_info", tail_mask=mask)
 
     @staticmethod
     def _require(layout: Layout, names: list[str], what: str) -> None:
@@ -192,15 +237,12 @@ def _interface_source() -> bytes:
     return resources.files("hvkit.kernel").joinpath("files", "hvkit_layout.c").read_bytes()
 
 
-def _compile(tree: KernelTree, workdir: Path) -> Path:
+def _compile(tree: KernelTree, workdir: Path, seen_as: Path) -> Path:
+    """The interface compiled in `workdir` (which the build sees at `seen_as`)."""
     (workdir / "hvkit_layout.c").write_bytes(_interface_source())
     (workdir / "Kbuild").write_text("obj-m := hvkit_layout.o\n"
                                     "ccflags-y := -g -fno-eliminate-unused-debug-types\n")
-    if shutil.which("make") is None:
-        raise HvkitError("make is not installed; it runs the kernel's build system",
-                         "apt-get install make")
-    proc = subprocess.run(["make", "-C", str(tree.root), f"M={workdir}", "hvkit_layout.o"],
-                          capture_output=True, text=True)
+    proc = tree.make(seen_as, "hvkit_layout.o")
     obj = workdir / "hvkit_layout.o"
     if proc.returncode != 0 or not obj.exists():
         errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
@@ -298,8 +340,8 @@ def build_layout(tree: KernelTree, cache: Path) -> Layout:
     if cached.exists():
         return Layout.from_json(json.loads(cached.read_text()))
     log.info("compiling the layout interface against %s", tree.root)
-    with tempfile.TemporaryDirectory(prefix="hvkit-layout-") as tmp:
-        structs, constants, enums = _read_object(_compile(tree, Path(tmp)))
+    with buildroot.scratch_dir(tree.sysroot) as (workdir, seen_as):
+        structs, constants, enums = _read_object(_compile(tree, workdir, seen_as))
     layout = Layout(tree.release, tree.config_hash(), structs, constants, enums)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmpfile = cached.with_suffix(".tmp")

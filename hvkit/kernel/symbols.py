@@ -54,7 +54,7 @@ def _from_vmlinux(data: bytes, release: str, absolute_percpu: bool) -> KernelSym
     if rodata is None:
         raise HvkitError("the kernel ELF has no .rodata section")
     addresses: dict[str, int] = {}
-    for sym in read_kallsyms(rodata.data(), absolute_percpu):
+    for sym in read_kallsyms(rodata.data(), absolute_percpu, rodata["sh_addr"]):
         addresses.setdefault(sym.name, sym.address)
     banner = _elf_bytes_at(elf, addresses["linux_banner"], 512).split(b"\0", 1)[0]
     if not banner.startswith(b"Linux version "):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import shutil
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -33,6 +35,19 @@ def _lz4_legacy(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _lzo(data: bytes) -> bytes:
+    """An lzop stream (what the kernel's LZO compression writes), through Debian's lzop:
+    Python has no LZO in its standard library, and the PyPI binding needs a compiler.
+    lzop warns (status 2) about the 4-byte size the kernel appends; the output is whole."""
+    if shutil.which("lzop") is None:
+        raise HvkitError("this kernel is LZO-compressed and lzop is not installed to unpack it",
+                         "apt-get install lzop (./setup.sh does), or pass its uncompressed vmlinux")
+    proc = subprocess.run(["lzop", "-dc"], input=data, capture_output=True)
+    if proc.returncode not in (0, 2) or not proc.stdout:
+        raise HvkitError(f"the LZO kernel payload does not decompress: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
+
+
 def _zstd(data: bytes) -> bytes:
     import zstandard
 
@@ -53,8 +68,7 @@ def _decompress(payload: bytes) -> bytes:
     if payload[:4] == b"\x28\xb5\x2f\xfd":
         return _zstd(payload)
     if payload[:4] == b"\x89LZO":
-        raise HvkitError("this kernel is LZO-compressed, which hvkit cannot unpack",
-                         "pass its uncompressed vmlinux instead")
+        return _lzo(payload)
     if payload[:4] == b"\x7fELF":
         return payload
     raise HvkitError(f"unknown compression of the kernel payload (starts {payload[:4].hex()})")

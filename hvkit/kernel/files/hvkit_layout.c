@@ -20,6 +20,8 @@
  *     ...: Linux 6.11 and later);
  *   - slab pages marked by the page flag PG_slab (a member of enum pageflags), or by a
  *     page type (the macro PG_slab of 6.10, PGTY_slab of enum pagetype);
+ *   - compound tails: the head's address + 1 in page->compound_head, or in 7.x's
+ *     page->compound_info either that or a mask over the tail's own address;
  *   - free-block orders 0 .. HVKIT_FREE_AREAS - 1: the length of struct zone's free_area
  *     array, whatever the kernel calls its bound (MAX_ORDER, NR_PAGE_ORDERS).
  */
@@ -70,6 +72,15 @@ HVKIT_CONST(PAGE_MAPPING_ANON)
 #ifdef PAGE_MAPPING_MOVABLE
 HVKIT_CONST(PAGE_MAPPING_MOVABLE)
 #endif
+#ifdef PAGE_MAPPING_FLAGS
+HVKIT_CONST(PAGE_MAPPING_FLAGS)
+#endif
+#ifdef FOLIO_MAPPING_ANON /* the names of 6.16 and later */
+HVKIT_CONST(FOLIO_MAPPING_ANON)
+#endif
+#ifdef FOLIO_MAPPING_FLAGS
+HVKIT_CONST(FOLIO_MAPPING_FLAGS)
+#endif
 #ifdef SECTION_SIZE_BITS
 HVKIT_CONST(SECTION_SIZE_BITS)
 #endif
@@ -109,6 +120,28 @@ HVKIT_VALUE(PAGE_TYPE_PG_slab, PG_slab)
 #endif
 #ifdef PAGE_TYPE_SHIFT
 HVKIT_CONST(PAGE_TYPE_SHIFT)
+#endif
+
+/* where the direct map and the struct page array start in a kernel built without
+ * CONFIG_RANDOMIZE_MEMORY (with it, the variables page_offset_base and vmemmap_base) */
+#ifdef __PAGE_OFFSET_BASE_L4
+HVKIT_CONST(__PAGE_OFFSET_BASE_L4)
+#endif
+#ifdef __PAGE_OFFSET_BASE_L5
+HVKIT_CONST(__PAGE_OFFSET_BASE_L5)
+#endif
+#ifdef __VMEMMAP_BASE_L4
+HVKIT_CONST(__VMEMMAP_BASE_L4)
+#endif
+#ifdef __VMEMMAP_BASE_L5
+HVKIT_CONST(__VMEMMAP_BASE_L5)
+#endif
+
+/* how a compound tail names its head: Linux 7.x keeps, in page->compound_info, a mask
+ * (instead of the head's address) where this option is on and sizeof(struct page) is a
+ * power of two (compound_info_has_mask() in linux/page-flags.h) */
+#ifdef CONFIG_HUGETLB_PAGE_OPTIMIZE_VMEMMAP
+HVKIT_VALUE(HVKIT_HUGETLB_PAGE_OPTIMIZE_VMEMMAP, 1)
 #endif
 
 /* /proc/kpageflags bit numbers, so tests read the guest's ground truth by name */
