@@ -3,6 +3,8 @@ memory that lies (corrupted copies of a RAM file)."""
 
 from __future__ import annotations
 
+import re
+
 import json
 import shutil
 import struct
@@ -16,11 +18,15 @@ from hvkit.memory import RamFileMemory
 from conftest import run_cli
 
 
-def same_name(proc_name: str, comm: str) -> bool:
-    """/proc/<pid>/stat shows a kernel thread's full name and a kworker's current
-    workqueue after '-'; task->comm holds the first TASK_COMM_LEN - 1 characters."""
-    return proc_name == comm or (proc_name.startswith(comm) and
-                                 (len(comm) == 15 or proc_name[len(comm)] == "-"))
+def same_name(proc_name: str, ours: str) -> bool:
+    """hvkit shows what /proc/<pid>/stat shows, full kernel-thread names included; only a
+    workqueue worker's "-what it last did" / "+what it does" may have changed between the
+    guest's look and hvkit's (rescuers, kworker/R-..., have no such suffix)."""
+    if proc_name == ours:
+        return True
+    worker = re.compile(r"(kworker/[^R][^+-]*)([+-].*)?")
+    a, b = worker.fullmatch(proc_name), worker.fullmatch(ours)
+    return bool(a and b and a.group(1) == b.group(1))
 
 
 def compare_with_ground_truth(vm, paths):

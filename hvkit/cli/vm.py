@@ -166,6 +166,37 @@ def log(name: str, lines: int, follow: bool) -> None:
 
 @vm.command()
 @click.argument("name")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The core file to write.")
+@json_option
+def dump(name: str, output: Path, as_json: bool) -> None:
+    """Write a VM's memory as an ELF core (QEMU's dump-guest-memory; the VM is paused
+    meanwhile). hvkit's VMs carry a vmcoreinfo device and load qemu_fw_cfg, so the core
+    holds the guest's VMCOREINFO: drgn and crash open it as it is, and 'hvkit ps',
+    'hvkit identify' and 'hvkit vol' read it with --kernel."""
+    from hvkit.memory.elfcore import vmcoreinfo
+
+    if not output.parent.is_dir():
+        raise HvkitError(f"{output.parent} is not a folder", "give -o a path in an existing folder")
+    machine = VM.attach(name)
+    t0 = time.monotonic()
+    with machine.paused("dump"):
+        machine.dump_core(output)
+    info = vmcoreinfo(output)
+    doc = {"name": name, "core": str(output.resolve()), "bytes": output.stat().st_size,
+           "seconds": round(time.monotonic() - t0, 3), "vmcoreinfo": bool(info),
+           "release": info.get("OSRELEASE"), "kernel_offset": info.get("KERNELOFFSET")}
+    if as_json:
+        print_json(doc)
+        return
+    note = (f"VMCOREINFO of {doc['release']}" if info else
+            "no VMCOREINFO (the guest kernel did not give it: no qemu_fw_cfg?)")
+    console().print(f"VM {name}: {mib(doc['bytes']):.0f} MiB core written to {doc['core']} in "
+                    f"{doc['seconds']:.1f} s; {note}")
+
+
+@vm.command()
+@click.argument("name")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Also save the raw export here.")
 @json_option
 def groundtruth(name: str, output: Path | None, as_json: bool) -> None:

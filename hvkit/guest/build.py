@@ -77,7 +77,11 @@ def _compile_helper(out: Path) -> None:
 
 # Kernel modules hvkit's init can load (kernel command line hvkit.modules=NAME): each
 # name loads these modules, in this order, each after the modules it depends on.
-GUEST_MODULES = {"virtio_balloon": ["virtio_pci", "virtio_balloon"]}
+# qemu_fw_cfg is loaded at every boot where the kernel has it as a module: through it the
+# kernel hands its VMCOREINFO to QEMU's vmcoreinfo device, so dumps carry it (drgn,
+# crash). A kernel without it (or with it built in) gets an empty list.
+GUEST_MODULES = {"virtio_balloon": ["virtio_pci", "virtio_balloon"], "qemu_fw_cfg": ["qemu_fw_cfg"]}
+OPTIONAL_MODULES = {"qemu_fw_cfg"}
 
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")  # Debian compresses them with xz since 6.x
@@ -170,7 +174,12 @@ def _module_entries(kernel_root: Path) -> tuple[list, list[bytes]]:
     lib/modules/<name>.load per name listing the modules to load, in order."""
     entries, parts = [directory("lib"), directory("lib/modules")], []
     for name, wanted in GUEST_MODULES.items():
-        modules = _load_order(kernel_root, wanted)
+        try:
+            modules = _load_order(kernel_root, wanted)
+        except HvkitError:
+            if name not in OPTIONAL_MODULES:
+                raise
+            modules = []
         listing = "".join(f"{file}\n" for file, _ in modules).encode()
         entries.append(regular(f"lib/modules/{name}.load", listing))
         parts.append(listing)
@@ -326,7 +335,10 @@ def guest_of_kernel(paths: Paths, kernel: str | Path) -> GuestArtifacts | None:
     initramfs with that kernel's modules; None when hvkit built none for it."""
     cache = paths.cache / "guest"
     target = Path(kernel).resolve()
-    for record in [cache / "guest.json", *sorted((cache / "kernels").glob("*.json"))]:
+    records = [cache / "guest.json", *(cache / "kernels").glob("*.json")]
+    # the newest record first: several names (a meta package, a concrete one) may have
+    # built a guest of the same kernel, and only the latest build has the current initramfs
+    for record in sorted((r for r in records if r.exists()), key=lambda r: r.stat().st_mtime, reverse=True):
         try:
             g = GuestArtifacts.from_json(json.loads(record.read_text()))
         except (OSError, ValueError, KeyError):

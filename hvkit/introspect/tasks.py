@@ -1,6 +1,12 @@
 """The guest's processes, from the kernel's task list (init_task.tasks), as `ps` shows
 them: thread-group leaders with pid, name, parent, and the pages their page tables map.
 
+Names are what the guest's own `ps` shows (/proc/PID/stat, the kernel's proc_task_name):
+task->comm, except for a kernel thread whose name comm truncated (its full name, kept in
+its private struct kthread) and a workqueue worker (its name, then "+" or "-" and what
+it works on or last did, from its private struct worker); the private layouts come from the kernel's
+BTF (hvkit.kernel.private). Without them, comm.
+
 The walk trusts nothing: it stops after as many tasks as the memory could hold, at a
 task seen before (a loop), at a pointer that leads nowhere, and at the deadline of its
 budget; the page tables of all processes share one budget of tables read (pagetables.
@@ -52,14 +58,55 @@ class TaskWalk:
         owner[frames] = np.where((cur == 0) | (cur == pid), pid, SHARED_OWNER)
 
 
+PROC_NAME_MAX = 64  # proc_task_name()'s buffer: what /proc shows at most, with its NUL
+
+
+def _string(ks: KernelSpace, va: int, limit: int) -> str:
+    """The NUL-ended text at kernel address `va`, at most `limit` bytes, read within
+    its page (a name never crosses into memory that may not be mapped)."""
+    n = min(limit, 4096 - (va & 0xFFF))
+    return ks.read(va, n).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _shown_name(ks: KernelSpace, layout: Layout, raw: bytes, comm: str) -> str:
+    """The name /proc/PID/stat shows for the task whose task_struct is `raw`; comm
+    when the kernel's private layouts are unknown or its pointers lead nowhere."""
+    private = ks.symbols.private
+    c = layout.constants
+    if "kthread" not in private or "worker_private" not in layout.structs["task_struct"].fields:
+        return comm
+    flags = struct.unpack_from("<I", raw, layout.offset("task_struct", "flags"))[0]
+    kthread = struct.unpack_from("<Q", raw, layout.offset("task_struct", "worker_private"))[0]
+    full = ""
+    try:
+        if flags & c.get("PF_KTHREAD", 0) and kthread:  # get_kthread_comm(): the full name
+            name_va = ks.read_u64(kthread + private["kthread"]["full_name"])
+            full = _string(ks, name_va, PROC_NAME_MAX - 1) if name_va else ""
+        if flags & c.get("PF_WQ_WORKER", 0) and "worker" in private and kthread:
+            # wq_worker_comm(): the worker's name (its comm; its full name where the
+            # workqueue code names workers itself, format_worker_id(): 6.12 and later),
+            # then '+' and what it works on, or '-' and what it last did
+            name = full if full and "format_worker_id" in ks.symbols else comm
+            w = private["worker"]
+            worker = ks.read_u64(kthread + private["kthread"]["data"])
+            if worker and ks.read_u64(worker + w["pool"]):
+                desc = _string(ks, worker + w["desc"], w["desc.len"])
+                if desc:
+                    name += ("+" if ks.read_u64(worker + w["current_work"]) else "-") + desc
+            return name[: PROC_NAME_MAX - 1]
+    except HvkitError:
+        pass  # a lying pointer: comm is still the task's name
+    return full or comm
+
+
 def _task_fields(ks: KernelSpace, layout: Layout, va: int) -> dict:
     off = lambda m: layout.offset("task_struct", m)  # noqa: E731
     raw = ks.read(va, layout.size("task_struct"))
     u64 = lambda m: struct.unpack_from("<Q", raw, off(m))[0]  # noqa: E731
     i32 = lambda m: struct.unpack_from("<i", raw, off(m))[0]  # noqa: E731
     comm_len = layout.const("TASK_COMM_LEN")
-    name = raw[off("comm") : off("comm") + comm_len].split(b"\0", 1)[0]
-    return {"pid": i32("pid"), "tgid": i32("tgid"), "name": name.decode("utf-8", "replace"),
+    comm = raw[off("comm") : off("comm") + comm_len].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return {"pid": i32("pid"), "tgid": i32("tgid"), "name": _shown_name(ks, layout, raw, comm),
             "mm": u64("mm"), "parent": u64("real_parent"), "next": u64("tasks")}
 
 

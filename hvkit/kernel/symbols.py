@@ -4,7 +4,8 @@ kernels that ship it, is not done yet.)
 
 Beside the addresses it keeps the kernel's banner (the bytes of `linux_banner`), which
 is how a kernel file is matched against guest memory: the running kernel has the same
-banner somewhere in RAM, or the file is not the guest's kernel.
+banner somewhere in RAM, or the file is not the guest's kernel; and the few members of
+kernel-private structures hvkit reads, from the kernel's BTF (private.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
@@ -21,6 +22,7 @@ from elftools.elf.elffile import ELFFile
 from hvkit.errors import HvkitError
 from hvkit.kernel.image import read_kernel_image
 from hvkit.kernel.kallsyms import read_kallsyms
+from hvkit.kernel.private import private_layouts
 from hvkit.kernel.vmlinux import extract_vmlinux
 
 
@@ -29,6 +31,7 @@ class KernelSymbols:
     release: str
     addresses: dict[str, int]
     banner: str  # the text at linux_banner, e.g. "Linux version 6.1.0-56-cloud-amd64 (...) ...\n"
+    private: dict[str, dict[str, int]] = field(default_factory=dict)  # private.WANTED, from BTF
 
     def __getitem__(self, name: str) -> int:
         try:
@@ -59,7 +62,7 @@ def _from_vmlinux(data: bytes, release: str, absolute_percpu: bool) -> KernelSym
     banner = _elf_bytes_at(elf, addresses["linux_banner"], 512).split(b"\0", 1)[0]
     if not banner.startswith(b"Linux version "):
         raise HvkitError("kallsyms gave a linux_banner that is not the banner; the tables are misread")
-    return KernelSymbols(release, addresses, banner.decode("ascii", "replace"))
+    return KernelSymbols(release, addresses, banner.decode("ascii", "replace"), private_layouts(data))
 
 
 def _absolute_percpu(config: Path | None) -> bool:
@@ -69,20 +72,23 @@ def _absolute_percpu(config: Path | None) -> bool:
     return re.search(r"^CONFIG_KALLSYMS_ABSOLUTE_PERCPU=y", config.read_text(), re.M) is not None
 
 
+SYMBOLS_FORMAT = 2  # what a cached file holds (2: private structures too); part of its name
+
+
 def load_symbols(kernel: str | Path, cache: Path, config: Path | None = None) -> KernelSymbols:
     """The symbols of the kernel file `kernel` (bzImage or vmlinux), cached by its hash."""
     kernel = Path(kernel)
     image = read_kernel_image(kernel)
     digest = hashlib.sha256(kernel.read_bytes()).hexdigest()[:20]
-    cached = cache / "symbols" / f"{image.release}-{digest}.json"
+    cached = cache / "symbols" / f"{image.release}-{digest}-{SYMBOLS_FORMAT}.json"
     if cached.exists():
         data = json.loads(cached.read_text())
-        return KernelSymbols(data["release"], data["addresses"], data["banner"])
+        return KernelSymbols(data["release"], data["addresses"], data["banner"], data["private"])
     elf = extract_vmlinux(kernel) if image.format == "bzImage" else kernel.read_bytes()
     symbols = _from_vmlinux(elf, image.release, _absolute_percpu(config))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps({"release": symbols.release, "banner": symbols.banner,
-                               "addresses": symbols.addresses}))
+                               "addresses": symbols.addresses, "private": symbols.private}))
     tmp.replace(cached)
     return symbols

@@ -27,6 +27,30 @@ def _load_ranges(path: Path) -> list[MemoryRange]:
             raise HvkitError(f"{path} is not a readable ELF core ({e})") from None
 
 
+MAX_NOTES = 1 << 20  # bytes of notes read at most: VMCOREINFO is a few KiB
+
+
+def vmcoreinfo(path: str | Path) -> dict[str, str]:
+    """The VMCOREINFO note of a core ({} when it has none): the kernel's own key=value
+    lines (OSRELEASE, PAGESIZE, SYMBOL(...), OFFSET(...), KERNELOFFSET, ...) that drgn
+    and crash read to open a core without being told where the kernel is."""
+    path = Path(path)
+    with path.open("rb") as f:
+        try:
+            elf = ELFFile(f)
+            for seg in elf.iter_segments():
+                if seg["p_type"] != "PT_NOTE" or seg["p_filesz"] > MAX_NOTES:
+                    continue
+                for note in seg.iter_notes():
+                    if note["n_name"] == "VMCOREINFO":
+                        desc = note["n_desc"]
+                        text = desc if isinstance(desc, str) else bytes(desc).decode("ascii", "replace")
+                        return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        except ELFError as e:
+            raise HvkitError(f"{path} is not a readable ELF core ({e})") from None
+    return {}
+
+
 MAX_PHYS = 1 << 52  # x86-64 physical addresses have at most 52 bits
 
 

@@ -580,6 +580,9 @@ class VM:
             "-chardev", f"socket,id=ctl,path={rundir.ctl_sock},server=on,wait=off",
             "-serial", "chardev:ctl",
             "-qmp", f"unix:{rundir.qmp_sock},server=on,wait=off",
+            # the guest kernel writes its VMCOREINFO here (through qemu_fw_cfg), so a
+            # dump-guest-memory core carries it and drgn or crash open it as it is
+            "-device", "vmcoreinfo",
         ]
         if spec.initrd:
             cmd += ["-initrd", spec.initrd]
@@ -743,10 +746,17 @@ class VM:
         return [ProcessMemory(self.pid, m.start, self.spec.memory, self.spec.machine) for m in found]
 
     def dump_core(self, path: Path) -> Path:
-        """Writes guest memory as a QEMU dump-guest-memory ELF core (VM paused meanwhile)."""
-        self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{Path(path).resolve()}"},
-                 timeout=600)
-        return Path(path)
+        """Writes guest memory as a QEMU dump-guest-memory ELF core (VM paused meanwhile;
+        with the guest's VMCOREINFO note where its kernel gave it to the vmcoreinfo device).
+        Written beside `path` and renamed into place: a dump cut short leaves no core."""
+        path = Path(path).resolve()
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{partial}"}, timeout=600)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return path
 
     def host_memory(self) -> int:
         """Bytes of guest RAM the host holds: allocated blocks of the RAM file; for

@@ -85,6 +85,14 @@ HVKIT_CONST(FOLIO_MAPPING_FLAGS)
 HVKIT_CONST(SECTION_SIZE_BITS)
 #endif
 
+/* which tasks are kernel threads and workqueue workers (their names, as /proc shows them) */
+#ifdef PF_KTHREAD
+HVKIT_CONST(PF_KTHREAD)
+#endif
+#ifdef PF_WQ_WORKER
+HVKIT_CONST(PF_WQ_WORKER)
+#endif
+
 /* the bound of free-block orders, by whichever name this kernel has */
 #ifdef MAX_ORDER
 HVKIT_CONST(MAX_ORDER)
