@@ -12,7 +12,8 @@ demo=1
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # 1. Debian packages (root needed only when something is missing).
-#    qemu-system-x86: runs the guests; gcc + libc6-dev: build the guest's static helper;
+#    qemu-system-x86: runs the guests; qemu-utils: qemu-img makes the Debian image's qcow2
+#    files (`hvkit image build`) and each VM's overlay of it; gcc + libc6-dev: build the guest's static helper;
 #    python3-venv: the project's virtual environment; cpio: a test reads hvkit's initramfs
 #    back with it; make: runs the guest kernel's build system for the layout interface;
 #    fuse3 (and with it libfuse3): the memory server that forked VMs read their memory from;
@@ -24,6 +25,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 #    apt/dpkg (always there) fetch the guest kernel, busybox and kernel headers.
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v gcc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)

@@ -29,10 +29,11 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from hvkit.cli import demo, fork, guest, hv, introspect, share, vm
+    from hvkit.cli import demo, fork, guest, hv, image, introspect, share, vm
 
     cli.add_command(vm.vm)
     cli.add_command(guest.guest)
+    cli.add_command(image.image)
     cli.add_command(introspect.ps)
     cli.add_command(introspect.identify)
     cli.add_command(share.share)
