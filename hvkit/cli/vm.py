@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from hvkit.cli.output import console, json_option, print_json, print_table
 from hvkit.guest.workload import NAMES as WORKLOADS
 from hvkit.qemu import VM
 from hvkit.qemu.accel import ACCELS
+from hvkit.qemu.imagevm import IMAGES
 from hvkit.units import mib
 
 
@@ -39,24 +41,45 @@ def vm() -> None:
               help="file: a shared RAM file hvkit reads and gives back; anonymous: inside QEMU, "
                    "KSM merging allowed (for comparisons; hvkit cannot read it).")
 @click.option("--balloon", is_flag=True, help="Add a virtio-balloon with free page reporting (for comparisons).")
+@click.option("--image", type=click.Choice(IMAGES),
+              help="Boot this disk image (built on first use: 'hvkit image build') on a disk of the VM's own, "
+                   "with systemd, sshd ('hvkit vm ssh') and the QEMU guest agent.")
+@click.option("--disk-size", metavar="SIZE", help="With --image: the VM's disk size, e.g. 4G (default: the image's).")
+@click.option("--timeout", type=float, help="Seconds to wait for the guest to be ready (default 120; 300 with --image).")
 @click.option("--no-wait", is_flag=True, help="Return once QEMU runs, before the guest is ready.")
 @json_option
 def start(name, memory, cpus, kernel, initrd, kernel_package, append, workload, accel, cpu_model, ram, balloon,
-          no_wait, as_json) -> None:
+          image, disk_size, timeout, no_wait, as_json) -> None:
     """Start a VM in the background; it keeps running after this command returns."""
     t0 = time.monotonic()
     machine = VM.start(name, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd,
                        kernel_package=kernel_package, append=append,
                        workload=workload, accel=accel, cpu_model=cpu_model, ram=ram, balloon=balloon,
-                       wait=not no_wait)
+                       image=image, disk_size=disk_size, wait=not no_wait, timeout=timeout)
     elapsed = time.monotonic() - t0
     if as_json:
-        print_json({**machine.status().to_json(), "start_seconds": round(elapsed, 3)})
+        print_json({**machine.status().to_json(), "start_seconds": round(elapsed, 3),
+                    "agent_seconds": machine.spec.agent_seconds, "boot_seconds": machine.spec.boot_seconds})
         return
     ready = "ready" if machine.spec.workload and not no_wait else "started"
     console().print(f"VM [bold]{machine.name}[/] {ready} in {elapsed:.1f} s "
                     f"(pid {machine.pid}, {machine.spec.accel}, {mib(machine.spec.memory):.0f} MiB, "
                     f"RAM file {machine.ram_path})")
+    if machine.spec.image:
+        agent = f"; guest agent after {machine.spec.agent_seconds:.1f} s" if machine.spec.agent_seconds else ""
+        console().print(f"image {machine.spec.image}, disk {machine.spec.disk}{agent}; "
+                        f"ssh: hvkit vm ssh {machine.name} (port {machine.spec.ssh_port})")
+
+
+@vm.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def ssh(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a VM of a disk image over ssh as root (no COMMAND: a login
+    shell), with the image's key and host key; exits with the command's status
+    (255: ssh itself failed)."""
+    argv = VM.attach(name).ssh_command(*command)
+    sys.exit(subprocess.run(argv).returncode)
 
 
 @vm.command()
@@ -115,11 +138,11 @@ def list_(as_json) -> None:
         return
     print_table(
         ["name", "state", "pid", "cpus", "memory MiB", "host MiB", "PSS MiB", "parent", "uptime s",
-         "accel", "workload", "from"],
+         "accel", "workload", "from", "ssh"],
         [[r.name, r.state + (f" ({r.owner})" if r.owner else ""), r.pid, r.cpus,
           f"{mib(r.memory):.0f}", f"{mib(r.host_memory):.1f}", f"{mib(r.pss):.1f}", r.parent or "",
           f"{r.uptime:.0f}" if r.uptime is not None else "", r.accel, r.workload,
-          r.origin.split(":", 1)[0]] for r in rows],
+          r.origin.split(":", 1)[0] if not r.image else f"image {r.image}", r.ssh_port or ""] for r in rows],
     )
     for r in rows:
         if r.state == "dead":

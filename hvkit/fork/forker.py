@@ -22,6 +22,10 @@ touches the VM either undoes it (the VM runs on as before: nothing was frozen ye
 finishes it (the snapshot is sealed and the VM runs from it); see recovery.py.
 Children that had not finished starting are stopped.
 
+A VM of a disk image (hvkit.qemu.imagevm) has its disk frozen at the same moment as
+its memory; each child gets an overlay of its own over it, its own ssh port, MAC and VM
+generation id, and its clock set.
+
 Children are named <vm>-1, <vm>-2, ... (the next free numbers).
 """
 
@@ -41,7 +45,7 @@ from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.fork.written import written_pages
 from hvkit.memserver import MemServer, Snapshot, Store
-from hvkit.qemu import VM
+from hvkit.qemu import VM, imagevm
 from hvkit.qemu.ownership import Ownership, fault_point
 from hvkit.qemu.runtime import check_name
 from hvkit.signals import deferred_signals
@@ -113,6 +117,8 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
             started.append(vm)
             fault_point("fork child launched")
             vm.receive_state(state)
+            if vm.spec.disk:
+                imagevm.settle_child(vm)
             owner.clear_intent()
         done = ChildStarted(name, vm.pid or 0, time.monotonic() - t0)
         if on_child:
@@ -183,6 +189,8 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     if was_running:
         vm._qmp_stop()
     vm.save_state(state)
+    if vm.spec.disk:
+        imagevm.freeze_disk(vm)  # the disk of this moment: the children's, under the VM's new overlay
     own.update_intent(step="moving")
     os.rename(vm.ram_path, frozen)  # QEMU still maps it; the name moves, not the data
     # from here on the fork only goes forward: the old QEMU ends, and with it the
@@ -217,6 +225,8 @@ def restart_from_frozen(name: str, snap: Snapshot, frozen: Path, store: Store, p
     again = VM.launch_from_snapshot(name, snap.machine, snap.name, frozen, None,
                                     snap.machine.get("parent"), paths, in_place=True)
     again.receive_state(store.state_file(snap.name), run=run)
+    if again.spec.disk and run:
+        imagevm.set_clock(again)
     return again
 
 
@@ -242,6 +252,8 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
         vm._qmp_stop()
     try:
         state = _save_state(vm, store)
+        if vm.spec.disk:
+            imagevm.freeze_disk(vm)
         pages, data = written_pages(vm.pid, vm.spec.ram_file, vm.spec.memory)
         with store.lock():
             parent = store.snapshot(vm.spec.snapshot)

@@ -7,6 +7,8 @@
                      ctl.sock     the guest's second serial port (ground-truth requests)
                      console.log  the guest's serial console
                      qemu.log     QEMU's own stdout/stderr
+                     disk.qcow2   a VM of a disk image: its overlay of the image (imagevm.py)
+                     qga.sock     a VM of a disk image: the guest agent's channel (agent.py)
 
 The folder exists exactly as long as the VM: `hvkit vm stop` removes it, and a VM
 found dead has its folder removed by whoever notices first.
@@ -66,6 +68,16 @@ class VMSpec:
     proc_start: int | None = None  # an attached QEMU's start time (with its pid: which process it is)
     libvirt_uri: str | None = None  # an attached libvirt domain: QMP goes through libvirt
     libvirt_domain: str | None = None
+    image: str | None = None  # the disk image it boots ("debian"; see imagevm.py), else None
+    image_dir: str | None = None  # that image's folder in the cache (kernel, base disk, ssh key)
+    disk: str | None = None  # its own qcow2 overlay of the image's disk
+    disk_size: int | None = None  # bytes of that disk, when asked for (None: the image's size)
+    ssh_port: int | None = None  # 127.0.0.1:ssh_port on the host is the guest's port 22
+    mac: str | None = None  # its network card's MAC address
+    agent_seconds: float | None = None  # from QEMU's start until the guest agent answered
+    boot_seconds: float | None = None  # from QEMU's start until the guest was ready (agent and HVKIT-READY)
+    vmgenid: str | None = None  # its VM generation id (a forked child gets a new one)
+    frozen_disk: str | None = None  # its disk as frozen at its last fork (a child: the one it started from)
 
 
 class RuntimeDir:
@@ -81,6 +93,8 @@ class RuntimeDir:
     ctl_sock = property(lambda self: self.path / "ctl.sock")
     console_log = property(lambda self: self.path / "console.log")
     qemu_log = property(lambda self: self.path / "qemu.log")
+    disk = property(lambda self: self.path / "disk.qcow2")
+    qga_sock = property(lambda self: self.path / "qga.sock")
     spec_file = property(lambda self: self.path / "vm.json")
 
     def claim(self) -> None:
@@ -94,7 +108,7 @@ class RuntimeDir:
     def clear_for_restart(self) -> None:
         """Removes what a stopped QEMU left in the folder (sockets, its log, its spec),
         keeping the console: the same VM goes on in a new QEMU."""
-        for f in (self.qmp_sock, self.ctl_sock, self.qemu_log, self.spec_file):
+        for f in (self.qmp_sock, self.ctl_sock, self.qga_sock, self.qemu_log, self.spec_file):
             f.unlink(missing_ok=True)
 
     def write_spec(self, spec: VMSpec) -> None:

@@ -33,6 +33,8 @@ from hvkit.memory.process import ProcessMemory, ram_mappings
 from hvkit.memserver.daemon import memserver_alive
 from hvkit.procs import process_runs
 from hvkit.qemu.accel import ACCELS, best_accel
+from hvkit.qemu import imagevm
+from hvkit.qemu.agent import GuestAgent
 from hvkit.qemu.attach import (QemuFacts, fetch_debian_kernel, probe_libvirt, probe_qmp, process_start_ticks,
                                qemu_cmdline, release_in_memory)
 from hvkit.qemu.ownership import LOCK_WAIT, Ownership, fault_point, stale_intents
@@ -123,6 +125,8 @@ class VMStatus:
     ram_path: str | None = None  # the file its guest RAM is mapped from (None: inside QEMU)
     origin: str = "hvkit"  # "hvkit", or where an attached VM came from ("qmp:<socket>")
     owner: str = ""  # the hvkit command that holds it now, if another one does
+    image: str | None = None  # the disk image it boots, if any
+    ssh_port: int | None = None  # a VM of an image: `ssh -p` this port on 127.0.0.1
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -384,9 +388,11 @@ class VM:
         cpu_model: str | None = None,
         ram: str = "file",
         balloon: bool = False,
+        image: str | None = None,
+        disk_size: str | int | None = None,
         paths: Paths | None = None,
         wait: bool = True,
-        timeout: float = 120.0,
+        timeout: float | None = None,
     ) -> "VM":
         """Starts a VM in the background and returns once QEMU answers on QMP (and, for
         hvkit's own init, once the guest printed its ready marker).
@@ -400,7 +406,13 @@ class VM:
         `ram="file"` (default) puts guest RAM in a shared file hvkit can read and give
         back; `ram="anonymous"` keeps it in QEMU's own memory with KSM merging allowed
         (for comparisons: nothing outside QEMU can read it). `balloon` adds a
-        virtio-balloon with free page reporting (hvkit's init loads its driver)."""
+        virtio-balloon with free page reporting (hvkit's init loads its driver).
+
+        `image` ("debian") boots that disk image (hvkit.image, built on first use) on
+        an overlay of its own (`disk_size` bytes, default the image's), with user
+        networking and ssh forwarded to a free local port, and the guest agent; ready
+        then means the agent answers and hvkit's control service runs (imagevm.py).
+        `timeout` (s) defaults to 120, 300 for an image."""
         paths = paths or Paths.from_env()
         size = _check_memory(memory)
         if not 1 <= int(cpus) <= 64:
@@ -413,16 +425,25 @@ class VM:
         if workload is not None and initrd is not None:
             raise HvkitError("a workload needs hvkit's own initramfs", "leave out --initrd")
         workload = Workload.parse(workload) if isinstance(workload, str) else workload
+        if image is None and disk_size is not None:
+            raise HvkitError("a disk size needs a disk image", "add --image debian, or leave out --disk-size")
+        if image is not None and (kernel or initrd or kernel_package):
+            raise HvkitError("a disk image boots its own kernel", "leave out --kernel, --initrd and --kernel-package")
+        boot = imagevm.ImageBoot.named(image, paths, disk_size) if image is not None else None
+        timeout = timeout or (imagevm.BOOT_TIMEOUT if boot else 120.0)
 
         if kernel_package is not None:
             if kernel is not None:
                 raise HvkitError("give either a kernel file or a kernel package", "leave out --kernel")
             kernel = build_kernel_guest(paths, kernel_package).kernel
-        kernel_path, initrd_path, release = cls._boot_files(paths, kernel, initrd)
-        hvkit_init = initrd is None
+        if boot is not None:
+            kernel_path, initrd_path, release = boot.image.kernel, boot.image.initrd, boot.image.release
+        else:
+            kernel_path, initrd_path, release = cls._boot_files(paths, kernel, initrd)
+        hvkit_init = initrd is None  # hvkit's init, or the image's control service
         if hvkit_init:
             workload = workload or Workload()
-        cmdline = " ".join(filter(None, [
+        cmdline = boot.kernel_args(workload, append) if boot else " ".join(filter(None, [
             "" if "console=" in append else "console=ttyS0",
             "panic=-1 quiet" if hvkit_init else "",
             workload.kernel_args() if workload else "",
@@ -434,6 +455,8 @@ class VM:
                       initrd=str(initrd_path) if initrd_path else None, append=cmdline,
                       accel=accel, workload=str(workload) if workload else None,
                       kernel_release=release, ram=ram, balloon=balloon)
+        if boot is not None:
+            boot.describe(spec)
         owner = Ownership(paths.runtime, name)
         with owner.hold("vm start") as outermost:
             if outermost:
@@ -454,10 +477,14 @@ class VM:
         try:
             if spec.accel == "auto":
                 spec.accel = best_accel(binary, paths.runtime)
+            if spec.image:
+                imagevm.prepare_launch(rundir, spec)
             spec.command = cls._command(binary, rundir, spec, cpu_model)
             vm = cls(rundir, spec)
             vm._launch(timeout)
-            if wait_ready:
+            if wait_ready and spec.image:
+                imagevm.wait_ready(vm, timeout)
+            elif wait_ready:
                 vm.wait_for_console(READY_MARKER, timeout=timeout)
             return vm
         except BaseException:
@@ -490,6 +517,8 @@ class VM:
             cls._claim(rundir)
         vm = None
         try:
+            if spec.disk and not in_place:
+                imagevm.prepare_child(rundir, spec)  # its own disk overlay, port, MAC, generation id
             spec.command = cls._command(qemu_binary(), rundir, spec, cpu_model)
             vm = cls(rundir, spec)
             vm._launch(timeout)
@@ -586,6 +615,8 @@ class VM:
         ]
         if spec.initrd:
             cmd += ["-initrd", spec.initrd]
+        if spec.disk:
+            cmd += imagevm.device_args(rundir, spec)
         if spec.balloon:
             cmd += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
         if cpu_model:
@@ -780,7 +811,7 @@ class VM:
             reason=self._death_reason() if state == "dead" else "",
             pss=proportional_memory(self.pid) if state != "dead" else 0,
             parent=self.spec.parent, snapshot=self.spec.snapshot, ram_path=self.ram_file(),
-            origin=self.spec.origin,
+            origin=self.spec.origin, image=self.spec.image, ssh_port=self.spec.ssh_port,
         )
 
     def ram_file(self) -> str | None:
@@ -918,6 +949,8 @@ class VM:
             except subprocess.TimeoutExpired:
                 pass
         self.rundir.remove()
+        if self.spec.disk:
+            imagevm.collect_disks(self.rundir.path.parent)
 
     def __enter__(self) -> "VM":
         return self
@@ -925,6 +958,18 @@ class VM:
     def __exit__(self, *exc) -> None:
         if self._started_here:
             self.stop()
+
+    # ---- a VM of a disk image: ssh and the guest agent (imagevm.py) -------------------
+
+    def ssh_command(self, *command: str) -> list[str]:
+        """The ssh command line that runs `command` (none: a login shell) in the guest
+        as root; a clear error for a VM without a disk image."""
+        return imagevm.ssh_command(self.spec, *command)
+
+    @property
+    def agent(self) -> GuestAgent:
+        imagevm.load_image(self.spec)  # a clear error for a VM that has none
+        return GuestAgent(self.rundir.qga_sock)
 
     # ---- the guest's console and control port ----------------------------------------
 
@@ -958,7 +1003,8 @@ class VM:
             return port.read_until(until, timeout, resend=line, started=started)
 
     def ground_truth(self, save_to: Path | None = None, timeout: float = 120.0) -> GroundTruth:
-        """The guest's own view of its memory and processes (default guest only),
+        """The guest's own view of its memory and processes (hvkit's guests only: the
+        default guest, or a disk image with hvkit's control service),
         exported through its second serial port; the raw export is also written to
         `save_to` when given."""
         tag = f"{os.getpid()}-{time.monotonic_ns()}"

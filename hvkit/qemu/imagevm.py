@@ -1,0 +1,221 @@
+"""VMs that boot a disk image (hvkit.image) instead of hvkit's initramfs.
+
+This module owns what such a VM has beyond every hvkit VM (RAM in a shared file,
+QMP, console, control port): which image a name means, the kernel command line, the
+VM's own disk (disk.py), its user network with an ssh port forward (network.py), the
+guest agent's channel (agent.py), a vmgenid device, and when it counts as ready (the
+agent answers `guest-ping` and hvkit's control service printed HVKIT-READY, which it
+does after sshd runs). vm.py calls it at three places: start (the spec), the QEMU
+command line, and the wait for ready.
+
+A fork (hvkit.fork) of such a VM freezes its disk at the moment of the fork (the VM
+goes on, on a new overlay over the frozen layer), and gives each child its own
+overlay over that layer, its own ssh port, MAC (in the guest too) and VM generation
+id, and sets its clock through the agent.
+
+What a VM of an image has is recorded in its VMSpec (image, image_dir, disk,
+ssh_port, mac), so another hvkit command (`vm ssh`, `vm list`) finds it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hvkit.config import Paths
+from hvkit.errors import HvkitError
+from hvkit.guest import Workload
+from hvkit.image import DebianImage, build_debian_image
+from hvkit.qemu.agent import GuestAgent, agent_args
+from hvkit.qemu.disk import collect_frozen_layers, create_overlay, drive_args, freeze_active_layer, virtual_size
+from hvkit.qemu.network import DEFAULT_GUEST_IP, NETDEV_ID, free_local_port, new_mac, user_net_args
+from hvkit.qemu.runtime import RuntimeDir, VMSpec
+from hvkit.units import parse_size
+
+if TYPE_CHECKING:
+    from hvkit.qemu.vm import VM
+
+log = logging.getLogger(__name__)
+
+IMAGES = ("debian",)  # names `--image` takes; each is built on first use, then cached
+READY_MARKER = "HVKIT-READY"
+BOOT_TIMEOUT = 300.0  # systemd under TCG: 35-45 s alone, 90 s and more on a busy 2-core host
+
+
+@dataclass(frozen=True)
+class ImageBoot:
+    """An image chosen for a VM that is about to start, with the VM's disk size."""
+
+    name: str
+    image: DebianImage
+    disk_size: int | None  # bytes; None: the image's own size
+
+    @classmethod
+    def named(cls, name: str, paths: Paths, disk_size: str | int | None = None) -> "ImageBoot":
+        """The image called `name` (built first if the cache has none), or a clear error."""
+        if name not in IMAGES:
+            raise HvkitError(f"unknown image {name!r}", f"the images hvkit has: {', '.join(IMAGES)}")
+        size = parse_size(disk_size) if disk_size is not None else None
+        if size is not None and size % 512:
+            raise HvkitError(f"invalid disk size {disk_size!r}", "give a multiple of 512 bytes, e.g. 4G")
+        return cls(name, build_debian_image(paths), size)
+
+    def kernel_args(self, workload: Workload, append: str) -> str:
+        """The image's own arguments (root disk, console), then hvkit's (a kernel panic
+        ends QEMU, the control service's workload), then the user's."""
+        return " ".join(filter(None, [self.image.kernel_args, "panic=-1 quiet", workload.kernel_args(), append]))
+
+    def describe(self, spec: VMSpec) -> None:
+        """Records the image in `spec` (the disk, port and MAC come at launch)."""
+        spec.image, spec.image_dir, spec.disk_size = self.name, str(self.image.directory), self.disk_size
+
+
+def prepare_launch(rundir: RuntimeDir, spec: VMSpec) -> None:
+    """Makes the VM's overlay in its folder and picks its ssh port and MAC: right
+    before QEMU starts (the port is free now, and the folder exists)."""
+    image = load_image(spec)
+    spec.disk = str(create_overlay(image.image, rundir.disk, spec.disk_size))
+    spec.ssh_port = free_local_port()
+    spec.mac = spec.mac or new_mac()
+    spec.vmgenid = str(uuid.uuid4())
+
+
+def device_args(rundir: RuntimeDir, spec: VMSpec) -> list[str]:
+    """QEMU arguments of an image VM beyond every VM's: its disk, network, agent
+    channel, and a VM generation id (a guest sees it change when it is forked or
+    restored, and reseeds what must not repeat, such as its random numbers). A VM
+    going on in a new QEMU (after its fork) keeps its generation id; a forked child
+    gets a new one, which QEMU writes into the guest when it loads the device state."""
+    return [*drive_args(Path(spec.disk)), *user_net_args(spec.ssh_port, spec.mac),
+            *agent_args(rundir.qga_sock), "-device", f"vmgenid,id=vmgenid0,guid={spec.vmgenid or 'auto'}"]
+
+
+def wait_ready(vm: "VM", timeout: float) -> None:
+    """Waits until the guest agent answers and the control service said HVKIT-READY
+    (so sshd and the control port answer too); records the boot time in the spec. On
+    timeout, an error naming what did not answer (the caller stops the VM)."""
+    started = vm.spec.started_at or time.time()
+    deadline = time.monotonic() + timeout
+    agent = GuestAgent(vm.rundir.qga_sock)
+    agent.wait_until_answers(timeout, lambda: vm._raise_if_dead("while booting"), f"VM {vm.name!r}")
+    vm.spec.agent_seconds = round(time.time() - started, 2)
+    vm.wait_for_console(READY_MARKER, timeout=max(1.0, deadline - time.monotonic()))
+    vm.spec.boot_seconds = round(time.time() - started, 2)
+    grow_file_system(vm, agent)
+    vm.rundir.write_spec(vm.spec)
+
+
+def grow_file_system(vm: "VM", agent: GuestAgent) -> None:
+    """A disk made larger than the image (--disk-size) gets its ext4 grown to fill it,
+    online, by the guest itself: the image's file system is only as big as the image."""
+    if vm.spec.disk_size is None or vm.spec.disk_size <= virtual_size(load_image(vm.spec).image):
+        return
+    result = agent.exec("/sbin/resize2fs", "/dev/vda", timeout=120)
+    if result.exitcode != 0:
+        said = (result.stderr or result.stdout).strip().splitlines()
+        raise HvkitError(f"growing the file system of VM {vm.name!r} failed: {said[-1] if said else result.exitcode}")
+
+
+def load_image(spec: VMSpec) -> DebianImage:
+    """The image a VM was started from, or a clear error for a VM without one."""
+    if not spec.image or not spec.image_dir:
+        raise HvkitError(f"VM {spec.name!r} has no disk image (so no ssh or guest agent)",
+                         "start one with 'hvkit vm start --image debian'")
+    try:
+        return DebianImage.load(Path(spec.image_dir))
+    except (OSError, ValueError, KeyError):
+        raise HvkitError(f"the image of VM {spec.name!r} ({spec.image_dir}) is gone",
+                         "stop the VM; 'hvkit image build' makes the image again") from None
+
+
+def ssh_command(spec: VMSpec, *command: str) -> list[str]:
+    """ssh into the VM as root with the image's key, checking its host key."""
+    image = load_image(spec)
+    if not spec.ssh_port:
+        raise HvkitError(f"VM {spec.name!r} has no ssh port forward")
+    return image.ssh_command(spec.ssh_port, *command)
+
+
+# ---- fork (hvkit.fork): each child its own disk, port, MAC, generation id and clock ------------
+
+def freeze_disk(vm: "VM") -> None:
+    """The paused VM's disk as it is now becomes a frozen layer its children start
+    from (disk.py); the VM goes on writing to a new overlay on top of it."""
+    vm.spec.frozen_disk = str(freeze_active_layer(vm.qmp, Path(vm.spec.disk), vm.rundir.path.parent, vm.name))
+    vm.rundir.write_spec(vm.spec)
+
+
+def prepare_child(rundir: RuntimeDir, spec: VMSpec) -> None:
+    """A forked child's own overlay over its parent's frozen disk, its own ssh port,
+    MAC and generation id (spec is the parent's, renamed)."""
+    if not spec.frozen_disk or not Path(spec.frozen_disk).is_file():
+        raise HvkitError(f"the disk of {spec.parent or 'the parent'} as it was at the fork is gone "
+                         f"({spec.frozen_disk or 'not recorded'}), so child {spec.name!r} has no disk to start from",
+                         "fork the running VM again")
+    spec.disk = str(create_overlay(Path(spec.frozen_disk), rundir.disk, spec.disk_size))
+    spec.ssh_port = free_local_port()
+    spec.mac = new_mac()
+    spec.vmgenid = str(uuid.uuid4())
+
+
+def settle_child(vm: "VM", timeout: float = 60.0) -> None:
+    """After a child runs: its clock set to the host's (it went on from its parent's
+    moment) and its network card given the child's own MAC inside the guest too (the
+    guest's driver keeps the address it read at boot), both through the guest agent."""
+    agent = GuestAgent(vm.rundir.qga_sock)
+    agent.wait_until_answers(timeout, lambda: vm._raise_if_dead("after the fork"), f"child {vm.name!r}")
+    agent.set_time()
+    nics = [n for n in agent.call("guest-network-get-interfaces")
+            if n.get("hardware-address") not in (None, "00:00:00:00:00:00")]
+    for nic in nics[:1]:
+        # QEMU's user network answers the guest at the MAC it last saw in an ARP packet
+        # from it: the guest forgets its neighbours and reaches for the gateway, so its
+        # ARP request tells the user network the new address at once
+        script = (f"ip link set dev {nic['name']} address {vm.spec.mac} && ip neigh flush dev {nic['name']} && "
+                  "{ timeout 3 bash -c 'exec 3<>/dev/tcp/10.0.2.2/9' 2>/dev/null; true; }")
+        result = agent.exec("/bin/sh", "-c", script)
+        if result.exitcode != 0:
+            raise HvkitError(f"child {vm.name!r} could not take its MAC {vm.spec.mac}: {result.stderr.strip()}")
+        _forward_ssh_to_new_lease(vm, agent, nic["name"])
+
+
+def _forward_ssh_to_new_lease(vm: "VM", agent: GuestAgent, nic: str, timeout: float = 20.0) -> None:
+    """QEMU's user network leases addresses per MAC, and the guest asks again for one
+    when its MAC changes: the child gets the next address (10.0.2.16, ...), so its ssh
+    forward is pointed there (hostfwd_remove/hostfwd_add on the running QEMU)."""
+    deadline, ip = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        nics = {n["name"]: n for n in agent.call("guest-network-get-interfaces")}
+        ip = next((a["ip-address"] for a in nics.get(nic, {}).get("ip-addresses", [])
+                   if a.get("ip-address-type") == "ipv4"), None)
+        if ip and ip != DEFAULT_GUEST_IP:
+            break
+        time.sleep(0.5)
+    if ip is None:
+        raise HvkitError(f"child {vm.name!r} has no IPv4 address {timeout:.0f} s after taking its MAC")
+    if ip == DEFAULT_GUEST_IP:
+        return  # it kept its address: the forward reaches it already
+    rule = f"tcp:127.0.0.1:{vm.spec.ssh_port}"
+    for line in (f"hostfwd_remove {NETDEV_ID} {rule}", f"hostfwd_add {NETDEV_ID} {rule}-{ip}:22"):
+        said = vm.qmp("human-monitor-command", {"command-line": line}).strip()
+        if said and "removed" not in said:
+            raise HvkitError(f"child {vm.name!r}: QEMU refused '{line}': {said}")
+
+
+def set_clock(vm: "VM") -> None:
+    """The guest's clock set to the host's after it was paused for a while (a fork);
+    an agent that does not answer at once is left alone (the guest runs on anyway)."""
+    try:
+        GuestAgent(vm.rundir.qga_sock).set_time()
+    except HvkitError as e:
+        log.warning("VM %s: its clock was not set after the fork (%s)", vm.name, e)
+
+
+def collect_disks(runtime: Path) -> None:
+    """Frozen disk layers no VM uses any more are removed (disk.py)."""
+    for layer in collect_frozen_layers(runtime):
+        log.info("removed frozen disk layer %s (no VM uses it)", layer)

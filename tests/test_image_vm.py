@@ -1,0 +1,222 @@
+"""VMs of the Debian disk image (`hvkit vm start --image debian`): one 1 GiB guest for
+the module, booted by hvkit's VM engine on an overlay of its own (grown to 3 GiB), with
+user networking, ssh, the guest agent and hvkit's control service. It must be ready
+when `start` returns, answer ssh through `hvkit vm ssh`, be identified page by page as
+its own kpageflags say (page cache, a tmpfs file, sshd and journald running), and give
+its free memory back to the host with sshd still answering. Then the failures: each one
+clear line, nothing left running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hvkit.errors import HvkitError
+from hvkit.image import build_debian_image
+from hvkit.qemu import VM
+from hvkit.qemu.agent import AgentSilent
+
+from conftest import qemus_of, run_cli
+from test_identify import assert_agrees_with_kpageflags, identify_at_one_moment
+from test_share import assert_share_gives_back_free_memory
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a first image build (~3 min) counts too
+
+NAME = "deb"
+DISK_SIZE = 3 << 30
+timings: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def image(paths):
+    return build_debian_image(paths)
+
+
+@pytest.fixture(scope="module")
+def image_vm(paths, image):
+    print("VMs before:", {r.name: (r.state, r.reason) for r in VM.list(paths)})
+    started = time.monotonic()
+    with VM.start(NAME, memory="1G", image="debian", disk_size="3G", paths=paths) as vm:
+        timings.update(start_s=round(time.monotonic() - started, 1), agent_s=vm.spec.agent_seconds,
+                       ready_s=vm.spec.boot_seconds)
+        yield vm
+    print("timings:", json.dumps(timings))
+
+
+def _ssh(vm: VM, command: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(vm.ssh_command(command), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_ready_when_start_returns(image_vm: VM, image):
+    """Ready means: the agent answers, the control service answers, ssh answers at once."""
+    vm = image_vm
+    print(f"boot: agent after {vm.spec.agent_seconds} s, ready after {vm.spec.boot_seconds} s")
+    assert vm.agent.ping(timeout=5)
+    assert "HVKIT-PONG r1" in vm.request("ping r1", until="HVKIT-PONG r1", timeout=30)
+    t0 = time.monotonic()
+    out = _ssh(vm, "hostname; uname -r; df -B1 --output=size / | tail -1; systemctl is-active ssh systemd-journald")
+    timings["first_ssh_s"] = round(time.monotonic() - t0, 1)
+    assert out.returncode == 0, out.stderr
+    host, release, size, *active = out.stdout.split()
+    assert (host, release) == ("hvkit-debian", image.release)
+    assert int(size) > 0.9 * DISK_SIZE, "the file system was grown to the disk (--disk-size)"
+    assert active == ["active", "active"]
+
+
+def test_devices_and_spec(image_vm: VM, image):
+    vm = image_vm
+    spec = vm.spec
+    assert Path(spec.disk) == vm.rundir.disk and spec.disk_size == DISK_SIZE
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", spec.disk],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["virtual-size"] == DISK_SIZE and info["backing-filename"] == str(image.image)
+    assert vm.qmp("qom-get", {"path": f"/objects/{spec.memdev}", "property": "share"}), "RAM is a shared file"
+    assert vm.qmp("query-vm-generation-id")["guid"]
+    nics = vm.agent.call("guest-network-get-interfaces")
+    assert spec.mac in {n.get("hardware-address") for n in nics}
+    rows = json.loads(run_cli("vm", "list", "--json").stdout)
+    row = next(r for r in rows if r["name"] == NAME)
+    assert row["image"] == "debian" and row["ssh_port"] == spec.ssh_port and row["state"] == "running"
+
+
+def test_cli_ssh_runs_commands_with_their_exit_status(image_vm: VM):
+    out = run_cli("vm", "ssh", NAME, "cat", "/etc/hostname")
+    assert out.returncode == 0 and out.stdout == "hvkit-debian\n", out.stderr
+    assert run_cli("vm", "ssh", NAME, "exit 7").returncode == 7
+
+
+def test_identify_agrees_with_the_guest(image_vm: VM, paths):
+    """Page cache of files read over ssh, a tmpfs file, sshd and journald running: every
+    class agrees with the guest's own kpageflags of the same moment (>= 99% both ways)."""
+    vm = image_vm
+    out = _ssh(vm, "cat /usr/bin/* > /dev/null && head -c 24M /dev/urandom > /dev/shm/blob && "
+                   "journalctl -q -n 1 > /dev/null")
+    assert out.returncode == 0, out.stderr
+    t0 = time.monotonic()
+    truth, pm, layout, walk = identify_at_one_moment(vm, paths)
+    timings["identify_s"] = round(time.monotonic() - t0, 1)
+    report = assert_agrees_with_kpageflags(truth, pm, layout)
+    print("classes (guest, hvkit, both):", report)
+    assert report["page cache"][0] > (24 << 20) // 4096, "the files read and the tmpfs file are page cache"
+    names = {t.name for t in walk.tasks}
+    assert {"systemd", "sshd", "systemd-journal", "qemu-ga", "hvkit-control"} <= names
+    assert walk.errors == []
+
+
+def test_share_gives_back_free_memory_and_ssh_answers_after(image_vm: VM, paths):
+    """The guest first touches most of its free memory (so the host holds it), then
+    share gives back >= 90% of MemFree; the guest and its sshd go on."""
+    vm = image_vm
+    mib = (vm.ground_truth().meminfo["MemFree"] >> 20) - 48
+    start = len(vm.console())
+    vm.request(f"run alloc {mib}", until="HVKIT-RUNNING alloc")
+    vm.wait_for_console(rf"HVKIT-ALLOC done mib={mib}", timeout=300, after=start)
+    t0 = time.monotonic()
+    assert_share_gives_back_free_memory(vm, paths)
+    timings["share_s"] = round(time.monotonic() - t0, 1)
+    out = _ssh(vm, "systemctl is-active ssh && cat /proc/meminfo | head -2")
+    assert out.returncode == 0 and out.stdout.startswith("active"), out.stderr
+
+
+def test_fork_gives_the_child_its_own_disk_port_mac_generation_and_clock(image_vm: VM, paths):
+    """A child of the image VM starts from the parent's disk and memory of one moment,
+    then each writes to its own disk; the child has its own ssh port, MAC (in the guest
+    too), VM generation id and a clock set to the host's."""
+    from hvkit.fork import fork
+
+    parent = image_vm
+    assert _ssh(parent, "echo before > /root/fork-mark && sync").returncode == 0
+    generation = parent.qmp("query-vm-generation-id")["guid"]
+    t0 = time.monotonic()
+    report = fork(NAME, 1, paths)
+    timings["fork_s"] = round(time.monotonic() - t0, 1)
+    child = VM.attach(report.children[0].name, paths)
+    try:
+        assert parent._reload_spec() and parent.run_state() == "running"
+        assert child.spec.ssh_port != parent.spec.ssh_port and child.spec.mac != parent.spec.mac
+        assert child.spec.disk != parent.spec.disk and Path(child.spec.frozen_disk).is_file()
+        assert child.qmp("query-vm-generation-id")["guid"] not in (generation, parent.spec.vmgenid)
+        assert parent.qmp("query-vm-generation-id")["guid"] == generation, "the parent keeps its generation"
+        out = _ssh(child, "cat /root/fork-mark && echo child > /root/who && sync && date +%s.%N")
+        assert out.returncode == 0, out.stderr
+        mark, clock = out.stdout.split()
+        assert mark == "before" and abs(float(clock) - time.time()) < 10, "the child's clock was set"
+        macs = {n.get("hardware-address") for n in child.agent.call("guest-network-get-interfaces")}
+        assert child.spec.mac in macs and parent.spec.mac not in macs
+        assert _ssh(parent, "test ! -e /root/who && echo parent > /root/who").returncode == 0
+        assert _ssh(child, "cat /root/who").stdout == "child\n", "each writes to its own disk"
+    finally:
+        child.stop()
+    assert parent.run_state() == "running"
+
+
+def test_base_image_unchanged(image_vm: VM, image):
+    """Last of the VM's tests (module order): the guest wrote; all of it went to its overlay."""
+    assert _ssh(image_vm, "head -c 8M /dev/urandom > /root/proof && sync").returncode == 0
+    assert _sha256(image.image) == image.sha256
+    assert image_vm.rundir.disk.stat().st_size > 8 << 20
+
+
+# ---- failures: one clear line each, nothing left running --------------------------------------
+
+def test_unknown_image_and_bad_disk_sizes(paths):
+    with pytest.raises(HvkitError, match=r"unknown image 'ubuntu'; the images hvkit has: debian"):
+        VM.start("img-bad", image="ubuntu", paths=paths)
+    with pytest.raises(HvkitError, match="a disk size needs a disk image"):
+        VM.start("img-bad", disk_size="4G", paths=paths)
+    with pytest.raises(HvkitError, match=r"disk size 1G is smaller than the image \(2G\)"):
+        VM.start("img-bad", image="debian", disk_size="1G", paths=paths)
+    with pytest.raises(HvkitError, match="boots its own kernel"):
+        VM.start("img-bad", image="debian", kernel_package="linux-image-cloud-amd64", paths=paths)
+    assert not paths.vm_dir("img-bad").exists()
+    out = run_cli("vm", "start", "--image", "ubuntu")
+    assert out.returncode != 0 and "ubuntu" in out.stderr
+
+
+def test_agent_that_does_not_answer_in_time_stops_the_vm(paths, image):
+    with pytest.raises(AgentSilent, match="did not answer guest-ping within 8 s") as e:
+        VM.start("img-slow", memory="1G", image="debian", timeout=8, paths=paths)
+    assert "\n" not in str(e.value)
+    assert not paths.vm_dir("img-slow").exists(), "its folder (overlay included) is removed"
+    assert not [p for p in qemus_of(paths.runtime) if b"img-slow" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_full_disk_is_one_clear_error(tmp_path, image):
+    """A runtime folder on a file system with no room for the overlay."""
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    try:
+        out = run_cli("vm", "start", "--name", "img-full", "--image", "debian", env={"HVKIT_RUNTIME": str(full)})
+        assert out.returncode == 1
+        assert "cannot create the disk overlay" in out.stderr and "the disk is full" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        assert not (full / "img-full").exists()
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_ssh_to_a_vm_without_an_image_is_refused(paths, guest):
+    with VM.start("img-plain", memory="128M", paths=paths) as plain:
+        with pytest.raises(HvkitError, match="has no disk image"):
+            plain.ssh_command("true")
+        out = run_cli("vm", "ssh", plain.name, "true")
+    assert out.returncode == 1 and "has no disk image" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
