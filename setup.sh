@@ -52,7 +52,7 @@ stamp=.venv/.hvkit-installed
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     say "installing hvkit and its Python dependencies into .venv"
     if ! { .venv/bin/python -m pip install --upgrade pip &&
-           .venv/bin/python -m pip install -e '.[test]'; } > .venv/pip.log 2>&1; then
+           .venv/bin/python -m pip install -e '.[test,forensics]'; } > .venv/pip.log 2>&1; then
         tail -20 .venv/pip.log
         echo "setup.sh: installing the Python packages failed (full log: .venv/pip.log)" >&2
         exit 1

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/fork.py [--sizes 256M,1G,4G] [--children 1,8] [--settle 10]
                                    [--repeat 3] [--json bench/results/fork.json]
+                                   [--image-guest | --no-image-guest] [--image-memory 1G]
+                                   [--image-children 4] [--image-methods ...] [--vm-name bench]
 
 For every guest size and N, a fresh default guest (idle workload) is booted and forked:
   hvkit fork          `hvkit.fork.fork(vm, N)`: the RAM file becomes a memory-server
@@ -17,6 +19,20 @@ request until a child runs; hvkit's rows are the median of --repeat runs (each o
 freshly booted guest), the baselines' a single run. After N children run, --settle seconds later, each child's
 PSS (its own host memory, shared pages divided among sharers) is read; the guests are
 idle, so this is what a fork costs to keep.
+
+Debian image guest (--image-guest, on by default; issue 14): a VM booted from hvkit's
+Debian 12 disk image (`VM.start(image="debian")`, --image-memory, default 1 GiB) is
+forked into --image-children children (default 4), the same three ways. Its disk is
+frozen at the fork the same way in every method (QMP blockdev-snapshot-sync: the
+parent goes on on a new overlay) and every child gets a qcow2 overlay of its own over
+the frozen layer; the baselines' children also get their own ssh port forward (and
+keep the parent's MAC and VM generation id: hvkit's children get new ones). Reported
+per method: time until the first / all children run (vCPUs running after the state
+was loaded), until their guest agent answers, for hvkit also until `fork` returns
+(agent answered, clock set, own MAC and DHCP lease: ChildStarted.seconds), and each
+child's PSS --settle seconds after all agents answered. Each method runs once, on a
+freshly booted guest (a boot is ~40 s under TCG).
+
 Targets (issue 4): first child within 150 ms at every size, 4 GiB no more than 1.3x
 256 MiB; 8 children of an idle 1 GiB guest each at most 64 MiB of their own after 10 s;
 at least 10x faster than migrate + restore at 1 GiB.
@@ -43,7 +59,10 @@ from hvkit.config import Paths  # noqa: E402
 from hvkit.fork import fork  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
 from hvkit.memserver import MemServer  # noqa: E402
-from hvkit.qemu import VM  # noqa: E402
+from hvkit.qemu import VM, imagevm  # noqa: E402
+from hvkit.qemu.agent import GuestAgent  # noqa: E402
+from hvkit.qemu.disk import create_overlay, freeze_active_layer  # noqa: E402
+from hvkit.qemu.network import free_local_port  # noqa: E402
 from hvkit.qemu.qmp import qmp  # noqa: E402
 from hvkit.qemu.vm import proportional_memory  # noqa: E402
 from hvkit.units import format_size, parse_size  # noqa: E402
@@ -55,12 +74,20 @@ class RawChild:
     """A QEMU started from the parent's command line with another RAM backend and
     `-incoming defer`: the baselines' children, outside hvkit's own bookkeeping."""
 
-    def __init__(self, parent: VM, folder: Path, ram_object: str, extra: list[str]) -> None:
+    def __init__(self, parent: VM, folder: Path, ram_object: str, extra: list[str],
+                 frozen_disk: Path | None = None) -> None:
         self.folder = folder
         folder.mkdir(parents=True)
         backend = next(a for a in parent.spec.command if a.startswith("memory-backend-file"))
         cmd = [ram_object if a == backend else a.replace(str(parent.rundir.path), str(folder))
                for a in parent.spec.command]
+        if parent.spec.image:
+            # a disk guest: an overlay of its own over the disk frozen at the fork, at the
+            # path its command line names (the parent's folder replaced by its own), and
+            # its own ssh port (the parent's QEMU holds the parent's)
+            create_overlay(frozen_disk, folder / parent.rundir.disk.name)
+            rule = f"hostfwd=tcp:127.0.0.1:{parent.spec.ssh_port}-"
+            cmd = [a.replace(rule, f"hostfwd=tcp:127.0.0.1:{free_local_port()}-") for a in cmd]
         self.proc = subprocess.Popen(cmd + ["-S", "-incoming", "defer", *extra], stdin=subprocess.DEVNULL,
                                      stdout=(folder / "qemu.log").open("wb"), stderr=subprocess.STDOUT)
         self.sock = folder / "qmp.sock"
@@ -88,41 +115,72 @@ class RawChild:
         self.proc.wait()
 
 
+def agent_answers(sock: Path, alive, timeout: float = 180.0) -> None:
+    """Pings a guest agent until it answers (finer-grained than GuestAgent's own wait)."""
+    agent, deadline = GuestAgent(sock), time.monotonic() + timeout
+    while not agent.ping(timeout=0.5):
+        if not alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the guest agent at {sock} did not answer")
+        time.sleep(0.02)
+
+
 def start_raw(parent: VM, root: Path, n: int, ram_object: str, uri: str, t0: float,
-              extra: list[str] = ()) -> tuple[list[float], list[RawChild]]:
-    children = [RawChild(parent, root / f"c{i}", ram_object, list(extra)) for i in range(n)]
+              extra: list[str] = (), frozen_disk: Path | None = None,
+              agent_times: list[float] | None = None) -> tuple[list[float], list[RawChild]]:
+    """Starts n raw children and restores them; the times until each runs. With
+    `agent_times`, also waits for each one's guest agent (a disk guest) and records
+    when it answered."""
+    children = [RawChild(parent, root / f"c{i}", ram_object, list(extra), frozen_disk) for i in range(n)]
 
     def one(child: RawChild) -> float:
         child.incoming(uri)
-        return time.monotonic() - t0
+        running = time.monotonic() - t0
+        if agent_times is not None:
+            agent_answers(child.folder / "qga.sock", lambda: child.proc.poll() is None)
+            agent_times.append(time.monotonic() - t0)
+        return running
 
     with ThreadPoolExecutor(max_workers=n) as pool:
         return list(pool.map(one, children)), children
 
 
-def migrate_restore(parent: VM, n: int, root: Path) -> tuple[list[float], list[int], list]:
+def freeze_disk_of(parent: VM, root: Path) -> Path | None:
+    """A disk guest's disk frozen now (the paused parent goes on on a new overlay),
+    the same way hvkit's fork does it: the layer the baselines' children start from.
+    It lives under `root` (removed after the case)."""
+    if not parent.spec.image:
+        return None
+    return freeze_active_layer(parent.qmp, Path(parent.spec.disk), root, parent.name)
+
+
+def migrate_restore(parent: VM, n: int, root: Path,
+                    agent_times: list[float] | None = None) -> tuple[list[float], list[int], list]:
     t0 = time.monotonic()
     parent.pause()
+    frozen = freeze_disk_of(parent, root)  # before the migration inactivates the disk
     image = root / "vm.migration"
     parent.qmp("migrate", {"uri": f"exec:cat > {image}"})
     while parent.qmp("query-migrate").get("status") not in ("completed", "failed"):
         time.sleep(0.005)
     size = format_size(parent.spec.memory)
     times, children = start_raw(parent, root, n, f"memory-backend-ram,id=ram0,size={size}",
-                                f"exec:cat {image}", t0)
+                                f"exec:cat {image}", t0, frozen_disk=frozen, agent_times=agent_times)
     return times, [c.proc.pid for c in children], children
 
 
-def template_copy(parent: VM, n: int, root: Path) -> tuple[list[float], list[int], list]:
+def template_copy(parent: VM, n: int, root: Path,
+                  agent_times: list[float] | None = None) -> tuple[list[float], list[int], list]:
     t0 = time.monotonic()
     parent.pause()
+    frozen = freeze_disk_of(parent, root)
     state, template = root / "state", root / "template.ram"
     parent.save_state(state)
     subprocess.run(["cp", "--sparse=always", str(parent.ram_path), str(template)], check=True)
     size = format_size(parent.spec.memory)
     times, children = start_raw(
         parent, root, n, f"memory-backend-file,id=ram0,size={size},mem-path={template},share=off",
-        f"exec:cat {state}", t0, ["-global", "migration.send-configuration=off"])
+        f"exec:cat {state}", t0, ["-global", "migration.send-configuration=off"],
+        frozen_disk=frozen, agent_times=agent_times)
     return times, [c.proc.pid for c in children], children
 
 
@@ -132,10 +190,76 @@ def hvkit_fork(parent: VM, n: int, paths: Paths) -> tuple[list[float], list[int]
     return [c.seconds for c in report.children], [k.pid for k in kids], kids
 
 
-def run_case(size: str, n: int, method: str, paths: Paths, settle: float) -> dict:
+def hvkit_fork_image(parent: VM, n: int, paths: Paths) -> tuple[list[float], list[float], list[float],
+                                                                 list[int], list]:
+    """hvkit's fork of a disk guest: (times until each child runs, until its agent
+    answers, until fork reports it started), pids, children. The first two come from
+    wrapping imagevm.settle_child, which fork calls right after a child's state is
+    loaded (so: when it runs)."""
+    running, agent, original = {}, {}, imagevm.settle_child
+
+    def timed_settle(vm: VM, *a, **kw):
+        running[vm.name] = time.monotonic()
+        agent_answers(vm.rundir.qga_sock, vm.is_alive)
+        agent[vm.name] = time.monotonic()
+        return original(vm, *a, **kw)
+
+    imagevm.settle_child = timed_settle
+    try:
+        t0 = time.monotonic()
+        report = fork(parent.name, n, paths, stay_paused=True)
+    finally:
+        imagevm.settle_child = original
+    kids = [VM.attach(c.name, paths) for c in report.children]
+    names = [c.name for c in report.children]
+    return ([running[k] - t0 for k in names], [agent[k] - t0 for k in names],
+            [c.seconds for c in report.children], [k.pid for k in kids], kids)
+
+
+def run_image_case(memory: str, n: int, method: str, paths: Paths, settle: float, name: str) -> dict:
+    """One method on a freshly booted Debian image guest (see the module comment)."""
+    server = MemServer.of(paths)
+    server.start()
+    t_boot = time.monotonic()
+    parent = VM.start(f"{name}-debian", memory=memory, image="debian", paths=paths)
+    boot_s = time.monotonic() - t_boot
+    root = paths.runtime / ("bench-img-" + method.replace(" ", "").replace("+", "-"))
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    children, fork_s = [], None
+    try:
+        time.sleep(5.0)  # the guest's own start-up jobs calm down
+        if method == "hvkit fork":
+            times, agent_s, fork_s, pids, children = hvkit_fork_image(parent, n, paths)
+        else:
+            agent_s = []
+            step = migrate_restore if method == "migrate + restore" else template_copy
+            times, pids, children = step(parent, n, root, agent_s)
+        time.sleep(settle)
+        pss = [proportional_memory(pid) for pid in pids]
+        return {"guest": "debian", "size": memory, "n": n, "method": method, "boot_s": boot_s,
+                "first_child_s": min(times), "all_children_s": max(times),
+                "first_agent_s": min(agent_s), "all_agents_s": max(agent_s),
+                "first_fork_done_s": min(fork_s) if fork_s else None,
+                "all_fork_done_s": max(fork_s) if fork_s else None,
+                "settle_s": settle, "pss_mib_mean": sum(pss) / len(pss) / MiB, "pss_mib_max": max(pss) / MiB,
+                "pss_mib": [p / MiB for p in pss]}
+    finally:
+        for c in children:
+            c.stop()
+        for row in VM.list(paths):
+            if row.state != "dead":
+                VM.attach(row.name, paths).stop()
+        server.stop(force=True)
+        shutil.rmtree(server.root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+        imagevm.collect_disks(paths.runtime)
+
+
+def run_case(size: str, n: int, method: str, paths: Paths, settle: float, name: str = "bench") -> dict:
     server = MemServer.of(paths)
     server.start()  # before the clock: a running server is the normal case
-    parent = VM.start("bench", memory=size, workload="idle", paths=paths)
+    parent = VM.start(name, memory=size, workload="idle", paths=paths)
     root = paths.runtime / ("bench-" + method.replace(" ", "").replace("+", "-"))
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
@@ -187,19 +311,26 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=10.0, help="seconds before PSS is read (N > 1)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of hvkit fork per case (median shown)")
     ap.add_argument("--json", default="bench/results/fork.json")
+    ap.add_argument("--image-guest", action=argparse.BooleanOptionalAction, default=True,
+                    help="also fork a Debian image guest (default on)")
+    ap.add_argument("--image-memory", default="1G", help="memory of the Debian image guest")
+    ap.add_argument("--image-children", type=int, default=4, help="children of the Debian image guest")
+    ap.add_argument("--image-methods", default="hvkit fork,migrate + restore,template copy")
+    ap.add_argument("--vm-name", default="bench", help="name of the parent VM (children: NAME-1, ...)")
     args = ap.parse_args()
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: where is it stuck?
     paths = Paths.from_env()
     build_default_guest(paths)
     methods = ["hvkit fork", "migrate + restore", "template copy"]
+    sizes = [s for s in args.sizes.split(",") if s]  # --sizes '': the Debian guest only
     rows = []
-    for size in args.sizes.split(","):
+    for size in sizes:
         for n in (int(x) for x in args.children.split(",")):
             for method in methods:
                 # hvkit's times are tens of ms, where a busy moment of this shared host
                 # shows: the median of --repeat runs (samples kept in the JSON); the
                 # baselines take seconds and run once
-                runs = [run_case(size, n, method, paths, args.settle)
+                runs = [run_case(size, n, method, paths, args.settle, args.vm_name)
                         for _ in range(args.repeat if method == "hvkit fork" else 1)]
                 row = median_row(runs)
                 rows.append(row)
@@ -211,13 +342,49 @@ def main() -> int:
         ours = by[(r["size"], r["n"], "hvkit fork")]
         r["first_child_vs_hvkit"] = r["first_child_s"] / ours["first_child_s"]
         r["all_children_vs_hvkit"] = r["all_children_s"] / ours["all_children_s"]
-    print_table(["size", "N", "method", "first child ms", "all N ms", "x hvkit (first)", "x hvkit (all)",
-                 "PSS MiB/child", "after s"],
-                [[r["size"], r["n"], r["method"], f"{r['first_child_s'] * 1000:.0f}",
-                  f"{r['all_children_s'] * 1000:.0f}", f"{r['first_child_vs_hvkit']:.1f}",
-                  f"{r['all_children_vs_hvkit']:.1f}", f"{r['pss_mib_mean']:.1f}", f"{r['settle_s']:.0f}"]
-                 for r in rows], title="fork: time until children run, host memory they hold")
-    sizes = args.sizes.split(",")
+    if rows:
+        print_table(["size", "N", "method", "first child ms", "all N ms", "x hvkit (first)", "x hvkit (all)",
+                     "PSS MiB/child", "after s"],
+                    [[r["size"], r["n"], r["method"], f"{r['first_child_s'] * 1000:.0f}",
+                      f"{r['all_children_s'] * 1000:.0f}", f"{r['first_child_vs_hvkit']:.1f}",
+                      f"{r['all_children_vs_hvkit']:.1f}", f"{r['pss_mib_mean']:.1f}", f"{r['settle_s']:.0f}"]
+                     for r in rows], title="fork: time until children run, host memory they hold")
+    image_rows = []
+    if args.image_guest:
+        for method in [m for m in args.image_methods.split(",") if m]:
+            try:
+                row = run_image_case(args.image_memory, args.image_children, method, paths, args.settle,
+                                     args.vm_name)
+            except Exception as e:  # a baseline that cannot run on a disk guest says so in the table
+                print(f"debian {method}: failed: {e}", file=sys.stderr, flush=True)
+                row = {"guest": "debian", "size": args.image_memory, "n": args.image_children, "method": method,
+                       "error": f"{type(e).__name__}: {e}"}
+            image_rows.append(row)
+            if "error" not in row:
+                print(f"debian {args.image_memory} N={args.image_children} {method}: first child runs "
+                      f"{row['first_child_s'] * 1000:.0f} ms, all {row['all_children_s'] * 1000:.0f} ms, "
+                      f"agents {row['all_agents_s']:.1f} s, PSS {row['pss_mib_mean']:.0f} MiB/child",
+                      file=sys.stderr, flush=True)
+        ours = next((r for r in image_rows if r["method"] == "hvkit fork" and "error" not in r), None)
+        for r in image_rows:
+            if ours and "error" not in r:
+                r["first_child_vs_hvkit"] = r["first_child_s"] / ours["first_child_s"]
+                r["all_children_vs_hvkit"] = r["all_children_s"] / ours["all_children_s"]
+
+        def ms(v):
+            return "-" if v is None else f"{v * 1000:.0f}"
+
+        print_table(["size", "N", "method", "first runs ms", "all run ms", "x hvkit (first)", "x hvkit (all)",
+                     "first agent ms", "all agents ms", "fork done ms", "PSS MiB/child", "after s"],
+                    [[r["size"], r["n"], r["method"], "failed: " + r["error"][:60], "", "", "", "", "", "", "", ""]
+                     if "error" in r else
+                     [r["size"], r["n"], r["method"], ms(r["first_child_s"]), ms(r["all_children_s"]),
+                      f"{r['first_child_vs_hvkit']:.1f}" if "first_child_vs_hvkit" in r else "-",
+                      f"{r['all_children_vs_hvkit']:.1f}" if "all_children_vs_hvkit" in r else "-",
+                      ms(r["first_agent_s"]), ms(r["all_agents_s"]), ms(r["all_fork_done_s"]),
+                      f"{r['pss_mib_mean']:.1f}", f"{r['settle_s']:.0f}"] for r in image_rows],
+                    title="fork of a Debian 12 image guest (disk frozen at the fork, an overlay per child); "
+                          "'fork done': hvkit's fork returned (agent, clock, own MAC and DHCP lease per child)")
     first = {s: by[(s, 1, "hvkit fork")]["first_child_s"] for s in sizes if (s, 1, "hvkit fork") in by}
     summary = {"first_child_max_s": max(first.values()) if first else None}
     if len(first) > 1:
@@ -235,7 +402,13 @@ def main() -> int:
                      for r in refork], title="forking a forked VM (1 s after it was born)")
     print(json.dumps(summary, indent=1))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary,
+    if image_rows:
+        ours = next((r for r in image_rows if r["method"] == "hvkit fork" and "error" not in r), None)
+        if ours:
+            summary["debian_first_child_s"] = ours["first_child_s"]
+            summary["debian_all_children_s"] = ours["all_children_s"]
+            summary["debian_pss_mib_max"] = ours["pss_mib_max"]
+    Path(args.json).write_text(json.dumps({"rows": rows, "image_rows": image_rows, "summary": summary,
                                            "host_cores": os.cpu_count()}, indent=1) + "\n")
     return 0
 

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/share.py [--memory 1G] [--alloc 768] [--fragment 512]
                                     [--json bench/results/share.json] [--plot bench/results/share.png]
+                                    [--page-cache | --no-page-cache] [--page-cache-memory 1G]
+                                    [--page-cache-arms ...] [--vm-prefix bench-share]
 
 Arms (same guest kernel, same workload, one guest at a time so they do not compete
 for the 2 cores):
@@ -20,6 +22,16 @@ to give back 80% and 90% of the guest's free memory after phase A (for hvkit thi
 includes waiting for its next cycle), what is given back in each
 phase, the longest pause (hvkit), and host CPU seconds per GiB given back (hvkit: the
 sharing thread; KSM: ksmd, counted until it has given back as much as hvkit did).
+Page cache (--page-cache, on by default; issue 14): a Debian 12 image guest
+(--page-cache-memory, default 1 GiB) reads its libraries and programs, then writes and
+reads back a file of random bytes in /var/tmp as big as its MemFree less
+--page-cache-reserve MiB (over ssh), so most of its RAM is page cache; nothing is
+dropped. Then, per arm: hvkit shares once (`Sharer.share`); KSM runs for --ksm-seconds;
+page reporting is given --settle seconds. Reported: the guest's MemFree and Cached
+(/proc/meminfo) after the fill, host memory of the VM before and after, and what was
+given back: hvkit (and page reporting) give back free pages only, so the row shows how
+little is left when the page cache has taken the memory. One VM at a time.
+
 Targets (issue 6): 90% of MemFree of a 1 GiB guest back within 1 s with the guest
 paused at most 100 ms; at least 2x what page reporting gives back on fragmented
 memory; fewer CPU seconds per GiB than KSM.
@@ -31,6 +43,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -126,7 +139,7 @@ def run_arm(arm: str, args, paths: Paths) -> dict:
     options = {"hvkit share": {}, "KSM": {"ram": "anonymous"}, "page reporting": {"balloon": True}}[arm]
     samples, stop, cpu, lock = Samples(), threading.Event(), [0.0], threading.Lock()
     pauses: list[float] = []
-    with VM.start(f"bench-share-{arm.split()[0].lower()}", memory=args.memory, paths=paths, **options) as vm:
+    with VM.start(f"{args.vm_prefix}-{arm.split()[0].lower()}", memory=args.memory, paths=paths, **options) as vm:
         t0 = time.monotonic()
         ksm_cpu0 = ksmd_cpu()
 
@@ -203,6 +216,98 @@ def cpu_per_gib(row: dict, target: int) -> float | None:
     return spent / (goal / (1 << 30)) if goal > 0 else None
 
 
+def guest_meminfo(vm: VM) -> dict[str, int]:
+    """/proc/meminfo of a disk guest over ssh, in bytes."""
+    out = subprocess.run(vm.ssh_command("cat", "/proc/meminfo"), capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+
+
+def run_page_cache_arm(arm: str, args, paths: Paths) -> dict:
+    """A Debian image guest whose RAM is mostly page cache, then one arm (module comment)."""
+    options = {"hvkit share": {}, "KSM": {"ram": "anonymous"}, "page reporting": {"balloon": True}}[arm]
+    samples, stop = Samples(), threading.Event()
+    name = f"{args.vm_prefix}-cache-{arm.split()[0].lower()}"
+    t_boot = time.monotonic()
+    with VM.start(name, memory=args.page_cache_memory, image="debian", disk_size=args.page_cache_disk,
+                  paths=paths, **options) as vm:
+        boot_s = time.monotonic() - t_boot
+        t0 = time.monotonic()
+        ksm_cpu0 = ksmd_cpu()
+
+        def sample() -> None:
+            while not stop.is_set():
+                samples.points.append((time.monotonic() - t0, vm.host_memory(), ksmd_cpu() - ksm_cpu0))
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            boot_info = guest_meminfo(vm)
+            fill_mib = max(0, boot_info["MemFree"] // MiB - args.page_cache_reserve)
+            script = ("cat /usr/lib/x86_64-linux-gnu/*.so* /usr/bin/* /usr/sbin/* > /dev/null 2>&1; "
+                      f"dd if=/dev/urandom of=/var/tmp/fill bs=1M count={fill_mib} status=none && "
+                      "sync && cat /var/tmp/fill > /dev/null")
+            t_fill = time.monotonic()
+            subprocess.run(vm.ssh_command("sh", "-c", script), check=True, timeout=900,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            fill_s = time.monotonic() - t_fill
+            time.sleep(3.0)
+            info = guest_meminfo(vm)
+            host_before = vm.host_memory()
+            act_start = time.monotonic() - t0
+            share = None
+            if arm == "hvkit share":
+                share = Sharer(vm, paths).share()
+                time.sleep(1.0)
+                window_s = share.seconds
+            elif arm == "KSM":
+                with KsmOn():
+                    time.sleep(args.ksm_seconds)
+                    host_ksm = vm.host_memory()
+                window_s = args.ksm_seconds
+            else:
+                time.sleep(args.settle)
+                window_s = args.settle
+            host_after = host_ksm if arm == "KSM" else vm.host_memory()
+        finally:
+            stop.set()
+            sampler.join(timeout=30)
+    cpu = samples.points[-1][2] - next((p[2] for p in samples.points if p[0] >= act_start), 0.0) \
+        if arm == "KSM" and samples.points else None
+    return {"arm": arm, "memory": args.page_cache_memory, "boot_s": boot_s, "fill_mib": fill_mib,
+            "fill_s": fill_s, "guest_memtotal": info["MemTotal"], "guest_memfree": info["MemFree"],
+            "guest_cached": info["Cached"], "guest_memfree_after_boot": boot_info["MemFree"],
+            "host_before": host_before, "host_after": host_after, "given_back": host_before - host_after,
+            "window_s": window_s, "ksmd_cpu_s": cpu,
+            "share": share.to_json() if share else None, "samples": samples.points}
+
+
+def print_page_cache(rows: list[dict], args) -> None:
+    print(f"\npage cache: Debian 12 image guest, {args.page_cache_memory}, a file of random bytes written and "
+          f"read back until MemFree is about {args.page_cache_reserve} MiB; nothing dropped")
+    print(f"{'arm':>15} {'MemTotal':>8} {'MemFree':>7} {'Cached':>7} {'host before':>11} {'given back':>10} "
+          f"{'host after':>10} {'% MemFree':>9} {'over s':>6}  note")
+    notes = {"hvkit share": "one share: free pages only",
+             "KSM": "merges identical pages only (page cache of distinct data: few)",
+             "page reporting": "guest reports free blocks >= 2 MiB (also during boot and fill)"}
+    for r in rows:
+        if "error" in r:
+            print(f"{r['arm']:>15} could not run on this guest: {r['error'][:120]}")
+            continue
+        note = notes[r["arm"]]
+        if r["arm"] == "hvkit share" and r["share"]:
+            note += f" ({r['share']['free_pages'] * 4 // 1024} MiB on free lists, paused {r['share']['paused_s'] * 1000:.0f} ms)"
+        if r["arm"] == "KSM" and r["ksmd_cpu_s"] is not None:
+            note += f" (ksmd {r['ksmd_cpu_s']:.1f} CPU s)"
+        print(f"{r['arm']:>15} {r['guest_memtotal'] / MiB:>4.0f} MiB {r['guest_memfree'] / MiB:>3.0f} MiB "
+              f"{r['guest_cached'] / MiB:>3.0f} MiB {r['host_before'] / MiB:>7.0f} MiB {r['given_back'] / MiB:>6.0f} MiB "
+              f"{r['host_after'] / MiB:>6.0f} MiB {100 * r['given_back'] / max(r['guest_memfree'], 1):>8.0f}% "
+              f"{r['window_s']:>6.1f}  {note}")
+    print("(MemFree, Cached: the guest's /proc/meminfo after the fill; host: memory the host holds for the VM; "
+          "one guest at a time on a shared 2-core TCG host: noisy)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memory", default="1G")
@@ -211,18 +316,47 @@ def main() -> None:
     ap.add_argument("--fragment", type=int, default=512, help="MiB it allocates, then frees every other page of")
     ap.add_argument("--period", type=float, default=0.5, help="seconds between hvkit share cycles")
     ap.add_argument("--settle", type=float, default=60.0, help="at most this many seconds per phase to settle")
-    ap.add_argument("--arms", default="hvkit share,KSM,page reporting")
+    ap.add_argument("--arms", default="hvkit share,KSM,page reporting",
+                    help="arms on the default guest ('' for none: the page cache rows only)")
     ap.add_argument("--json", type=Path, default=Path("bench/results/share.json"))
     ap.add_argument("--plot", type=Path, default=Path("bench/results/share.png"))
+    ap.add_argument("--page-cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the Debian image guest whose memory is mostly page cache (default on)")
+    ap.add_argument("--page-cache-memory", default="1G")
+    ap.add_argument("--page-cache-disk", default="3G", help="its disk (room for the file it reads)")
+    ap.add_argument("--page-cache-reserve", type=int, default=96,
+                    help="MiB of its MemFree the file it writes and reads leaves out")
+    ap.add_argument("--page-cache-arms", default="hvkit share,KSM,page reporting")
+    ap.add_argument("--ksm-seconds", type=float, default=30.0, help="KSM's time on the page cache guest")
+    ap.add_argument("--vm-prefix", default="bench-share", help="VM names: PREFIX-hvkit, PREFIX-cache-ksm, ...")
     args = ap.parse_args()
-    if os.geteuid() != 0 or not KSM.exists():
+    arms = [a for a in args.arms.split(",") if a]
+    cache_arms = [a for a in args.page_cache_arms.split(",") if a] if args.page_cache else []
+    if ("KSM" in arms + cache_arms) and (os.geteuid() != 0 or not KSM.exists()):
         sys.exit("bench/share: the KSM arm needs root and /sys/kernel/mm/ksm")
     paths = Paths.from_env()
     guest = build_default_guest(paths)
     rows = []
-    for arm in args.arms.split(","):
+    for arm in arms:
         print(f"running arm: {arm} ...", file=sys.stderr, flush=True)
         rows.append(run_arm(arm, args, paths))
+    cache_rows = []
+    for arm in cache_arms:
+        print(f"running page cache arm: {arm} ...", file=sys.stderr, flush=True)
+        try:
+            cache_rows.append(run_page_cache_arm(arm, args, paths))
+        except Exception as e:  # an arm that cannot run on this guest says so in the table
+            print(f"page cache arm {arm} failed: {e}", file=sys.stderr, flush=True)
+            cache_rows.append({"arm": arm, "error": f"{type(e).__name__}: {e}"})
+    if cache_rows:
+        print_page_cache(cache_rows, args)
+    if not rows:
+        for r in cache_rows:
+            r.pop("samples", None)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"page_cache": cache_rows}, indent=2))
+        print(f"written {args.json}")
+        return
     hvkit_row = next((r for r in rows if r["arm"] == "hvkit share"), rows[0])
     reporting = next((r for r in rows if r["arm"] == "page reporting"), None)
     for r in rows:
@@ -251,9 +385,11 @@ def main() -> None:
     timeline_picture(series, args.plot, f"host memory of a {args.memory} guest: alloc+free, then fragment")
     for r in rows:
         del r["_samples"]
+    for r in cache_rows:
+        r.pop("samples", None)
     args.json.write_text(json.dumps({"kernel": guest.release, "memory": args.memory,
                                      "fragment_mib": args.fragment, "ksm_settings": KSM_SETTINGS,
-                                     "arms": rows}, indent=2))
+                                     "arms": rows, "page_cache": cache_rows}, indent=2))
     print(f"written {args.json} and {args.plot}")
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hvkit.memory.elfcore import vmcoreinfo
 
 from conftest import run_cli
@@ -25,6 +27,33 @@ def test_vm_dump_carries_vmcoreinfo(shared_vm, guest, tmp_path):
     ps = run_cli("ps", str(core), "--kernel", str(guest.kernel), "--json")
     assert ps.returncode == 0, ps.stderr
     assert {p["name"] for p in json.loads(ps.stdout)["processes"]} >= {"init", "hvkit-mem"}
+
+
+DRGN_SCRIPT = """
+import json
+from drgn.helpers.linux.pid import for_each_task
+tasks = [(t.pid.value_(), t.comm.string_().decode()) for t in for_each_task(prog) if t.pid == t.tgid]
+print(json.dumps({"tasks": tasks, "release": prog["init_uts_ns"].name.release.string_().decode()}))
+"""
+
+
+def test_drgn_lists_the_tasks_hvkit_ps_lists(shared_vm, guest, tmp_path):
+    """drgn opens the core as it is (VMCOREINFO: KASLR, kallsyms) and, with hvkit's
+    compiled types instead of a -dbg package, walks the task list."""
+    pytest.importorskip("drgn")
+    core = tmp_path / "guest.core"
+    assert run_cli("vm", "dump", shared_vm.name, "-o", str(core)).returncode == 0
+    script = tmp_path / "tasks.py"
+    script.write_text(DRGN_SCRIPT)
+    proc = run_cli("drgn", str(core), str(script))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["release"] == guest.release
+    ps = json.loads(run_cli("ps", str(core), "--json").stdout)  # the kernel from the core's VMCOREINFO
+    ours = {p["pid"] for p in ps["processes"]}
+    assert {pid for pid, _ in doc["tasks"]} == ours and len(ours) > 10
+    names = dict(doc["tasks"])
+    assert names[1] == "init"
 
 
 def test_vm_dump_bad_input(shared_vm, tmp_path):

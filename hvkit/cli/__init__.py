@@ -29,13 +29,16 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from hvkit.cli import demo, fork, guest, hv, image, introspect, share, vm
+    from hvkit.cli import demo, forensics, fork, guest, hv, image, introspect, share, vm
 
     cli.add_command(vm.vm)
     cli.add_command(guest.guest)
     cli.add_command(image.image)
     cli.add_command(introspect.ps)
     cli.add_command(introspect.identify)
+    cli.add_command(forensics.isf)
+    cli.add_command(forensics.vol)
+    cli.add_command(forensics.drgn_command)
     cli.add_command(share.share)
     cli.add_command(hv.hv)
     cli.add_command(fork.fork)

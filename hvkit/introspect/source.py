@@ -91,6 +91,19 @@ def _locate_in(vm: VM, knowledge: KernelKnowledge) -> _Located:
     raise failure
 
 
+def kernel_named_by_core(path: Path, paths: Paths) -> Path | None:
+    """For an ELF core whose VMCOREINFO names its kernel release (cores of 'hvkit vm
+    dump'), Debian's kernel of that release (from the cache, or fetched); else None."""
+    from hvkit.memory.elfcore import vmcoreinfo
+    from hvkit.qemu.attach import fetch_debian_kernel
+
+    try:
+        release = vmcoreinfo(path).get("OSRELEASE")
+    except (HvkitError, OSError):
+        return None
+    return fetch_debian_kernel(release, paths) if release else None
+
+
 @contextlib.contextmanager
 def open_guest(source: str, kernel: str | Path | None = None, headers: str | Path | None = None,
                paths: Paths | None = None, knowledge: KernelKnowledge | None = None,
@@ -105,6 +118,7 @@ def open_guest(source: str, kernel: str | Path | None = None, headers: str | Pat
     if path.exists() or "/" in source:
         if not path.exists():
             raise HvkitError(f"{source} does not exist", "give a VM name, a RAM file or an ELF core")
+        kernel = kernel or kernel_named_by_core(path, paths)
         if kernel is None:
             raise HvkitError(f"reading {source} needs the guest's kernel", "pass --kernel FILE (its bzImage or vmlinux)")
         knowledge = knowledge or load_kernel_knowledge(Path(kernel), headers, paths)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 
 from hvkit.errors import HvkitError
-from hvkit.kernel import buildroot
+from hvkit.kernel.compile import compile_interface
 from hvkit.kernel.headers import KernelTree
 
 log = logging.getLogger(__name__)
@@ -237,21 +238,6 @@ def _interface_source() -> bytes:
     return resources.files("hvkit.kernel").joinpath("files", "hvkit_layout.c").read_bytes()
 
 
-def _compile(tree: KernelTree, workdir: Path, seen_as: Path) -> Path:
-    """The interface compiled in `workdir` (which the build sees at `seen_as`)."""
-    (workdir / "hvkit_layout.c").write_bytes(_interface_source())
-    (workdir / "Kbuild").write_text("obj-m := hvkit_layout.o\n"
-                                    "ccflags-y := -g -fno-eliminate-unused-debug-types\n")
-    proc = tree.make(seen_as, "hvkit_layout.o")
-    obj = workdir / "hvkit_layout.o"
-    if proc.returncode != 0 or not obj.exists():
-        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-        raise HvkitError(f"compiling the layout interface against {tree.root} failed: "
-                         f"{(errors or proc.stderr.strip().splitlines() or ['no output'])[0]}",
-                         "are these the headers of the guest's kernel, with their .config?")
-    return obj
-
-
 def _strip(die):
     """Follows typedefs and qualifiers to the underlying type DIE."""
     for _ in range(16):
@@ -340,8 +326,10 @@ def build_layout(tree: KernelTree, cache: Path) -> Layout:
     if cached.exists():
         return Layout.from_json(json.loads(cached.read_text()))
     log.info("compiling the layout interface against %s", tree.root)
-    with buildroot.scratch_dir(tree.sysroot) as (workdir, seen_as):
-        structs, constants, enums = _read_object(_compile(tree, workdir, seen_as))
+    with tempfile.TemporaryDirectory(prefix="hvkit-layout-") as tmp:
+        obj = compile_interface(tree, Path(tmp), _interface_source(), "hvkit_layout.c",
+                                flags=("-fno-eliminate-unused-debug-types",))
+        structs, constants, enums = _read_object(obj)
     layout = Layout(tree.release, tree.config_hash(), structs, constants, enums)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmpfile = cached.with_suffix(".tmp")

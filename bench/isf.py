@@ -1,0 +1,109 @@
+"""Volatility 3 with hvkit's symbol table: which linux.* plugins run clean on a memory image.
+
+    .venv/bin/python bench/isf.py --release 6.1.0-56-cloud-amd64 --raw a.raw [--jobs 2] [--json out.json]
+
+Builds (or finds) the ISF of that Debian kernel (hvkit.kernel.isf.make_isf), puts it in a
+symbol directory of its own (<dir>/linux/<table>.json.xz) and runs each plugin of PLUGINS
+with `vol --offline` on the raw image. A plugin is "ok" when vol exits 0 with no traceback
+and no "Unsatisfied requirement"; anything else is "failed" with the last error line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hvkit.kernel.headers import debian_tree  # noqa: E402
+from hvkit.kernel.isf import make_isf, volatility_symbol_dir  # noqa: E402
+
+PLUGINS = [
+    "linux.pslist.PsList", "linux.pstree.PsTree", "linux.psaux.PsAux", "linux.psscan.PsScan",
+    "linux.pidhashtable.PIDHashTable", "linux.kthreads.Kthreads", "linux.envars.Envars",
+    "linux.elfs.Elfs", "linux.proc.Maps", "linux.library_list.LibraryList", "linux.lsof.Lsof",
+    "linux.mountinfo.MountInfo", "linux.pagecache.Files", "linux.lsmod.Lsmod",
+    "linux.kmsg.Kmsg", "linux.bash.Bash", "linux.capabilities.Capabilities",
+    "linux.sockstat.Sockstat", "linux.sockscan.Sockscan", "linux.ip.Addr", "linux.ip.Link",
+    "linux.iomem.IOMem", "linux.boottime.Boottime", "linux.kallsyms.Kallsyms",
+    "linux.vmcoreinfo.VMCoreInfo", "linux.ptrace.Ptrace", "linux.ebpf.EBPF",
+    "linux.pscallstack.PsCallStack", "linux.graphics.fbdev.Fbdev",
+    "linux.malware.check_syscall.Check_syscall", "linux.malware.check_idt.Check_idt",
+    "linux.malware.check_modules.Check_modules", "linux.malware.check_creds.Check_creds",
+    "linux.malware.check_afinfo.Check_afinfo", "linux.malware.tty_check.Tty_Check",
+    "linux.malware.keyboard_notifiers.Keyboard_notifiers", "linux.malware.malfind.Malfind",
+    "linux.malware.modxview.Modxview", "linux.malware.netfilter.Netfilter",
+    "linux.malware.hidden_modules.Hidden_modules", "linux.malware.process_spoofing.ProcessSpoofing",
+    "linux.tracing.ftrace.CheckFtrace", "linux.tracing.tracepoints.CheckTracepoints",
+    "linux.tracing.perf_events.PerfEvents",
+]
+
+_ERROR = re.compile(r"Traceback|Unsatisfied requirement|error:|Error:|Exception", re.I)
+
+
+@dataclass
+class PluginRun:
+    plugin: str
+    ok: bool
+    rows: int
+    seconds: float
+    error: str
+
+
+def run_plugin(vol: Path, symbols: Path, raw: Path, cache: Path, plugin: str) -> PluginRun:
+    start = time.monotonic()
+    proc = subprocess.run([str(vol), "-q", "-r", "json", "--offline", "--cache-path", str(cache),
+                           "-s", str(symbols), "-f", str(raw), plugin],
+                          capture_output=True, text=True, timeout=1800)
+    seconds = round(time.monotonic() - start, 1)
+    error_lines = [line for line in (proc.stderr + "\n" + proc.stdout[-2000:]).splitlines()
+                   if _ERROR.search(line)]
+    rows = 0
+    try:
+        rows = len(json.loads(proc.stdout))
+    except ValueError:
+        error_lines.append("output is not JSON")
+    ok = proc.returncode == 0 and not error_lines
+    last = (proc.stderr.strip().splitlines() or [""])[-1] if not ok else ""
+    return PluginRun(plugin, ok, rows, seconds, last or "; ".join(error_lines)[:300])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--release", required=True)
+    ap.add_argument("--raw", type=Path, required=True)
+    ap.add_argument("--kernel", type=Path, help="kernel file (default: the cached Debian package's)")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "hvkit")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--plugins", nargs="*", default=PLUGINS)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    kernel = args.kernel or next((args.cache / "guest" / f"linux-image-{args.release}" / "boot").glob("vmlinuz-*"))
+    report = make_isf(kernel, debian_tree(args.release, args.cache), args.cache)
+    print(f"ISF {report.path} ({'cached' if report.cached else f'built in {report.seconds} s'})")
+    vol = Path(sys.executable).with_name("vol")
+    with tempfile.TemporaryDirectory(prefix="hvkit-vol-") as tmp:
+        symbols, cache = volatility_symbol_dir(report.path, Path(tmp) / "symbols"), Path(tmp) / "cache"
+        cache.mkdir()
+        first = run_plugin(vol, symbols, args.raw, cache, args.plugins[0])  # fills vol's caches once
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            rest = list(pool.map(lambda p: run_plugin(vol, symbols, args.raw, cache, p), args.plugins[1:]))
+    runs = [first, *rest]
+    for r in runs:
+        print(f"{'ok    ' if r.ok else 'FAILED'} {r.plugin:55} {r.rows:6} rows {r.seconds:6.1f} s  {r.error}")
+    print(f"{sum(r.ok for r in runs)} of {len(runs)} plugins ran clean")
+    if args.json:
+        args.json.write_text(json.dumps({"isf": report.to_json(), "runs": [asdict(r) for r in runs]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

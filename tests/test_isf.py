@@ -1,0 +1,215 @@
+"""Volatility 3 symbol tables made by hvkit (hvkit/kernel/isf.py, btf.py): the BTF reader on
+hostile input and on the real kernel, the table against Volatility's own schema, and real
+`vol` runs on a paused copy of a real guest's RAM, compared with the guest's own view."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import lzma
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hvkit.errors import HvkitError
+from hvkit.kernel.btf import btf_of_vmlinux, read_btf
+from hvkit.kernel.headers import debian_tree
+from hvkit.kernel.isf import flat_members, make_isf, volatility_symbol_dir
+from hvkit.kernel.symbols import load_symbols
+from hvkit.kernel.vmlinux import extract_vmlinux
+
+# plugins that must run clean on the default guest (a busybox system: no bash, no network
+# sockets beyond the kernel's own, no framebuffer). Not here: linux.kallsyms and
+# linux.pscallstack (need the kallsyms_* tables' own symbols, which 6.1's kallsyms lacks),
+# linux.sockscan (Volatility 2.28 dereferences None on a stale scan hit) and
+# linux.malware.hidden_modules (it refuses every table whose producer is not dwarf2json).
+PLUGINS = [
+    "linux.pslist.PsList", "linux.pstree.PsTree", "linux.psaux.PsAux", "linux.psscan.PsScan",
+    "linux.pidhashtable.PIDHashTable", "linux.kthreads.Kthreads", "linux.envars.Envars",
+    "linux.elfs.Elfs", "linux.proc.Maps", "linux.library_list.LibraryList", "linux.lsof.Lsof",
+    "linux.mountinfo.MountInfo", "linux.pagecache.Files", "linux.lsmod.Lsmod", "linux.kmsg.Kmsg",
+    "linux.bash.Bash", "linux.capabilities.Capabilities", "linux.sockstat.Sockstat",
+    "linux.ip.Link", "linux.iomem.IOMem", "linux.boottime.Boottime",
+    "linux.malware.check_syscall.Check_syscall", "linux.malware.check_idt.Check_idt",
+    "linux.malware.check_modules.Check_modules", "linux.malware.check_creds.Check_creds",
+    "linux.malware.check_afinfo.Check_afinfo", "linux.malware.tty_check.Tty_Check",
+    "linux.malware.keyboard_notifiers.Keyboard_notifiers", "linux.malware.malfind.Malfind",
+    "linux.malware.netfilter.Netfilter", "linux.tracing.tracepoints.CheckTracepoints",
+]
+# 6.12: the same, less the slowest scanners (CI time), plus what 6.1's kallsyms cannot give
+PLUGINS_612 = [p for p in PLUGINS if p not in ("linux.psscan.PsScan", "linux.malware.malfind.Malfind",
+                                               "linux.elfs.Elfs")] + ["linux.kallsyms.Kallsyms"]
+
+
+# --- BTF on hostile input ------------------------------------------------------------------
+
+def _btf(types: bytes, strings: bytes = b"\0int\0", hdr_len: int = 24) -> bytes:
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, hdr_len, 0, len(types), len(types), len(strings))
+    return header + types + strings
+
+
+def test_btf_reads_a_small_blob():
+    int_type = struct.pack("<III", 1, 1 << 24, 4) + struct.pack("<I", (1 << 24) | 32)  # signed int
+    ptr = struct.pack("<III", 0, 2 << 24, 1)
+    btf = read_btf(_btf(int_type + ptr))
+    assert [t.kind for t in btf.types] == ["VOID", "INT", "PTR"]
+    assert btf.types[1].name == "int" and btf.types[1].signed and btf.types[1].size == 4
+    assert btf.resolve(2).kind == "PTR"
+
+
+@pytest.mark.parametrize("blob", [
+    b"",                                                   # empty
+    b"\x9f\xeb\x01\x00" + b"\0" * 20,                     # header only, lengths 0 but hdr_len 0
+    _btf(struct.pack("<III", 1, 1 << 24, 4)),              # INT without its encoding word
+    _btf(struct.pack("<III", 999, 2 << 24, 0)),            # name offset outside the strings
+    _btf(struct.pack("<III", 0, 31 << 24, 0)),             # unknown kind
+    _btf(struct.pack("<III", 0, (4 << 24) | 5, 8)),        # struct claiming 5 members, none there
+    _btf(b"", hdr_len=1000),                               # header length past the data
+    struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 1 << 30, 0, 0),  # type section past the data
+    struct.pack("<HBBIIIII", 0x9FEB, 1, 0, 24, 0, 0, 0, 0),        # big-endian / wrong magic
+])
+def test_btf_rejects_malformed_data(blob):
+    with pytest.raises(HvkitError):
+        read_btf(blob)
+
+
+def test_btf_type_ids_checked():
+    ptr = struct.pack("<III", 0, 2 << 24, 12345)  # a pointer to a type that does not exist
+    with pytest.raises(HvkitError, match="does not exist"):
+        read_btf(_btf(ptr))
+    loop = struct.pack("<III", 0, 8 << 24, 1)  # a typedef of itself: resolving it ends
+    btf = read_btf(_btf(loop))
+    with pytest.raises(HvkitError, match="too long"):
+        btf.resolve(1)
+
+
+# --- the real kernel -------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def isf(guest, paths):
+    tree = debian_tree(guest.release, paths.cache)
+    return make_isf(guest.kernel, tree, paths.cache)
+
+
+@pytest.fixture(scope="session")
+def table(isf):
+    with lzma.open(isf.path, "rt") as f:
+        return json.load(f)
+
+
+def test_btf_of_the_guest_kernel_has_its_private_types(guest):
+    btf = btf_of_vmlinux(extract_vmlinux(guest.kernel))
+    assert btf is not None
+    for kind, name in [("struct", "mount"), ("struct", "printk_ringbuffer"), ("struct", "prb_desc"),
+                       ("struct", "task_struct"), ("union", "bpf_attr"), ("enum", "pid_type")]:
+        assert btf.named(kind, name), (kind, name)
+    (mount,) = btf.named("struct", "mount")
+    assert {"mnt", "mnt_parent", "mnt_mountpoint"} <= {m.name for m in mount.members}
+
+
+def test_isf_matches_volatility_schema(table):
+    schemas = pytest.importorskip("volatility3.schemas")
+    assert schemas.validate(table, use_cache=False)
+
+
+def test_isf_has_types_from_both_sources_that_agree(isf, table):
+    assert isf.user_types_dwarf > 1000 and isf.user_types_btf > 1000
+    assert isf.checked > 1000
+    assert isf.disagreements == []
+    for name in ("task_struct", "mm_struct", "mount", "printk_ringbuffer", "prb_desc", "module",
+                 "sock", "inet_sock", "unix_sock", "files_struct", "fdtable", "cred", "pid",
+                 "nsproxy", "vfsmount", "dentry", "inode", "super_block"):
+        assert name in table["user_types"], name
+    # anonymous unions are flattened the way C names their members
+    assert "comm" in flat_members(table["user_types"], "task_struct")
+    assert "__state" in flat_members(table["user_types"], "task_struct")
+
+
+def test_isf_symbols_are_the_kernels(isf, table, guest, paths):
+    symbols = load_symbols(guest.kernel, paths.cache, guest.config)
+    assert len(table["symbols"]) == len(symbols.addresses)
+    assert table["symbols"]["init_task"]["address"] == symbols["init_task"]
+    assert table["symbols"]["init_task"]["type"] == {"kind": "struct", "name": "task_struct"}
+    assert table["symbols"]["prb"]["type"]["subtype"]["name"] == "printk_ringbuffer"
+    banner = base64.b64decode(table["symbols"]["linux_banner"]["constant_data"])
+    assert banner == symbols.banner.encode() + b"\0"
+
+
+def test_isf_second_build_is_cached(isf, guest, paths):
+    again = make_isf(guest.kernel, debian_tree(guest.release, paths.cache), paths.cache)
+    assert again.cached and again.path == isf.path
+
+
+# --- Volatility on a real guest ----------------------------------------------------------------
+
+def _vol(symbols: Path, raw: Path, cache: Path, plugin: str) -> subprocess.CompletedProcess:
+    vol = Path(sys.executable).with_name("vol")
+    return subprocess.run([str(vol), "-q", "-r", "json", "--offline", "--cache-path", str(cache),
+                           "-s", str(symbols), "-f", str(raw), plugin],
+                          capture_output=True, text=True, timeout=900)
+
+
+def _dump(vm, dest: Path) -> Path:
+    vm.pause()
+    try:
+        shutil.copyfile(vm.ram_path, dest)
+    finally:
+        vm.resume()
+    return dest
+
+
+def _rows(proc: subprocess.CompletedProcess) -> list[dict]:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _check_guest(vm, isf, tmp_path, plugins, release: str) -> None:
+    """Every plugin runs clean on a paused copy of the guest's RAM; what pslist, lsmod,
+    mountinfo, kmsg, envars and lsof find is what the guest itself has: its processes
+    (its own /proc), the module its init loads at every boot (qemu_fw_cfg), the file
+    systems its init mounts, its kernel's banner in the log, the environment the kernel
+    gives init, and init's open control port."""
+    pytest.importorskip("volatility3")
+    symbols = volatility_symbol_dir(isf.path, tmp_path / "symbols")
+    cache = tmp_path / "volcache"
+    cache.mkdir()
+    truth = vm.ground_truth()
+    raw = _dump(vm, tmp_path / "ram.raw")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # vol is one process per plugin
+        runs = dict(zip(plugins, pool.map(lambda p: _vol(symbols, raw, cache, p), plugins)))
+    failed = {plugin: (proc.stderr.strip().splitlines() or ["?"])[-1] for plugin, proc in runs.items()
+              if proc.returncode != 0 or "Traceback" in proc.stderr or "Unsatisfied" in proc.stderr}
+    assert failed == {}
+    assert {row["PID"] for row in _rows(runs["linux.pslist.PsList"])} == {p.pid for p in truth.processes}
+    assert "qemu_fw_cfg" in {row["Module Name"] for row in _rows(runs["linux.lsmod.Lsmod"])}
+    mounts = {(row["MOUNT_POINT"], row["FSTYPE"]) for row in _rows(runs["linux.mountinfo.MountInfo"])}
+    assert {("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "devtmpfs"), ("/tmp", "tmpfs")} <= mounts
+    assert any(row["line"].startswith(f"Linux version {release} ") for row in _rows(runs["linux.kmsg.Kmsg"]))
+    env = {(row["PID"], row["KEY"], row["VALUE"]) for row in _rows(runs["linux.envars.Envars"])}
+    assert (1, "HOME", "/") in env
+    files = {(row["PID"], row["Path"]) for row in _rows(runs["linux.lsof.Lsof"])}
+    assert (1, "/dev/ttyS1") in files
+
+
+def test_volatility_runs_on_the_default_guest(guest, isf, paths, tmp_path):
+    from hvkit.qemu import VM
+
+    with VM.start("isf", memory="256M", workload="hold:32", paths=paths) as vm:
+        _check_guest(vm, isf, tmp_path, PLUGINS, guest.release)
+
+
+@pytest.mark.slow
+def test_volatility_runs_on_linux_6_12(paths, tmp_path):
+    from hvkit.guest import build_kernel_guest
+    from hvkit.qemu import VM
+
+    package = "linux-image-6.12.117+deb12-cloud-amd64"
+    g = build_kernel_guest(paths, package)
+    report = make_isf(g.kernel, debian_tree(g.release, paths.cache), paths.cache)
+    with VM.start("isf612", memory="256M", workload="hold:32", kernel_package=package, paths=paths) as vm:
+        _check_guest(vm, report, tmp_path, PLUGINS_612, g.release)
