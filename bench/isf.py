@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/isf.py --release 6.1.0-56-cloud-amd64 --raw a.raw [--jobs 2] [--json out.json]
 
+First the costs side by side on that image (each a process of its own, timed with
+/usr/bin/time: wall seconds and peak memory): `hvkit isf` cold (a fresh cache that shares
+only the downloaded headers and kernel) and cached, `hvkit ps` on the image, and `vol
+linux.pslist` on it with hvkit's table.
+
 Builds (or finds) the ISF of that Debian kernel (hvkit.kernel.isf.make_isf), puts it in a
 symbol directory of its own (<dir>/linux/<table>.json.xz) and runs each plugin of PLUGINS
 with `vol --offline` on the raw image. A plugin is "ok" when vol exits 0 with no traceback
@@ -77,6 +82,43 @@ def run_plugin(vol: Path, symbols: Path, raw: Path, cache: Path, plugin: str) ->
     return PluginRun(plugin, ok, rows, seconds, last or "; ".join(error_lines)[:300])
 
 
+def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak MiB, exit status) of `cmd`, by /usr/bin/time."""
+    import os
+
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
+        proc = subprocess.run(["/usr/bin/time", "-o", out.name, "-f", "%e %M", *cmd], capture_output=True,
+                              text=True, env={**os.environ, **(env or {})})
+        seconds, kib = out.read().split()[-2:]
+    return float(seconds), int(kib) / 1024, proc.returncode
+
+
+def compare_costs(kernel: Path, raw: Path, cache: Path, symbols: Path, vol_cache: Path) -> list[dict]:
+    """hvkit isf cold and cached, hvkit ps and vol linux.pslist on the same image."""
+    hvkit = str(Path(sys.executable).with_name("hvkit"))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hvkit-isf-cold-") as tmp:
+        cold = Path(tmp)
+        for shared in ("headers", "guest", "apt", "buildroots"):  # downloads only; nothing built
+            if (cache / shared).exists():
+                (cold / shared).symlink_to(cache / shared)
+        for label in ("hvkit isf (cold)", "hvkit isf (cached)"):
+            s, mib, rc = timed_process([hvkit, "isf", str(kernel), "--json"], {"HVKIT_CACHE": str(cold)})
+            rows.append({"what": label, "seconds": s, "peak_mib": mib, "ok": rc == 0})
+    s, mib, rc = timed_process([hvkit, "ps", str(raw), "--kernel", str(kernel), "--json"], {"HVKIT_CACHE": str(cache)})
+    rows.append({"what": "hvkit ps", "seconds": s, "peak_mib": mib, "ok": rc == 0})
+    vol = str(Path(sys.executable).with_name("vol"))
+    s, mib, rc = timed_process([vol, "-q", "-r", "json", "--offline", "--cache-path", str(vol_cache),
+                                "-s", str(symbols), "-f", str(raw), "linux.pslist.PsList"])
+    rows.append({"what": "vol linux.pslist", "seconds": s, "peak_mib": mib, "ok": rc == 0})
+    ps = rows[2]["seconds"]
+    print(f"{'':24} {'seconds':>8} {'peak MiB':>9} {'x hvkit ps':>10}")
+    for r in rows:
+        print(f"{r['what']:24} {r['seconds']:8.2f} {r['peak_mib']:9.0f} {r['seconds'] / ps:10.1f}"
+              + ("" if r["ok"] else "  (failed)"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", required=True)
@@ -94,6 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hvkit-vol-") as tmp:
         symbols, cache = volatility_symbol_dir(report.path, Path(tmp) / "symbols"), Path(tmp) / "cache"
         cache.mkdir()
+        costs = compare_costs(kernel, args.raw, args.cache, symbols, cache)
         first = run_plugin(vol, symbols, args.raw, cache, args.plugins[0])  # fills vol's caches once
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             rest = list(pool.map(lambda p: run_plugin(vol, symbols, args.raw, cache, p), args.plugins[1:]))
@@ -102,7 +145,8 @@ def main() -> None:
         print(f"{'ok    ' if r.ok else 'FAILED'} {r.plugin:55} {r.rows:6} rows {r.seconds:6.1f} s  {r.error}")
     print(f"{sum(r.ok for r in runs)} of {len(runs)} plugins ran clean")
     if args.json:
-        args.json.write_text(json.dumps({"isf": report.to_json(), "runs": [asdict(r) for r in runs]}, indent=1))
+        args.json.write_text(json.dumps({"isf": report.to_json(), "costs": costs, "runs": [asdict(r) for r in runs]},
+                                        indent=1))
 
 
 if __name__ == "__main__":

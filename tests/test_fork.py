@@ -117,12 +117,13 @@ def test_fork_refuses_bad_requests_in_one_line(paths):
 def origin(paths, guest):
     if fuse_unavailable_reason():
         pytest.skip(f"no FUSE here: {fuse_unavailable_reason()}")
+    before = {row.name for row in VM.list(paths)}  # session-wide VMs (shared) are not this module's
     vm = VM.start("origin", memory="256M", workload="idle", paths=paths)
     vm.request(f"mark parent1 {MARK_MIB}", "HVKIT-MARKED parent1")
     vm.wait_for_console(r"HVKIT-HEARTBEAT 2\b", timeout=60)
     yield vm
     for row in VM.list(paths):
-        if row.state != "dead":
+        if row.state != "dead" and row.name not in before:
             VM.attach(row.name, paths).stop()
     MemServer.of(paths).stop(force=True)
 

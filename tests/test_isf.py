@@ -41,6 +41,8 @@ PLUGINS = [
     "linux.malware.keyboard_notifiers.Keyboard_notifiers", "linux.malware.malfind.Malfind",
     "linux.malware.netfilter.Netfilter", "linux.tracing.tracepoints.CheckTracepoints",
 ]
+LISTEN_PORT = 7777  # the guest listens here (hvkit.listen): something for sockstat to find
+
 # 6.12: the same, less the slowest scanners (CI time), plus what 6.1's kallsyms cannot give
 PLUGINS_612 = [p for p in PLUGINS if p not in ("linux.psscan.PsScan", "linux.malware.malfind.Malfind",
                                                "linux.elfs.Elfs")] + ["linux.kallsyms.Kallsyms"]
@@ -192,14 +194,19 @@ def _check_guest(vm, isf, tmp_path, plugins, release: str) -> None:
     assert any(row["line"].startswith(f"Linux version {release} ") for row in _rows(runs["linux.kmsg.Kmsg"]))
     env = {(row["PID"], row["KEY"], row["VALUE"]) for row in _rows(runs["linux.envars.Envars"])}
     assert (1, "HOME", "/") in env
+    assert any(key == "HVKIT_GUEST" and value == "1" and pid != 1 for pid, key, value in env)  # init's export
     files = {(row["PID"], row["Path"]) for row in _rows(runs["linux.lsof.Lsof"])}
     assert (1, "/dev/ttyS1") in files
+    listening = [row for row in _rows(runs["linux.sockstat.Sockstat"])
+                 if str(row.get("Source Port")) == str(LISTEN_PORT) and row.get("State") == "LISTEN"]
+    assert listening, "the guest's listening socket"
 
 
 def test_volatility_runs_on_the_default_guest(guest, isf, paths, tmp_path):
     from hvkit.qemu import VM
 
-    with VM.start("isf", memory="256M", workload="hold:32", paths=paths) as vm:
+    with VM.start("isf", memory="256M", workload="hold:32", append=f"hvkit.listen={LISTEN_PORT}",
+                  paths=paths) as vm:
         _check_guest(vm, isf, tmp_path, PLUGINS, guest.release)
 
 
@@ -211,5 +218,6 @@ def test_volatility_runs_on_linux_6_12(paths, tmp_path):
     package = "linux-image-6.12.117+deb12-cloud-amd64"
     g = build_kernel_guest(paths, package)
     report = make_isf(g.kernel, debian_tree(g.release, paths.cache), paths.cache)
-    with VM.start("isf612", memory="256M", workload="hold:32", kernel_package=package, paths=paths) as vm:
+    with VM.start("isf612", memory="256M", workload="hold:32", kernel_package=package,
+                  append=f"hvkit.listen={LISTEN_PORT}", paths=paths) as vm:
         _check_guest(vm, report, tmp_path, PLUGINS_612, g.release)
