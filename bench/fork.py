@@ -245,15 +245,21 @@ def run_image_case(memory: str, n: int, method: str, paths: Paths, settle: float
                 "settle_s": settle, "pss_mib_mean": sum(pss) / len(pss) / MiB, "pss_mib_max": max(pss) / MiB,
                 "pss_mib": [p / MiB for p in pss]}
     finally:
-        for c in children:
-            c.stop()
-        for row in VM.list(paths):
-            if row.state != "dead":
-                VM.attach(row.name, paths).stop()
-        server.stop(force=True)
-        shutil.rmtree(server.root, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
+        _clean_up(children, paths, server, root)
         imagevm.collect_disks(paths.runtime)
+
+
+def _clean_up(children: list, paths: Paths, server: MemServer, root: Path) -> None:
+    """After one case: every VM stopped, the memory server and its store (the snapshot's
+    frames too) and the case's scratch folder gone."""
+    for c in children:
+        c.stop()
+    for row in VM.list(paths):
+        if row.state != "dead":
+            VM.attach(row.name, paths).stop()
+    server.stop(force=True)
+    shutil.rmtree(server.root, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def run_case(size: str, n: int, method: str, paths: Paths, settle: float, name: str = "bench") -> dict:
@@ -285,14 +291,7 @@ def run_case(size: str, n: int, method: str, paths: Paths, settle: float, name: 
                        refork_tables_written=again.counters["tables_written"])
         return row
     finally:
-        for c in children:
-            c.stop()
-        for row in VM.list(paths):
-            if row.state != "dead":
-                VM.attach(row.name, paths).stop()
-        server.stop(force=True)
-        shutil.rmtree(server.root, ignore_errors=True)  # the snapshot's frames too
-        shutil.rmtree(root, ignore_errors=True)
+        _clean_up(children, paths, server, root)
 
 
 def median_row(runs: list[dict]) -> dict:

@@ -56,11 +56,8 @@ def _ssh(vm: VM, command: str, timeout: float = 120) -> subprocess.CompletedProc
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def test_ready_when_start_returns(image_vm: VM, image):

@@ -557,11 +557,8 @@ def _symbols(addresses: dict[str, int], banner: str, dwarf: TypeSet,
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def isf_path(kernel_file: Path, tree: KernelTree, cache: Path) -> Path:
