@@ -5,6 +5,9 @@ drgn, given hvkit's types instead of a debug package, lists the guest's tasks fr
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -61,3 +64,28 @@ def test_vm_dump_bad_input(shared_vm, tmp_path):
                           ([shared_vm.name, "-o", str(tmp_path / "no" / "x")], "is not a folder")):
         proc = run_cli("vm", "dump", *args)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("moment", ["paused dump", "dump written"])
+def test_vm_dump_killed_leaves_the_vm_running_and_no_core(shared_vm, tmp_path, moment):
+    """SIGKILL right after pausing, and after QEMU wrote the core but before it is renamed:
+    the next command resumes the VM; no core stands at the asked path."""
+    core = tmp_path / "killed.core"
+    proc = run_cli("vm", "dump", shared_vm.name, "-o", str(core), env={"HVKIT_DIE_AT": moment})
+    assert proc.returncode == -signal.SIGKILL
+    listed = run_cli("vm", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert shared_vm.run_state() == "running"
+    assert not core.exists()
+
+
+def test_two_dumps_of_one_vm_at_once(shared_vm, tmp_path):
+    """Two `vm dump` on one VM: one waits for the other; both cores whole, VM running."""
+    cores = [tmp_path / f"{i}.core" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "hvkit", "vm", "dump", shared_vm.name, "-o", str(c)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cores]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    assert all(vmcoreinfo(c).get("OSRELEASE") for c in cores)
+    assert shared_vm.run_state() == "running"

@@ -784,6 +784,7 @@ class VM:
         partial = path.with_name(f".{path.name}.partial")
         try:
             self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{partial}"}, timeout=600)
+            fault_point("dump written")
             partial.replace(path)
         finally:
             partial.unlink(missing_ok=True)
