@@ -29,7 +29,7 @@ the frozen layer; the baselines' children also get their own ssh port forward (a
 keep the parent's MAC and VM generation id: hvkit's children get new ones). Reported
 per method: time until the first / all children run (vCPUs running after the state
 was loaded), until their guest agent answers, for hvkit also until `fork` returns
-(agent answered, clock set, own MAC and DHCP lease: ChildStarted.seconds), and each
+(agent answered, clock set, own MAC and DHCP lease: ChildStarted.ready_seconds), and each
 child's PSS --settle seconds after all agents answered. Each method runs once, on a
 freshly booted guest (a boot is ~40 s under TCG).
 
@@ -150,7 +150,7 @@ def freeze_disk_of(parent: VM, root: Path) -> Path | None:
     It lives under `root` (removed after the case)."""
     if not parent.spec.image:
         return None
-    return freeze_active_layer(parent.qmp, Path(parent.spec.disk), root, parent.name)
+    return freeze_active_layer(parent.qmp, root / f"{parent.name}-disk.qcow2")[0]
 
 
 def migrate_restore(parent: VM, n: int, root: Path,
@@ -193,13 +193,11 @@ def hvkit_fork(parent: VM, n: int, paths: Paths) -> tuple[list[float], list[int]
 def hvkit_fork_image(parent: VM, n: int, paths: Paths) -> tuple[list[float], list[float], list[float],
                                                                  list[int], list]:
     """hvkit's fork of a disk guest: (times until each child runs, until its agent
-    answers, until fork reports it started), pids, children. The first two come from
-    wrapping imagevm.settle_child, which fork calls right after a child's state is
-    loaded (so: when it runs)."""
-    running, agent, original = {}, {}, imagevm.settle_child
+    answers, until it is settled: clock, MAC, lease), pids, children. The agent's time
+    comes from wrapping imagevm.settle_child, which fork calls right after a child runs."""
+    agent, original = {}, imagevm.settle_child
 
     def timed_settle(vm: VM, *a, **kw):
-        running[vm.name] = time.monotonic()
         agent_answers(vm.rundir.qga_sock, vm.is_alive)
         agent[vm.name] = time.monotonic()
         return original(vm, *a, **kw)
@@ -211,9 +209,8 @@ def hvkit_fork_image(parent: VM, n: int, paths: Paths) -> tuple[list[float], lis
     finally:
         imagevm.settle_child = original
     kids = [VM.attach(c.name, paths) for c in report.children]
-    names = [c.name for c in report.children]
-    return ([running[k] - t0 for k in names], [agent[k] - t0 for k in names],
-            [c.seconds for c in report.children], [k.pid for k in kids], kids)
+    return ([c.seconds for c in report.children], [agent[c.name] - t0 for c in report.children],
+            [c.ready_seconds for c in report.children], [k.pid for k in kids], kids)
 
 
 def run_image_case(memory: str, n: int, method: str, paths: Paths, settle: float, name: str) -> dict:

@@ -16,3 +16,29 @@ def process_runs(pid: int | None, cmdline_has: bytes) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X") and cmdline_has in cmdline
+
+
+def threads_still_exiting(pid: int | None) -> bool:
+    """Whether `pid` is a zombie whose other threads have not finished exiting yet. A
+    killed multi-threaded process (QEMU) shows its main thread as a zombie before the
+    others are gone, and its files (a listening port) and memory (a shared mapping of a
+    RAM file) are released only with the last thread: until then it is not gone."""
+    if not pid:
+        return False
+    try:
+        if _state(Path(f"/proc/{pid}/stat")) != "Z":
+            return False
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (OSError, IndexError):
+        return False
+    for task in tasks:
+        try:
+            if _state(task / "stat") not in ("Z", "X"):
+                return True
+        except (OSError, IndexError):
+            continue  # that thread is gone meanwhile
+    return False
+
+
+def _state(stat: Path) -> str:
+    return stat.read_text().rsplit(")", 1)[1].split()[0]

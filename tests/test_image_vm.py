@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 
 from hvkit.errors import HvkitError
 from hvkit.image import build_debian_image
+from hvkit.memserver import MemServer
 from hvkit.qemu import VM
 from hvkit.qemu.agent import AgentSilent
 
@@ -131,13 +134,105 @@ def test_share_gives_back_free_memory_and_ssh_answers_after(image_vm: VM, paths)
     assert out.returncode == 0 and out.stdout.startswith("active"), out.stderr
 
 
+def _marks(vm_name: str, paths) -> list[str]:
+    out = _ssh(VM.attach(vm_name, paths), "cat /root/mark-* 2>/dev/null; true")
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def _mark(vm_name: str, paths, mark: str) -> None:
+    out = _ssh(VM.attach(vm_name, paths), f"echo {mark} > /root/mark-{mark} && sync")
+    assert out.returncode == 0, out.stderr
+
+
+def _child_of_snapshot(snapshot: str, paths) -> VM:
+    proc = run_cli("fork", "--snapshot", snapshot, "-n", "1", "--json", timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return VM.attach(json.loads(proc.stdout)["children"][0]["name"], paths)
+
+
+def _snapshot_names(paths) -> set[str]:
+    folder = MemServer.of(paths).store_path / "snapshots"
+    return {p.stem for p in folder.glob("*.json")}
+
+
+def test_fork_killed_at_each_disk_step_loses_no_disk_data(image_vm: VM, paths):
+    """SIGKILL of `hvkit fork` right after the disk was hard-linked as the frozen layer
+    (before QEMU switched), right after QEMU switched to its new overlay, after the old
+    QEMU ended (the fork is then finished by the next command), and in a fork of the
+    VM that already runs from a snapshot: the next command finds the VM running, every
+    file it wrote is there and it writes on; a child of the sealed snapshot sees the
+    disk as it was at the fork, not what the VM wrote after."""
+    cases = [("disk linked", "as before"), ("disk switched", "as before"),
+             ("after fork:stopping", "from its snapshot"), ("disk linked", "as before")]
+    marks: list[str] = []
+    sealed = None
+    for i, (moment, expected) in enumerate(cases):
+        mark = f"k{i}"
+        _mark(NAME, paths, mark)
+        marks.append(mark)
+        before = _snapshot_names(paths)
+        proc = subprocess.run([sys.executable, "-m", "hvkit", "fork", NAME, "-n", "1"], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "HVKIT_DIE_AT": moment})
+        assert proc.returncode == -signal.SIGKILL, (moment, proc.stderr)
+        listed = run_cli("vm", "list", "--json")  # the next command: undoes or finishes the fork
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+        rows = {r["name"]: r for r in json.loads(listed.stdout)}
+        assert rows[NAME]["state"] == "running", (moment, rows[NAME], listed.stderr)
+        assert not [n for n in rows if n.startswith(NAME + "-")], (moment, "no half-started child")
+        new = _snapshot_names(paths) - before
+        assert bool(new) == (expected == "from its snapshot"), (moment, new)
+        assert _marks(NAME, paths) == marks, (moment, "the VM's disk lost nothing")
+        print(f"killed at {moment!r}: the VM runs {expected}; disk {VM.attach(NAME, paths).spec.disk}")
+        if new:
+            sealed = new.pop()
+    _mark(NAME, paths, "after")
+    child = _child_of_snapshot(sealed, paths)
+    try:
+        assert _marks(child.name, paths) == marks[:3], "the child has the disk of the fork's moment"
+    finally:
+        child.stop()
+
+
+def test_frozen_disks_live_as_long_as_their_snapshots(image_vm: VM, paths):
+    """A frozen disk layer outlives the VMs that used it while its snapshot exists: a
+    clean-up (as after any image VM stops), with every layer made old, removes a layer
+    nothing needs and keeps the snapshots' layers and every VM's chain; `fork
+    --snapshot` then starts a child from the oldest snapshot, whose disk is as it was."""
+    from hvkit.memserver.store import snapshot_disks
+    from hvkit.qemu.disk import chain_of
+    from hvkit.qemu.imagevm import collect_disks
+
+    store = MemServer.of(paths).store_path
+    layers = store / "disks"
+    orphan = layers / "orphan.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(orphan), "1M"], check=True)
+    an_hour_ago = time.time() - 3600
+    for layer in layers.glob("*.qcow2"):
+        os.utime(layer, (an_hour_ago, an_hour_ago))
+    collect_disks(paths)
+    assert not orphan.exists(), "a layer nothing needs is removed"
+    needed = snapshot_disks(store)
+    assert needed and all(p.is_file() for p in needed), "every snapshot's layer is kept"
+    assert all(p.is_file() for p in chain_of(Path(VM.attach(NAME, paths).spec.disk))), "the VM's chain is kept"
+    mine = [json.loads(p.read_text()) for p in (store / "snapshots").glob("*.json")]
+    snap = min((s for s in mine if s["vm"] == NAME), key=lambda s: s["created"])["name"]
+    child = _child_of_snapshot(snap, paths)
+    try:
+        assert _marks(child.name, paths) == ["k0", "k1", "k2"]
+        assert _ssh(child, "echo mine > /root/mark-zz && sync").returncode == 0
+    finally:
+        child.stop()
+    assert "zz" not in _marks(NAME, paths)
+
+
 def test_fork_gives_the_child_its_own_disk_port_mac_generation_and_clock(image_vm: VM, paths):
     """A child of the image VM starts from the parent's disk and memory of one moment,
     then each writes to its own disk; the child has its own ssh port, MAC (in the guest
     too), VM generation id and a clock set to the host's."""
     from hvkit.fork import fork
 
-    parent = image_vm
+    parent = VM.attach(NAME, paths)  # its QEMU was restarted by the forks before
     assert _ssh(parent, "echo before > /root/fork-mark && sync").returncode == 0
     generation = parent.qmp("query-vm-generation-id")["guid"]
     t0 = time.monotonic()
@@ -167,7 +262,7 @@ def test_base_image_unchanged(image_vm: VM, image):
     """Last of the VM's tests (module order): the guest wrote; all of it went to its overlay."""
     assert _ssh(image_vm, "head -c 8M /dev/urandom > /root/proof && sync").returncode == 0
     assert _sha256(image.image) == image.sha256
-    assert image_vm.rundir.disk.stat().st_size > 8 << 20
+    assert Path(VM.attach(NAME, image_vm._paths()).spec.disk).stat().st_size > 8 << 20
 
 
 # ---- failures: one clear line each, nothing left running --------------------------------------

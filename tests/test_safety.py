@@ -148,6 +148,9 @@ def test_sigkill_of_share_watch_never_leaves_the_vm_paused(paths, guest):
                 time.sleep(rng.uniform(0.0, 0.4))
                 watcher.kill()
             assert watcher.wait(timeout=60) == -signal.SIGKILL
+            # a kill right after the pause must leave it paused (else nothing here is tested);
+            # random kills land in a pause (< 100 ms of a 50 ms + cycle) now and then
+            assert moment != "paused share" or qemu_state(vm) == "paused"
             if qemu_state(vm) == "paused":
                 left_paused += 1
                 rows, said = listed()
@@ -158,7 +161,6 @@ def test_sigkill_of_share_watch_never_leaves_the_vm_paused(paths, guest):
             assert qemu_state(vm) == "running"
         wait_rounds(vm, 2)
         assert_clean(vm)
-    assert left_paused >= 3, f"only {left_paused} kills hit a pause: the test proved little"
     print(f"{len(moments)} kills, {left_paused} left the VM paused; each resumed by the next command")
 
 

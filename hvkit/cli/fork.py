@@ -14,11 +14,14 @@ from hvkit.errors import HvkitError
 from hvkit.fork import ChildStarted, child_names, fork as fork_vm, start_children
 from hvkit.memserver import MemServer
 from hvkit.qemu import VM
+from hvkit.qemu.disk import layers_in_use
 from hvkit.units import mib
 
 
 def _print_child(child: ChildStarted) -> None:
-    status_console().print(f"  {child.name} running {child.seconds * 1000:.0f} ms after the request "
+    settled = (f", settled (clock, MAC, address) at {child.ready_seconds * 1000:.0f} ms"
+               if child.ready_seconds - child.seconds > 0.001 else "")
+    status_console().print(f"  {child.name} running {child.seconds * 1000:.0f} ms after the request{settled} "
                            f"(pid {child.pid})")
 
 
@@ -125,6 +128,11 @@ def clear(force: bool) -> None:
     if users and not force:
         raise HvkitError(f"VMs run from the memory server's snapshots ({', '.join(users)}); clearing "
                          "would leave them unable to fork again", "stop them first, or pass --force")
+    disks = layers_in_use(server.store_path / "disks")
+    if disks and not force:
+        raise HvkitError(f"running VMs read their disks through {len(disks)} frozen disk layers of the store "
+                         f"({disks[0].name}, ...); clearing would leave those disks unusable after a restart",
+                         "stop the VMs forked from a disk image first, or pass --force")
     server.stop(force=force)
     shutil.rmtree(server.root, ignore_errors=True)
     console().print(f"memory server stopped and {server.root} deleted")

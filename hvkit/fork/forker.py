@@ -23,8 +23,11 @@ finishes it (the snapshot is sealed and the VM runs from it); see recovery.py.
 Children that had not finished starting are stopped.
 
 A VM of a disk image (hvkit.qemu.imagevm) has its disk frozen at the same moment as
-its memory; each child gets an overlay of its own over it, its own ssh port, MAC and VM
-generation id, and its clock set.
+its memory: a read-only layer kept in the store beside the snapshot, for as long as
+the snapshot is (so `fork --snapshot` finds it); the VM goes on on a new overlay. Each
+child gets an overlay of its own over the layer, its own ssh port, MAC and VM
+generation id, and its clock set; children start one after the other's QEMU is up,
+and settle (agent, clock, MAC, address) side by side.
 
 Children are named <vm>-1, <vm>-2, ... (the next free numbers).
 """
@@ -35,6 +38,7 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -45,6 +49,7 @@ from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.fork.written import written_pages
 from hvkit.memserver import MemServer, Snapshot, Store
+from hvkit.memserver.store import disk_layer
 from hvkit.qemu import VM, imagevm
 from hvkit.qemu.ownership import Ownership, fault_point
 from hvkit.qemu.runtime import check_name
@@ -59,6 +64,7 @@ class ChildStarted:
     name: str
     pid: int
     seconds: float  # from the fork request until the child runs
+    ready_seconds: float  # ... until it is settled too (a disk VM: its clock, MAC and address)
 
 
 @dataclass
@@ -107,6 +113,7 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
     state = server.state_file(snapshot.name)
     ram_file = server.snapshot_file(snapshot.name)
     started: list[VM] = []
+    first_runs = threading.Event()
 
     def one(name: str) -> ChildStarted:
         owner = Ownership(paths.runtime, name)
@@ -117,20 +124,28 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
             started.append(vm)
             fault_point("fork child launched")
             vm.receive_state(state)
+            running = time.monotonic() - t0
+            first_runs.set()
             if vm.spec.disk:
                 imagevm.settle_child(vm)
             owner.clear_intent()
-        done = ChildStarted(name, vm.pid or 0, time.monotonic() - t0)
+        done = ChildStarted(name, vm.pid or 0, running, time.monotonic() - t0)
         if on_child:
             on_child(done)
         return done
 
     try:
-        # the first child alone, so that it does not wait for the CPU behind the
-        # others' QEMU start-up; then all the others at once
-        first = [one(names[0])] if names else []
-        with ThreadPoolExecutor(max_workers=max(1, len(names) - 1)) as pool:
-            return first + list(pool.map(one, names[1:]))
+        # the first child alone until it runs, so that it does not wait for the CPU
+        # behind the others' QEMU start-up; then all the others at once (while the
+        # first one settles, if it has a disk)
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            first = pool.submit(one, names[0])
+            while not (first_runs.wait(0.05) or first.done()):
+                pass
+            if first.done():
+                first.result()  # its error, if it failed, before any other starts
+            rest = [pool.submit(one, name) for name in names[1:]]
+            return [first.result()] + [f.result() for f in rest]
     except BaseException:
         for vm in started:
             vm.stop()
@@ -184,14 +199,18 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     frozen, state = store.frozen_path(fork_id), store.staged_state(fork_id)
     own.write_intent(op="fork", undo="fork", step="pausing", fork_id=fork_id, ram=str(vm.ram_path),
                      frozen=str(frozen), state=str(state), old_pid=vm.pid, was_running=was_running,
-                     run_after=run_after, store=str(store.path), machine=asdict(vm.spec), children=names)
+                     run_after=run_after, store=str(store.path), machine=asdict(vm.spec), children=names,
+                     disk_layer=str(disk_layer(store.path, fork_id)) if vm.spec.disk else None)
     t_pause = time.monotonic()
     if was_running:
         vm._qmp_stop()
     vm.save_state(state)
     if vm.spec.disk:
-        imagevm.freeze_disk(vm)  # the disk of this moment: the children's, under the VM's new overlay
-    own.update_intent(step="moving")
+        # the disk of this moment: the children's, under the VM's new overlay; the
+        # journal gets the VM's spec again (its new overlay), for the snapshot a
+        # recovery seals and the QEMU it restarts
+        imagevm.freeze_disk(vm, disk_layer(store.path, fork_id))
+    own.update_intent(step="moving", machine=asdict(vm.spec))
     os.rename(vm.ram_path, frozen)  # QEMU still maps it; the name moves, not the data
     # from here on the fork only goes forward: the old QEMU ends, and with it the
     # last shared (writable) mapping of the frozen file; only then is it sealed
@@ -246,14 +265,16 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
                  paths: Paths, t0: float, was_running: bool, run_after: bool,
                  on_child: ChildCallback | None, give_back_free: bool) -> ForkReport:
     """A forked VM: its pages are read while it is paused; it runs on from its own memory."""
-    vm.ownership.write_intent(op="fork", undo="resume" if was_running else "none", children=names)
+    layer = disk_layer(store.path, f"{time.time_ns()}-{os.getpid()}") if vm.spec.disk else None
+    vm.ownership.write_intent(op="fork", undo="resume" if was_running else "none", children=names,
+                              disk_layer=str(layer) if layer else None)
     t_pause = time.monotonic()
     if was_running:
         vm._qmp_stop()
     try:
         state = _save_state(vm, store)
-        if vm.spec.disk:
-            imagevm.freeze_disk(vm)
+        if layer:
+            imagevm.freeze_disk(vm, layer)
         pages, data = written_pages(vm.pid, vm.spec.ram_file, vm.spec.memory)
         with store.lock():
             parent = store.snapshot(vm.spec.snapshot)

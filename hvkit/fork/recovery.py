@@ -4,7 +4,10 @@ the command), from the journal it kept in the VM's intent record (forker.py).
 A first fork (a VM with a RAM file) goes through these steps, each recorded before
 it is taken:
 
-    pausing   the VM is paused and its device state saved to a staged file
+    pausing   the VM is paused and its device state saved to a staged file; a VM
+              with a disk: its disk frozen (hvkit.qemu.disk: the active overlay
+              hard-linked as the store's layer, then QEMU switched to a new
+              overlay over it; the VM's spec, then this journal, name the new one)
     moving    its RAM file moves into the store (QEMU still maps it, shared)
     stopping  its QEMU ends: from here on nothing maps the file shared
     sealing   the snapshot's table and JSON are written (sealed when the JSON is)
@@ -12,7 +15,8 @@ it is taken:
     restarted the free pages of the frozen file are given back
 
 Up to `moving` the fork is undone: the RAM file moves back (the old QEMU never lost
-its mapping) and the VM runs on as before. From `stopping` on it is finished: the
+its mapping) and the VM runs on as before (on its new overlay, if QEMU had switched:
+its disk lost nothing either way, and the layer is kept while the overlay needs it). From `stopping` on it is finished: the
 snapshot is sealed (again, if need be: sealing is idempotent) and the VM runs from it.
 Either way, children that had not finished starting are then stopped (their own
 intent records say so: VM.finish_abandoned_children).

@@ -8,6 +8,8 @@
            snapshots/<name>.json  one snapshot: size, levels, root table, counters, the
                                   machine it came from; written last, so it seals it
            snapshots/<name>.state the VM's device state (QEMU, without RAM)
+           disks/<key>.qcow2      a VM's disk frozen at a fork (a read-only qcow2 layer):
+                                  kept while a snapshot names it (hvkit.qemu.disk)
            lock                   writers take it (flock); readers never need it
 
 Everything is plain files, so a restarted server finds every snapshot again.
@@ -89,6 +91,28 @@ class Snapshot:
 def state_file(store: Path, name: str) -> Path:
     """Where the store at `store` keeps the device state of snapshot `name`."""
     return store / "snapshots" / f"{name}.state"
+
+
+def disk_layer(store: Path, key: str) -> Path:
+    """Where the store at `store` keeps a disk frozen by fork `key`."""
+    return store / "disks" / f"{key}.qcow2"
+
+
+def snapshot_disks(store: Path) -> list[Path]:
+    """The frozen disk of every snapshot in the store at `store` that has one. Read
+    without the store's lock or tables (a VM's clean-up asks it). A snapshot that
+    cannot be read is an error: what it needs is unknown."""
+    found = []
+    for path in (store / "snapshots").glob("*.json"):
+        try:
+            disk = json.loads(path.read_text()).get("machine", {}).get("frozen_disk")
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, AttributeError) as e:
+            raise HvkitError(f"snapshot {path} cannot be read ({e})") from None
+        if disk:
+            found.append(Path(disk))
+    return found
 
 
 def page_hashes(data: np.ndarray) -> np.ndarray:

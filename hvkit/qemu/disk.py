@@ -12,12 +12,14 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import time
 from pathlib import Path
 
 from hvkit.config import make_private_dir
 from hvkit.errors import HvkitError
+from hvkit.qemu.ownership import fault_point
 from hvkit.units import format_size
 
 DRIVE_ID = "disk0"  # QEMU's id of the drive (QMP block commands name it)
@@ -87,57 +89,149 @@ def drive_args(path: Path) -> list[str]:
 
 
 # ---- disks frozen at a fork ----------------------------------------------------------------
+#
+# A fork freezes the VM's disk with its memory: the active overlay becomes a read-only
+# layer that the snapshot's children start from, and the VM goes on writing to a new
+# overlay above it. The layer lives beside the snapshot in the memory server's store
+# (hvkit.memserver), and it is kept as long as anything needs it: a snapshot, a VM's
+# disk chain, a fork in progress, or an open file (collect_frozen_layers).
 
-FROZEN_FOLDER = ".disks"  # under the runtime folder: frozen layers outlive the VM they came from
-KEEP_UNUSED = 120.0  # seconds a frozen layer nobody opens is kept (a fork is starting its children)
+KEEP_NEW = 120.0  # seconds a layer nothing names yet is kept (a fork between freezing and sealing)
+_QCOW2_MAGIC = b"QFI\xfb"
 
 
-def freeze_active_layer(qmp, active: Path, runtime: Path, name: str) -> Path:
-    """Freezes the disk of a paused VM at this moment, without stopping its QEMU: its
-    overlay `active` moves (by name: QEMU keeps it open) into the runtime folder's
-    frozen layers, and QEMU goes on writing to a new, empty overlay at the same path on
-    top of it (QMP blockdev-snapshot-sync onto an existing file). Children of a fork
-    get overlays of their own over the frozen layer. `qmp(command, args)` talks to
-    the VM's QEMU. Returns the frozen layer."""
-    folder = make_private_dir(runtime / FROZEN_FOLDER)
-    frozen = folder / f"{name}-{time.time_ns()}.qcow2"
-    size = virtual_size(active)
-    os.rename(active, frozen)
+def active_layer(qmp) -> Path:
+    """The file QEMU writes the guest's disk to now, as QEMU itself says (not as a
+    record says: a fork cut short may have switched it without recording it)."""
+    for dev in qmp("query-block"):
+        if dev.get("device") == DRIVE_ID and dev.get("inserted"):
+            return Path(_plain_file_name(dev["inserted"]["file"]))
+    raise HvkitError(f"QEMU has no drive {DRIVE_ID!r}: this VM has no disk hvkit can freeze")
+
+
+def _plain_file_name(name: str) -> str:
+    """The host file of QEMU's name for an image. QEMU names a node `json:{...}` when
+    its options say more than its file name (after a fork: it reads its backing layer
+    by another name than its header gives); the protocol node under it is the file."""
+    if not name.startswith("json:"):
+        return name
     try:
-        create_overlay(frozen, active, size)
-        qmp("blockdev-snapshot-sync", {"device": DRIVE_ID, "snapshot-file": str(active), "format": "qcow2",
+        options = json.loads(name[len("json:"):])
+        while isinstance(options, dict) and "filename" not in options:
+            options = options["file"]
+        return options if isinstance(options, str) else options["filename"]
+    except (ValueError, KeyError, TypeError):
+        raise HvkitError(f"cannot tell which file QEMU writes the disk to (it says {name[:200]})") from None
+
+
+def freeze_active_layer(qmp, layer: Path) -> tuple[Path, Path]:
+    """Freezes the disk of a paused VM at this moment, without stopping its QEMU; the
+    layer of this moment gets the name `layer`, and QEMU goes on writing to a new,
+    empty overlay beside the old one (QMP blockdev-snapshot-sync onto an existing
+    file). Returns (layer, new overlay).
+
+    The old overlay is hard-linked to `layer`, never moved: until QEMU switches, both
+    names are the file QEMU writes to, so a process killed at any instant leaves QEMU
+    writing to a file that still has its old name (the link is only one name more,
+    which collect_frozen_layers removes). `qmp(command, args)` talks to the VM's QEMU."""
+    active = active_layer(qmp)
+    new = active.with_name(f"disk-{time.time_ns()}.qcow2")
+    size = virtual_size(active)
+    layer.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.link(active, layer)
+    except OSError as e:
+        raise HvkitError(f"cannot freeze the disk {active} as {layer}: {e.strerror}",
+                         "keep HVKIT_RUNTIME on one file system") from None
+    try:
+        create_overlay(layer, new, size)
+        fault_point("disk linked")
+        qmp("blockdev-snapshot-sync", {"device": DRIVE_ID, "snapshot-file": str(new), "format": "qcow2",
                                        "mode": "existing"})
     except BaseException:
-        active.unlink(missing_ok=True)
-        os.rename(frozen, active)  # as it was: QEMU never left it
+        new.unlink(missing_ok=True)
+        layer.unlink(missing_ok=True)  # one name less: QEMU never left `active`
         raise
-    os.chmod(frozen, 0o400)  # nothing writes to it again
-    os.utime(frozen)  # its age counts from now (collect_frozen_layers)
-    return frozen
+    os.chmod(layer, 0o400)  # nothing writes to it again
+    os.utime(layer)  # its age counts from now (collect_frozen_layers)
+    return layer, new
 
 
-def collect_frozen_layers(runtime: Path) -> list[Path]:
-    """Removes frozen layers that no process has open (QEMU holds every layer of its
-    disk's chain open) and that are not brand new; returns what it removed."""
-    folder = runtime / FROZEN_FOLDER
+def backing_file(image: Path) -> Path | None:
+    """The file a qcow2 image reads through to (its header says), or None."""
+    try:
+        with open(image, "rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
+                return None
+            offset, size = struct.unpack(">QI", header[8:20])
+            if not offset or not 0 < size <= 4096:
+                return None
+            f.seek(offset)
+            name = f.read(size).decode("utf-8", "replace")
+    except OSError:
+        return None
+    return image.parent / name  # an absolute name stays itself
+
+
+def chain_of(image: Path) -> list[Path]:
+    """`image` and every file under it, top first (bounded: a loop ends it)."""
+    chain: list[Path] = []
+    current: Path | None = image
+    while current is not None and current not in chain and len(chain) < 256:
+        chain.append(current)
+        current = backing_file(current)
+    return chain
+
+
+def collect_frozen_layers(folder: Path, needed: list[Path]) -> list[Path]:
+    """Removes the layers in `folder` that nothing needs: not on the chain of any
+    file of `needed` (snapshots' layers, VMs' disks, forks in progress), not open in
+    any process, not brand new. Returns what it removed."""
     if not folder.is_dir():
         return []
-    layers = {p.resolve() for p in folder.glob("*.qcow2") if time.time() - p.stat().st_mtime > KEEP_UNUSED}
-    if not layers:
-        return []
-    unused = layers - _open_files()
-    for layer in unused:
-        layer.unlink(missing_ok=True)
-    return sorted(unused)
+    keep = {p.resolve() for image in needed for p in chain_of(Path(image))}
+    for layer in layers_in_use(folder):  # a layer some process holds keeps what is under it
+        keep.update(p.resolve() for p in chain_of(layer))
+    removed = []
+    for layer in folder.glob("*.qcow2"):
+        try:
+            young = time.time() - layer.stat().st_mtime < KEEP_NEW
+        except OSError:
+            continue
+        if not young and layer.resolve() not in keep:
+            layer.unlink(missing_ok=True)
+            removed.append(layer)
+    return sorted(removed)
 
 
-def _open_files() -> set[Path]:
+def layers_in_use(folder: Path) -> list[Path]:
+    """The layers in `folder` that a running process (a QEMU) has open."""
+    open_now = _open_inodes()
+    found = []
+    for layer in folder.glob("*.qcow2"):
+        with contextlib.suppress(OSError):
+            if _inode(layer) in open_now:
+                found.append(layer)
+    return sorted(found)
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _open_inodes() -> set[tuple[int, int]]:
+    """(device, inode) of every qcow2 file open in any process: a hard-linked layer is
+    open under whichever name QEMU opened it by. Only names of disk images are looked
+    at (a stat of other files, say one on a FUSE mount, could wait on their server)."""
     found = set()
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
             for fd in fd_dir.iterdir():
                 with contextlib.suppress(OSError):
-                    found.add(Path(os.readlink(fd)))
+                    if ".qcow2" in os.readlink(fd):
+                        found.add(_inode(fd))
         except OSError:
             continue
     return found

@@ -19,6 +19,7 @@ ssh_port, mac), so another hvkit command (`vm ssh`, `vm list`) finds it again.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -30,8 +31,11 @@ from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.guest import Workload
 from hvkit.image import DebianImage, build_debian_image
+from hvkit.memserver.daemon import MemServer
+from hvkit.memserver.store import snapshot_disks
 from hvkit.qemu.agent import GuestAgent, agent_args
 from hvkit.qemu.disk import collect_frozen_layers, create_overlay, drive_args, freeze_active_layer, virtual_size
+from hvkit.qemu.ownership import OWNERS_DIR, fault_point
 from hvkit.qemu.network import DEFAULT_GUEST_IP, NETDEV_ID, free_local_port, new_mac, user_net_args
 from hvkit.qemu.runtime import RuntimeDir, VMSpec
 from hvkit.units import parse_size
@@ -142,11 +146,19 @@ def ssh_command(spec: VMSpec, *command: str) -> list[str]:
 
 # ---- fork (hvkit.fork): each child its own disk, port, MAC, generation id and clock ------------
 
-def freeze_disk(vm: "VM") -> None:
-    """The paused VM's disk as it is now becomes a frozen layer its children start
-    from (disk.py); the VM goes on writing to a new overlay on top of it."""
-    vm.spec.frozen_disk = str(freeze_active_layer(vm.qmp, Path(vm.spec.disk), vm.rundir.path.parent, vm.name))
+def freeze_disk(vm: "VM", layer: Path) -> None:
+    """The paused VM's disk as it is now becomes the frozen layer `layer` that its
+    children start from (disk.py); the VM goes on writing to a new overlay on top of
+    it. The VM's spec records both; names of old overlays left in the VM's folder are
+    removed once QEMU switched (nothing reads through them: every layer's backing file
+    is a frozen layer's own name)."""
+    layer, new = freeze_active_layer(vm.qmp, layer)
+    vm.spec.disk, vm.spec.frozen_disk = str(new), str(layer)
     vm.rundir.write_spec(vm.spec)
+    fault_point("disk switched")
+    for old in vm.rundir.path.glob("disk*.qcow2"):
+        if old != new:
+            old.unlink(missing_ok=True)
 
 
 def prepare_child(rundir: RuntimeDir, spec: VMSpec) -> None:
@@ -215,7 +227,27 @@ def set_clock(vm: "VM") -> None:
         log.warning("VM %s: its clock was not set after the fork (%s)", vm.name, e)
 
 
-def collect_disks(runtime: Path) -> None:
-    """Frozen disk layers no VM uses any more are removed (disk.py)."""
-    for layer in collect_frozen_layers(runtime):
-        log.info("removed frozen disk layer %s (no VM uses it)", layer)
+def collect_disks(paths: Paths) -> None:
+    """Frozen disk layers nothing needs any more are removed (disk.py): needed are the
+    layers of the memory server's snapshots, every VM's disk and frozen disk, and the
+    layer of a fork in progress (its intent record names it)."""
+    store = MemServer.of(paths).store_path
+    try:
+        needed = snapshot_disks(store)
+    except HvkitError as e:
+        log.warning("frozen disk layers kept: %s", e)
+        return
+    for record in [*paths.runtime.glob("*/vm.json"), *paths.runtime.glob(f"{OWNERS_DIR}/*.json")]:
+        try:
+            facts = json.loads(record.read_text())
+        except (OSError, ValueError):
+            log.warning("frozen disk layers kept: %s cannot be read", record)
+            return
+        if not isinstance(facts, dict):
+            continue
+        for where in (facts, facts.get("machine")):  # a spec, an intent, an intent's machine
+            if isinstance(where, dict):
+                needed += [Path(where[k]) for k in ("disk", "frozen_disk", "disk_layer")
+                           if isinstance(where.get(k), str)]
+    for layer in collect_frozen_layers(store / "disks", needed):
+        log.info("removed frozen disk layer %s (nothing needs it)", layer)

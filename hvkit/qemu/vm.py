@@ -31,7 +31,7 @@ from hvkit.kernel import read_kernel_image
 from hvkit.memory import GuestMemory, RamFileMemory
 from hvkit.memory.process import ProcessMemory, ram_mappings
 from hvkit.memserver.daemon import memserver_alive
-from hvkit.procs import process_runs
+from hvkit.procs import process_runs, threads_still_exiting
 from hvkit.qemu.accel import ACCELS, best_accel
 from hvkit.qemu import imagevm
 from hvkit.qemu.agent import GuestAgent
@@ -925,7 +925,7 @@ class VM:
 
     def _wait_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while self._qemu_alive():
+        while self._qemu_alive() or threads_still_exiting(self.pid):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
@@ -951,7 +951,7 @@ class VM:
                 pass
         self.rundir.remove()
         if self.spec.disk:
-            imagevm.collect_disks(self.rundir.path.parent)
+            imagevm.collect_disks(self._paths())
 
     def __enter__(self) -> "VM":
         return self
