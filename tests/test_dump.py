@@ -77,6 +77,24 @@ def test_vm_dump_killed_leaves_the_vm_running_and_no_core(shared_vm, tmp_path, m
     assert listed.returncode == 0, listed.stderr
     assert shared_vm.run_state() == "running"
     assert not core.exists()
+    left = list(tmp_path.glob(".*.partial"))
+    assert len(left) == (moment == "dump written"), left  # QEMU wrote it; its hvkit died before the rename
+    again = run_cli("vm", "dump", shared_vm.name, "-o", str(tmp_path / "next.core"))
+    assert again.returncode == 0, again.stderr
+    assert list(tmp_path.glob(".*.partial")) == [], "the next dump removes the copy a killed one left"
+
+
+def test_vol_killed_while_the_vm_is_paused_leaves_no_copy_of_its_memory(shared_vm, paths):
+    """SIGKILL of `hvkit vol VM` once it paused the VM (its copy folder made): the next
+    command resumes the VM, and the next `hvkit vol` removes the folder the killed one left."""
+    proc = run_cli("vol", shared_vm.name, "linux.pslist", env={"HVKIT_DIE_AT": "paused vol"}, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert run_cli("vm", "list").returncode == 0 and shared_vm.run_state() == "running"
+    left = list(paths.cache.glob("hvkit-vol-*"))
+    assert left, "the killed run's folder (the test would prove nothing without it)"
+    again = run_cli("vol", "nosuchvm", "linux.pslist")
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert not any(p.exists() for p in left)
 
 
 def test_two_dumps_of_one_vm_at_once(shared_vm, tmp_path):

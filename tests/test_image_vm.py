@@ -258,6 +258,50 @@ def test_fork_gives_the_child_its_own_disk_port_mac_generation_and_clock(image_v
     assert parent.run_state() == "running"
 
 
+def _memory_marks(vm: VM) -> list[str]:
+    """The words in the guest's mark file (a tmpfs file: guest memory, not disk)."""
+    return vm.request("marks", "HVKIT-MARKS").split("HVKIT-MARKS", 1)[1].split()
+
+
+def _own_file(vm: VM) -> str:
+    out = _ssh(vm, "cat /root/own")
+    assert out.returncode == 0, (vm.name, out.stderr)
+    return out.stdout.strip()
+
+
+def _write_own(vm: VM, word: str) -> None:
+    vm.request(f"mark {word} 4", f"HVKIT-MARKED {word}")
+    assert _ssh(vm, f"echo {word} > /root/own && sync").returncode == 0
+
+
+def test_two_children_and_a_grandchild_each_keep_their_own_disk_memory_and_randomness(image_vm: VM, paths):
+    """Fork into 2 children, then fork a child: every VM writes its own file on disk and
+    its own mark in memory and sees nobody else's; the siblings' random numbers differ
+    after the fork (hvkit reseeds each child's CRNG, and gives it a new VM generation
+    id; /dev/urandom is the CRNG getrandom() reads); ssh answers in every VM."""
+    from hvkit.fork import fork
+
+    parent = VM.attach(NAME, paths)
+    _write_own(parent, "P")
+    kids = [VM.attach(c.name, paths) for c in fork(NAME, 2, paths).children]
+    try:
+        assert [_memory_marks(k) for k in kids] == [["P"], ["P"]] and [_own_file(k) for k in kids] == ["P", "P"]
+        randoms = [_ssh(k, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'").stdout for k in kids]
+        assert len(randoms[0]) == 64 and randoms[0] != randoms[1], randoms
+        for kid, word in zip(kids, ("A", "B")):
+            _write_own(kid, word)
+        grandchild = VM.attach(fork(kids[0].name, 1, paths).children[0].name, paths)
+        kids.append(grandchild)
+        assert _memory_marks(grandchild) == ["A"] and _own_file(grandchild) == "A", "it starts from its parent"
+        _write_own(grandchild, "G")
+        parent = VM.attach(NAME, paths)  # a first fork restarts the parent's QEMU
+        for vm, word in ((parent, "P"), (kids[0], "A"), (kids[1], "B"), (grandchild, "G")):
+            assert (_memory_marks(vm), _own_file(vm)) == ([word], word), vm.name
+    finally:
+        for kid in kids:
+            kid.stop()
+
+
 def test_base_image_unchanged(image_vm: VM, image):
     """Last of the VM's tests (module order): the guest wrote; all of it went to its overlay."""
     assert _ssh(image_vm, "head -c 8M /dev/urandom > /root/proof && sync").returncode == 0

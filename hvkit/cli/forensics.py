@@ -5,6 +5,7 @@ package, with the symbol table hvkit makes from the kernel's own headers, kallsy
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,19 @@ def _volatility() -> Path:
     return vol
 
 
+VOL_COPY_PREFIX = "hvkit-vol-"  # + the pid of the run that copies a VM's memory there
+
+
+def remove_copies_of_dead_runs(cache: Path) -> None:
+    """Copies of guest memory that a killed `hvkit vol` left in the cache (its
+    temporary folder outlives a SIGKILL) are removed by the next run: guest memory must
+    not stay behind on the host."""
+    for folder in cache.glob(f"{VOL_COPY_PREFIX}*-*"):
+        pid = folder.name[len(VOL_COPY_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def memory_image(source: str, paths: Paths) -> Iterator[Path]:
     """A file Volatility can read for SOURCE: the file itself, or for an hvkit VM a core
@@ -114,7 +128,7 @@ def memory_image(source: str, paths: Paths) -> Iterator[Path]:
     from hvkit.qemu import VM
 
     vm = VM.attach(source, paths)
-    with tempfile.TemporaryDirectory(prefix="hvkit-vol-", dir=paths.cache) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{VOL_COPY_PREFIX}{os.getpid()}-", dir=paths.cache) as tmp:
         core = Path(tmp) / f"{vm.name}.core"
         t0 = time.monotonic()
         with status_console().status(f"copying the memory of VM {vm.name} (paused meanwhile)"), vm.paused("vol"):
@@ -139,6 +153,7 @@ def vol(source: str, plugin: str, args: tuple[str, ...], kernel: Path | None, he
     to the plugin. The symbol table is made on the way, or taken from the cache.
     """
     paths = Paths.from_env()
+    remove_copies_of_dead_runs(paths.cache)
     program = _volatility()
     kernel_file = kernel_file_of(source, kernel, paths)
     with status_console().status(f"making the symbol table of {kernel_file.name}"):

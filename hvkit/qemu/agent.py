@@ -112,9 +112,13 @@ class GuestAgent:
         or a fork the guest's clock is wherever its snapshot left it."""
         self.call("guest-set-time", {"time": time.time_ns() if ns is None else ns})
 
-    def exec(self, path: str, *args: str, timeout: float = 60.0) -> ExecResult:
-        """Runs `path args...` in the guest and waits for it (guest-exec)."""
-        pid = self.call("guest-exec", {"path": path, "arg": list(args), "capture-output": True})["pid"]
+    def exec(self, path: str, *args: str, timeout: float = 60.0, input: bytes | None = None) -> ExecResult:
+        """Runs `path args...` in the guest and waits for it (guest-exec); `input` is
+        its standard input."""
+        request = {"path": path, "arg": list(args), "capture-output": True}
+        if input is not None:
+            request["input-data"] = base64.b64encode(input).decode()
+        pid = self.call("guest-exec", request)["pid"]
         deadline = time.monotonic() + timeout
         while True:
             status = self.call("guest-exec-status", {"pid": pid})

@@ -3,7 +3,9 @@
 This module owns making that overlay (with `qemu-img`, optionally larger than the
 base) and the QEMU arguments that attach it as a virtio-blk disk. The base is never
 written: every write of the guest lands in the overlay, which goes with the VM's
-folder when the VM stops.
+folder when the VM stops. It also owns freezing a disk at a fork (a read-only layer
+in the memory server's store that children start from) and removing layers nothing
+needs any more.
 """
 
 from __future__ import annotations

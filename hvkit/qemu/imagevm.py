@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -174,12 +175,23 @@ def prepare_child(rundir: RuntimeDir, spec: VMSpec) -> None:
     spec.vmgenid = str(uuid.uuid4())
 
 
+# Run by the guest's perl (perl-base is essential in Debian): host randomness into the
+# input pool, then RNDRESEEDCRNG (_IO('R', 7)), so the CRNG is keyed from it at once.
+_RESEED = ('open(my $w, ">", "/dev/urandom") or die "/dev/urandom: $!\\n"; binmode STDIN; local $/; '
+           'my $seed = <STDIN>; length($seed) >= 32 or die "no seed on stdin\\n"; '
+           'syswrite($w, $seed) == length($seed) or die "write: $!\\n"; '
+           'ioctl($w, 0x5207, 0) or die "RNDRESEEDCRNG: $!\\n";')
+
+
 def settle_child(vm: "VM", timeout: float = 60.0) -> None:
-    """After a child runs: its clock set to the host's (it went on from its parent's
-    moment) and its network card given the child's own MAC inside the guest too (the
-    guest's driver keeps the address it read at boot), both through the guest agent."""
+    """After a child runs, through the guest agent: its random number generator
+    reseeded with host randomness (siblings went on from one CRNG state), its clock
+    set to the host's (it went on from its parent's moment) and its network card given
+    the child's own MAC inside the guest too (the guest's driver keeps the address it
+    read at boot)."""
     agent = GuestAgent(vm.rundir.qga_sock)
     agent.wait_until_answers(timeout, lambda: vm._raise_if_dead("after the fork"), f"child {vm.name!r}")
+    reseed_random(vm, agent)
     agent.set_time()
     nics = [n for n in agent.call("guest-network-get-interfaces")
             if n.get("hardware-address") not in (None, "00:00:00:00:00:00")]
@@ -193,6 +205,19 @@ def settle_child(vm: "VM", timeout: float = 60.0) -> None:
         if result.exitcode != 0:
             raise HvkitError(f"child {vm.name!r} could not take its MAC {vm.spec.mac}: {result.stderr.strip()}")
         _forward_ssh_to_new_lease(vm, agent, nic["name"])
+
+
+def reseed_random(vm: "VM", agent: GuestAgent) -> None:
+    """The child's kernel CRNG reseeded from 64 bytes of the host's randomness. A new
+    VM generation id (vmgenid) makes kernels with CONFIG_VMGENID reseed by themselves,
+    but not every kernel has it (Debian 12's cloud kernel does not): without this,
+    siblings would draw the same 'random' numbers (keys, nonces, TCP sequence numbers)
+    until their next periodic reseed. A child that cannot be reseeded is an error."""
+    result = agent.exec("/usr/bin/perl", "-e", _RESEED, input=os.urandom(64))
+    if result.exitcode != 0:
+        said = (result.stderr or result.stdout).strip() or f"exit status {result.exitcode}"
+        raise HvkitError(f"child {vm.name!r}: its random number generator could not be reseeded ({said}), "
+                         "so it would repeat its siblings' random numbers", "the guest needs perl (perl-base)")
 
 
 def _forward_ssh_to_new_lease(vm: "VM", agent: GuestAgent, nic: str, timeout: float = 20.0) -> None:

@@ -779,9 +779,15 @@ class VM:
     def dump_core(self, path: Path) -> Path:
         """Writes guest memory as a QEMU dump-guest-memory ELF core (VM paused meanwhile;
         with the guest's VMCOREINFO note where its kernel gave it to the vmcoreinfo device).
-        Written beside `path` and renamed into place: a dump cut short leaves no core."""
+        Written beside `path` and renamed into place: a dump cut short leaves no core.
+        A copy a killed dump left there (QEMU finishes writing it) is removed by the
+        next dump into that folder: guest memory does not stay behind."""
         path = Path(path).resolve()
-        partial = path.with_name(f".{path.name}.partial")
+        for stale in path.parent.glob(".*.partial"):
+            pid = stale.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                stale.unlink(missing_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
             self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{partial}"}, timeout=600)
             fault_point("dump written")
