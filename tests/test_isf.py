@@ -172,10 +172,10 @@ def _rows(proc: subprocess.CompletedProcess) -> list[dict]:
 
 def _check_guest(vm, isf, tmp_path, plugins, release: str) -> None:
     """Every plugin runs clean on a paused copy of the guest's RAM; what pslist, lsmod,
-    mountinfo, kmsg, envars and lsof find is what the guest itself has: its processes
-    (its own /proc), the module its init loads at every boot (qemu_fw_cfg), the file
-    systems its init mounts, its kernel's banner in the log, the environment the kernel
-    gives init, and init's open control port."""
+    mountinfo, envars and lsof find is what the guest's own /proc says: its processes,
+    its modules, the mounts of every namespace, every process's environment and open files (the
+    processes that lived through both looks); kmsg has its kernel's banner and
+    sockstat its listening socket."""
     pytest.importorskip("volatility3")
     symbols = volatility_symbol_dir(isf.path, tmp_path / "symbols")
     cache = tmp_path / "volcache"
@@ -188,15 +188,31 @@ def _check_guest(vm, isf, tmp_path, plugins, release: str) -> None:
               if proc.returncode != 0 or "Traceback" in proc.stderr or "Unsatisfied" in proc.stderr}
     assert failed == {}
     assert {row["PID"] for row in _rows(runs["linux.pslist.PsList"])} == {p.pid for p in truth.processes}
-    assert "qemu_fw_cfg" in {row["Module Name"] for row in _rows(runs["linux.lsmod.Lsmod"])}
+    modules = {row["Module Name"] for row in _rows(runs["linux.lsmod.Lsmod"])}
+    assert modules == set(truth.modules) and "qemu_fw_cfg" in modules  # init loads it at every boot
     mounts = {(row["MOUNT_POINT"], row["FSTYPE"]) for row in _rows(runs["linux.mountinfo.MountInfo"])}
-    assert {("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "devtmpfs"), ("/tmp", "tmpfs")} <= mounts
+    assert mounts == set(truth.mounts) and ("/tmp", "tmpfs") in mounts
     assert any(row["line"].startswith(f"Linux version {release} ") for row in _rows(runs["linux.kmsg.Kmsg"]))
-    env = {(row["PID"], row["KEY"], row["VALUE"]) for row in _rows(runs["linux.envars.Envars"])}
-    assert (1, "HOME", "/") in env
-    assert any(key == "HVKIT_GUEST" and value == "1" and pid != 1 for pid, key, value in env)  # init's export
-    files = {(row["PID"], row["Path"]) for row in _rows(runs["linux.lsof.Lsof"])}
-    assert (1, "/dev/ttyS1") in files
+    # processes that lived through both looks (the guest's export, then the copy of its memory)
+    both = {p.pid for p in truth.processes} & {row["PID"] for row in _rows(runs["linux.pslist.PsList"])}
+    env: dict[int, dict[str, str]] = {}
+    for row in _rows(runs["linux.envars.Envars"]):
+        env.setdefault(row["PID"], {})[row["KEY"]] = row["VALUE"]
+    assert {pid: e for pid, e in env.items() if pid in both} == {
+        pid: e for pid, e in truth.environ.items() if pid in both and e}
+    assert env[1]["HOME"] == "/" and any(e.get("HVKIT_GUEST") == "1" for pid, e in env.items() if pid != 1)
+    files = {(row["PID"], row["FD"], row["Path"]) for row in _rows(runs["linux.lsof.Lsof"])
+             if row["PID"] in both and str(row["Path"]).startswith("/")}
+    truth_files = {(pid, fd, path) for pid, fds in truth.open_files.items() if pid in both
+                   for fd, path in fds.items() if path.startswith("/")}
+
+    def standard(found):  # init's shell points fd 0 or 1 at the control port while it reads a
+        # request or writes the export: which one is which depends on the moment, not the set
+        return {(pid, frozenset(p for q, fd, p in found if q == pid and fd <= 2)) for pid, _, _ in found}
+
+    assert {f for f in files if f[1] > 2} == {f for f in truth_files if f[1] > 2}
+    assert standard(files) == standard(truth_files)
+    assert (1, "/dev/ttyS1") in {(pid, path) for pid, _, path in files}
     listening = [row for row in _rows(runs["linux.sockstat.Sockstat"])
                  if str(row.get("Source Port")) == str(LISTEN_PORT) and row.get("State") == "LISTEN"]
     assert listening, "the guest's listening socket"

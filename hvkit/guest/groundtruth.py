@@ -3,7 +3,10 @@ second serial port (the `dump` request of files/init), parsed into plain data.
 
 Tests compare this with what hvkit finds from outside the guest, so it is kept raw:
 /proc/meminfo, buddyinfo, zoneinfo, vmstat, iomem, /proc/kpageflags (one 64-bit word
-of KPF_* bits per page frame) and /proc/<pid>/stat of every process.
+of KPF_* bits per page frame) and /proc/<pid>/stat of every process; from the default
+guest also what forensics tools read: /proc/modules, the mountinfo of every mount
+namespace, every process's environment and open files (absent from a guest that does
+not export them).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class GroundTruth:
     kpageflags: np.ndarray  # uint64 per page frame number
     processes: list[GuestProcess]
     text: dict[str, str] = field(default_factory=dict)  # raw zoneinfo, vmstat, iomem
+    modules: list[str] = field(default_factory=list)  # names, as /proc/modules lists them
+    mounts: list[tuple[str, str]] = field(default_factory=list)  # (mount point, type), every namespace
+    environ: dict[int, dict[str, str]] = field(default_factory=dict)  # pid -> its environment
+    open_files: dict[int, dict[int, str]] = field(default_factory=dict)  # pid -> fd -> what it is
 
     def free_pages_by_buddyinfo(self) -> int:
         return sum(n << order for counts in self.buddyinfo.values() for order, n in enumerate(counts))
@@ -108,6 +115,36 @@ def _processes(text: str) -> list[GuestProcess]:
     return sorted(procs, key=lambda p: p.pid)
 
 
+def _mounts(text: str) -> list[tuple[str, str]]:
+    """(mount point, file system type) of each mountinfo line: the 5th field, and the
+    first after the ' - ' separator."""
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if sep and len(left.split()) >= 5 and right.split():
+            out.append((left.split()[4], right.split()[0]))
+    return out
+
+
+def _environ(text: str) -> dict[int, dict[str, str]]:
+    out: dict[int, dict[str, str]] = {}
+    for line in text.splitlines():
+        pid, _, entry = line.partition(" ")
+        key, eq, value = entry.partition("=")
+        if pid.isdigit() and eq:
+            out.setdefault(int(pid), {})[key] = value
+    return out
+
+
+def _open_files(text: str) -> dict[int, dict[int, str]]:
+    out: dict[int, dict[int, str]] = {}
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+            out.setdefault(int(parts[0]), {})[int(parts[1])] = parts[2]
+    return out
+
+
 def parse_ground_truth(raw: str) -> GroundTruth:
     s = _sections(raw)
     missing = {"meminfo", "buddyinfo", "kpageflags", "procs"} - s.keys()
@@ -123,4 +160,8 @@ def parse_ground_truth(raw: str) -> GroundTruth:
         kpageflags=np.frombuffer(flags, dtype="<u8").copy(),
         processes=_processes(s["procs"]),
         text={k: s[k] for k in ("zoneinfo", "vmstat", "iomem") if k in s},
+        modules=[line.split()[0] for line in s.get("modules", "").splitlines() if line.split()],
+        mounts=_mounts(s.get("mountinfo", "")),
+        environ=_environ(s.get("environ", "")),
+        open_files=_open_files(s.get("fds", "")),
     )
