@@ -11,7 +11,7 @@ def process_runs(pid: int | None, cmdline_has: bytes) -> bool:
     if not pid:
         return False
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = _state(Path(f"/proc/{pid}/stat"))
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, IndexError):
         return False
@@ -38,6 +38,12 @@ def threads_still_exiting(pid: int | None) -> bool:
         except (OSError, IndexError):
             continue  # that thread is gone meanwhile
     return False
+
+
+def left_by_dead_process(pid: str) -> bool:
+    """Whether `pid` (digits taken from a file name a process gave its leftovers) names
+    a process that is gone: what it left may be removed."""
+    return pid.isdigit() and not Path(f"/proc/{pid}").exists()
 
 
 def _state(stat: Path) -> str:

@@ -22,6 +22,7 @@ from hvkit.errors import HvkitError
 from hvkit.kernel.headers import debian_tree, prepared_tree
 from hvkit.kernel.image import read_kernel_image
 from hvkit.kernel.isf import IsfReport, make_isf, volatility_symbol_dir
+from hvkit.procs import left_by_dead_process
 
 headers_option = click.option("--headers", type=click.Path(path_type=Path),
                               help="A prepared kernel tree of that kernel (default: Debian's headers package).")
@@ -110,8 +111,7 @@ def remove_copies_of_dead_runs(cache: Path) -> None:
     temporary folder outlives a SIGKILL) are removed by the next run: guest memory must
     not stay behind on the host."""
     for folder in cache.glob(f"{VOL_COPY_PREFIX}*-*"):
-        pid = folder.name[len(VOL_COPY_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if left_by_dead_process(folder.name[len(VOL_COPY_PREFIX):].split("-", 1)[0]):
             shutil.rmtree(folder, ignore_errors=True)
 
 

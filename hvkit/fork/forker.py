@@ -140,8 +140,8 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
         # first one settles, if it has a disk)
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
             first = pool.submit(one, names[0])
-            while not (first_runs.wait(0.05) or first.done()):
-                pass
+            first.add_done_callback(lambda _: first_runs.set())  # it failed, or ran and settled
+            first_runs.wait()
             if first.done():
                 first.result()  # its error, if it failed, before any other starts
             rest = [pool.submit(one, name) for name in names[1:]]
@@ -197,19 +197,20 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     own = vm.ownership
     fork_id = f"{time.time_ns()}-{os.getpid()}"
     frozen, state = store.frozen_path(fork_id), store.staged_state(fork_id)
+    layer = disk_layer(store.path, fork_id) if vm.spec.disk else None
     own.write_intent(op="fork", undo="fork", step="pausing", fork_id=fork_id, ram=str(vm.ram_path),
                      frozen=str(frozen), state=str(state), old_pid=vm.pid, was_running=was_running,
                      run_after=run_after, store=str(store.path), machine=asdict(vm.spec), children=names,
-                     disk_layer=str(disk_layer(store.path, fork_id)) if vm.spec.disk else None)
+                     disk_layer=str(layer) if layer else None)
     t_pause = time.monotonic()
     if was_running:
         vm._qmp_stop()
     vm.save_state(state)
-    if vm.spec.disk:
+    if layer:
         # the disk of this moment: the children's, under the VM's new overlay; the
         # journal gets the VM's spec again (its new overlay), for the snapshot a
         # recovery seals and the QEMU it restarts
-        imagevm.freeze_disk(vm, disk_layer(store.path, fork_id))
+        imagevm.freeze_disk(vm, layer)
     own.update_intent(step="moving", machine=asdict(vm.spec))
     os.rename(vm.ram_path, frozen)  # QEMU still maps it; the name moves, not the data
     # from here on the fork only goes forward: the old QEMU ends, and with it the

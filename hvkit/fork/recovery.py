@@ -16,9 +16,9 @@ it is taken:
 
 Up to `moving` the fork is undone: the RAM file moves back (the old QEMU never lost
 its mapping) and the VM runs on as before (on its new overlay, if QEMU had switched:
-its disk lost nothing either way, and the layer is kept while the overlay needs it). From `stopping` on it is finished: the
-snapshot is sealed (again, if need be: sealing is idempotent) and the VM runs from it.
-Either way, children that had not finished starting are then stopped (their own
+its disk lost nothing either way, and the layer is kept while the overlay needs it).
+From `stopping` on it is finished: the snapshot is sealed (again, if need be: sealing
+is idempotent) and the VM runs from it. Either way, children that had not finished starting are then stopped (their own
 intent records say so: VM.finish_abandoned_children).
 """
 

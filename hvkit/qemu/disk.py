@@ -139,7 +139,7 @@ def freeze_active_layer(qmp, layer: Path) -> tuple[Path, Path]:
     active = active_layer(qmp)
     new = active.with_name(f"disk-{time.time_ns()}.qcow2")
     size = virtual_size(active)
-    layer.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(layer.parent)
     try:
         os.link(active, layer)
     except OSError as e:

@@ -31,7 +31,7 @@ from hvkit.kernel import read_kernel_image
 from hvkit.memory import GuestMemory, RamFileMemory
 from hvkit.memory.process import ProcessMemory, ram_mappings
 from hvkit.memserver.daemon import memserver_alive
-from hvkit.procs import process_runs, threads_still_exiting
+from hvkit.procs import left_by_dead_process, process_runs, threads_still_exiting
 from hvkit.qemu.accel import ACCELS, best_accel
 from hvkit.qemu import imagevm
 from hvkit.qemu.agent import GuestAgent
@@ -784,8 +784,7 @@ class VM:
         next dump into that folder: guest memory does not stay behind."""
         path = Path(path).resolve()
         for stale in path.parent.glob(".*.partial"):
-            pid = stale.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            if left_by_dead_process(stale.name.rsplit(".", 2)[-2]):
                 stale.unlink(missing_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
