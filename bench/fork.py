@@ -21,7 +21,7 @@ PSS (its own host memory, shared pages divided among sharers) is read; the guest
 idle, so this is what a fork costs to keep.
 
 Debian image guest (--image-guest, on by default; issue 14): a VM booted from hvkit's
-Debian 12 disk image (`VM.start(image="debian")`, --image-memory, default 1 GiB) is
+Debian 12 disk image (`start_vm(image="debian")`, --image-memory, default 1 GiB) is
 forked into --image-children children (default 4), the same three ways. Its disk is
 frozen at the fork the same way in every method (QMP blockdev-snapshot-sync: the
 parent goes on on a new overlay) and every child gets a qcow2 overlay of its own over
@@ -61,7 +61,8 @@ from hvkit.config import Paths  # noqa: E402
 from hvkit.fork import fork  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
 from hvkit.memserver import MemServer  # noqa: E402
-from hvkit.qemu import VM, imagevm  # noqa: E402
+from hvkit.qemu import VM, find_vm, list_vms, start_vm
+from hvkit.qemu import imagevm
 from hvkit.qemu.agent import GuestAgent  # noqa: E402
 from hvkit.qemu.disk import create_overlay, freeze_active_layer  # noqa: E402
 from hvkit.qemu.network import free_local_port  # noqa: E402
@@ -189,7 +190,7 @@ def template_copy(parent: VM, n: int, root: Path,
 
 def hvkit_fork(parent: VM, n: int, paths: Paths) -> tuple[list[float], list[int], list]:
     report = fork(parent.name, n, paths, stay_paused=True)
-    kids = [VM.attach(c.name, paths) for c in report.children]
+    kids = [find_vm(c.name, paths) for c in report.children]
     return [c.seconds for c in report.children], [k.pid for k in kids], kids
 
 
@@ -213,7 +214,7 @@ def hvkit_fork_image(parent: VM, n: int, paths: Paths, settle: bool = True) -> t
         report = fork(parent.name, n, paths, stay_paused=True)
     finally:
         imagevm.settle_child = original
-    kids = [VM.attach(c.name, paths) for c in report.children]
+    kids = [find_vm(c.name, paths) for c in report.children]
     return ([c.seconds for c in report.children], [agent[c.name] - t0 for c in report.children],
             [c.ready_seconds for c in report.children], [k.pid for k in kids], kids)
 
@@ -223,7 +224,7 @@ def run_image_case(memory: str, n: int, method: str, paths: Paths, settle: float
     server = MemServer.of(paths)
     server.start()
     t_boot = time.monotonic()
-    parent = VM.start(f"{name}-debian", memory=memory, image="debian", paths=paths)
+    parent = start_vm(f"{name}-debian", memory=memory, image="debian", paths=paths)
     boot_s = time.monotonic() - t_boot
     root = paths.runtime / ("bench-img-" + method.replace(" ", "").replace("+", "-"))
     shutil.rmtree(root, ignore_errors=True)
@@ -257,9 +258,9 @@ def _clean_up(children: list, paths: Paths, server: MemServer, root: Path) -> No
     frames too) and the case's scratch folder gone."""
     for c in children:
         c.stop()
-    for row in VM.list(paths):
+    for row in list_vms(paths):
         if row.state != "dead":
-            VM.attach(row.name, paths).stop()
+            find_vm(row.name, paths).stop()
     server.stop(force=True)
     shutil.rmtree(server.root, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
@@ -268,7 +269,7 @@ def _clean_up(children: list, paths: Paths, server: MemServer, root: Path) -> No
 def run_case(size: str, n: int, method: str, paths: Paths, settle: float, name: str = "bench") -> dict:
     server = MemServer.of(paths)
     server.start()  # before the clock: a running server is the normal case
-    parent = VM.start(name, memory=size, workload="idle", paths=paths)
+    parent = start_vm(name, memory=size, workload="idle", paths=paths)
     root = paths.runtime / ("bench-" + method.replace(" ", "").replace("+", "-"))
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()

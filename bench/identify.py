@@ -32,8 +32,9 @@ from hvkit.introspect.source import open_guest  # noqa: E402
 from hvkit.kernel.headers import debian_tree  # noqa: E402
 from hvkit.kernel.layout import build_layout  # noqa: E402
 from hvkit.kernel.symbols import load_symbols  # noqa: E402
-from hvkit.qemu import VM  # noqa: E402
+from hvkit.qemu import start_vm
 from hvkit.units import parse_size  # noqa: E402
+from hvkit.guest.control import frozen_ground_truth
 
 
 def timed(fn):
@@ -68,7 +69,7 @@ def agreement(truth, pm, layout) -> dict:
 
 
 def guest_run(size: str, repeat: int, paths: Paths, package: str | None) -> dict:
-    with VM.start(f"bench-id-{size}", memory=size, workload="hold:64", kernel_package=package,
+    with start_vm(f"bench-id-{size}", memory=size, workload="hold:64", kernel_package=package,
                   paths=paths) as vm:
         vm.wait_for_console("HVKIT-HOLD holding", timeout=300)
         ps_total, ps_paused, id_total, id_paused, classify_s, agent = [], [], [], [], [], []
@@ -93,7 +94,7 @@ def guest_run(size: str, repeat: int, paths: Paths, package: str | None) -> dict
             with open_guest(vm.name, paths=paths) as g:
                 return classify(g.kernel, g.layout, list_tasks(g.kernel, g.layout)), g.layout
 
-        truth, (pm, layout) = vm.frozen_ground_truth(look, timeout=600)
+        truth, (pm, layout) = frozen_ground_truth(vm, look, timeout=600)
     gib = parse_size(size) / (1 << 30)
     med = statistics.median
     return {"kernel": layout.release, "size": size, "bytes": parse_size(size), "pages": pm.pages,

@@ -55,8 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvkit.cli.pictures import timeline_picture  # noqa: E402
 from hvkit.config import Paths  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
-from hvkit.qemu import VM  # noqa: E402
+from hvkit.qemu import VM, start_vm
 from hvkit.share import Sharer  # noqa: E402
+from hvkit.guest.control import ground_truth, request
 
 KSM = Path("/sys/kernel/mm/ksm")
 KSM_SETTINGS = {"pages_to_scan": "1000", "sleep_millisecs": "20"}
@@ -121,7 +122,7 @@ class KsmOn:
 def run_workload(vm: VM, lock: threading.Lock, line: str, done: str, timeout: float = 300) -> None:
     start = len(vm.console())
     with lock:  # the guest answers only while it runs: not during a share cycle
-        vm.request(line, until="HVKIT-RUNNING")
+        request(vm, line, until="HVKIT-RUNNING")
     vm.wait_for_console(done, timeout=timeout, after=start)
 
 
@@ -139,7 +140,7 @@ def run_arm(arm: str, args, paths: Paths) -> dict:
     options = {"hvkit share": {}, "KSM": {"ram": "anonymous"}, "page reporting": {"balloon": True}}[arm]
     samples, stop, cpu, lock = Samples(), threading.Event(), [0.0], threading.Lock()
     pauses: list[float] = []
-    with VM.start(f"{args.vm_prefix}-{arm.split()[0].lower()}", memory=args.memory, paths=paths, **options) as vm:
+    with start_vm(f"{args.vm_prefix}-{arm.split()[0].lower()}", memory=args.memory, paths=paths, **options) as vm:
         t0 = time.monotonic()
         ksm_cpu0 = ksmd_cpu()
 
@@ -167,7 +168,7 @@ def run_arm(arm: str, args, paths: Paths) -> dict:
                 for t in threads:
                     t.start()
                 with lock:
-                    free_mib = vm.ground_truth().meminfo["MemFree"] // MiB
+                    free_mib = ground_truth(vm).meminfo["MemFree"] // MiB
                 alloc = args.alloc or free_mib - 64
                 if max(alloc, args.fragment) > free_mib - 32:
                     raise SystemExit(f"bench/share: a {args.memory} guest has {free_mib} MiB free; "
@@ -176,7 +177,7 @@ def run_arm(arm: str, args, paths: Paths) -> dict:
                 run_workload(vm, lock, f"run alloc {alloc}", f"HVKIT-ALLOC done mib={alloc}")
                 a_done = time.monotonic() - t0
                 with lock:
-                    free_a = vm.ground_truth().meminfo["MemFree"]
+                    free_a = ground_truth(vm).meminfo["MemFree"]
                 settle(samples, a_done, t0, quiet_s=5, limit_s=args.settle)
                 b_start = time.monotonic() - t0
                 run_workload(vm, lock, f"run fragment {args.fragment}", "HVKIT-FRAGMENT holding")
@@ -229,7 +230,7 @@ def run_page_cache_arm(arm: str, args, paths: Paths) -> dict:
     samples, stop = Samples(), threading.Event()
     name = f"{args.vm_prefix}-cache-{arm.split()[0].lower()}"
     t_boot = time.monotonic()
-    with VM.start(name, memory=args.page_cache_memory, image="debian", disk_size=args.page_cache_disk,
+    with start_vm(name, memory=args.page_cache_memory, image="debian", disk_size=args.page_cache_disk,
                   paths=paths, **options) as vm:
         boot_s = time.monotonic() - t_boot
         t0 = time.monotonic()

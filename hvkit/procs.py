@@ -48,3 +48,12 @@ def left_by_dead_process(pid: str) -> bool:
 
 def _state(stat: Path) -> str:
     return stat.read_text().rsplit(")", 1)[1].split()[0]
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot): with its pid, what tells it
+    apart from a later process that got the same pid."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None

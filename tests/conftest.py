@@ -19,7 +19,7 @@ import pytest
 from hvkit.config import Paths
 from hvkit.guest import build_default_guest
 from hvkit.memserver import MemServer
-from hvkit.qemu import VM
+from hvkit.qemu import find_vm, list_vms, start_vm
 
 
 def _qemus_of(folder: Path) -> list[int]:
@@ -40,9 +40,9 @@ def paths() -> Paths:
     os.environ["HVKIT_RUNTIME"] = str(runtime)
     p = Paths.from_env()
     yield p
-    for row in VM.list(p):  # listing also cleans up dead ones
+    for row in list_vms(p):  # listing also cleans up dead ones
         if row.state != "dead":
-            VM.attach(row.name, p).stop()
+            find_vm(row.name, p).stop()
     MemServer.of(p).stop(force=True)  # the fork tests' memory server, if one runs
     assert not any(f" {runtime}/" in m for m in Path("/proc/mounts").read_text().splitlines()), \
         "a FUSE mount was left behind"
@@ -61,7 +61,7 @@ def guest(paths):
 @pytest.fixture(scope="session")
 def shared_vm(paths, guest):
     """One idle 256 MiB default guest for all tests that only look at it."""
-    with VM.start("shared", memory="256M", workload="idle", paths=paths) as vm:
+    with start_vm("shared", memory="256M", workload="idle", paths=paths) as vm:
         yield vm
 
 

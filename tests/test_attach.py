@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from hvkit.qemu import VM, qemu_binary
+from hvkit.qemu import VM, find_vm, qemu_binary
 from hvkit.qemu.attach import fetch_debian_kernel
 from hvkit.share import share_once
+from hvkit.guest.control import frozen_ground_truth
 
 from conftest import run_cli
 from test_identify import assert_agrees_with_kpageflags, identify_at_one_moment
@@ -54,7 +55,7 @@ class PlainQemu:
 
     def lend_ground_truth(self, vm: VM) -> None:
         """Points the attached VM's folder at the guest's console and control port: test
-        instrumentation, so that VM.ground_truth() reaches this guest's own view."""
+        instrumentation, so that ground_truth(VM) reaches this guest's own view."""
         os.symlink(self.folder / "ctl.sock", vm.rundir.ctl_sock)
         os.symlink(self.console, vm.rundir.console_log)
 
@@ -79,7 +80,7 @@ def test_a_plain_qemu_is_attached_and_read_as_it_is(plain, paths, guest):
     row = json.loads(proc.stdout)
     assert row["pid"] == plain.proc.pid and row["memory"] == 256 << 20 and row["origin"].startswith("qmp:")
     assert row["ram_path"] is None  # RAM inside QEMU
-    vm = VM.attach("plain", paths)
+    vm = find_vm("plain", paths)
     assert Path(vm.spec.kernel) == Path(guest.kernel).resolve()  # QEMU's own -kernel
     plain.lend_ground_truth(vm)
     compare_with_ground_truth(vm, paths)
@@ -137,10 +138,10 @@ def test_share_gives_back_a_plain_qemus_free_pages_in_a_shared_file(guest, paths
     try:
         q.wait_for("HVKIT-ALLOC done mib=180")
         assert run_cli("vm", "attach", "--qmp", str(q.qmp), "--name", "fileram").returncode == 0
-        vm = VM.attach("fileram", paths)
+        vm = find_vm("fileram", paths)
         assert vm.spec.ram == "file" and vm.ram_path == ram
         q.lend_ground_truth(vm)
-        truth, result = vm.frozen_ground_truth(lambda: share_once(vm, paths))
+        truth, result = frozen_ground_truth(vm, lambda: share_once(vm, paths))
         free = truth.meminfo["MemFree"]  # the guest's own word, at the moment of sharing
         assert result.released_bytes >= 0.9 * free, (result.released_bytes, free)
         q.wait_for("HVKIT-HEARTBEAT")
@@ -157,7 +158,7 @@ def test_ram_that_cannot_be_found_or_verified_gives_one_line(plain, paths):
     import json as _json
 
     assert run_cli("vm", "attach", "--qmp", str(plain.qmp), "--name", "liar").returncode == 0
-    vm = VM.attach("liar", paths)
+    vm = find_vm("liar", paths)
     spec_file = vm.rundir.spec_file
     try:
         for change, says in [({"memory": 512 << 20}, "cannot find the guest RAM"),

@@ -17,7 +17,8 @@ from hvkit.errors import VMDied
 from hvkit.fork import fork
 from hvkit.memserver import MemServer, Store, fuse_unavailable_reason
 from hvkit.memserver.table import TableFile, TableWriter, frames_entry, levels_for, resolve
-from hvkit.qemu import VM
+from hvkit.qemu import VM, find_vm, list_vms, start_vm
+from hvkit.guest.control import request
 
 from conftest import run_cli
 
@@ -117,14 +118,14 @@ def test_fork_refuses_bad_requests_in_one_line(paths):
 def origin(paths, guest):
     if fuse_unavailable_reason():
         pytest.skip(f"no FUSE here: {fuse_unavailable_reason()}")
-    before = {row.name for row in VM.list(paths)}  # session-wide VMs (shared) are not this module's
-    vm = VM.start("origin", memory="256M", workload="idle", paths=paths)
-    vm.request(f"mark parent1 {MARK_MIB}", "HVKIT-MARKED parent1")
+    before = {row.name for row in list_vms(paths)}  # session-wide VMs (shared) are not this module's
+    vm = start_vm("origin", memory="256M", workload="idle", paths=paths)
+    request(vm, f"mark parent1 {MARK_MIB}", "HVKIT-MARKED parent1")
     vm.wait_for_console(r"HVKIT-HEARTBEAT 2\b", timeout=60)
     yield vm
-    for row in VM.list(paths):
+    for row in list_vms(paths):
         if row.state != "dead" and row.name not in before:
-            VM.attach(row.name, paths).stop()
+            find_vm(row.name, paths).stop()
     MemServer.of(paths).stop(force=True)
 
 
@@ -133,7 +134,7 @@ def last_heartbeat(text: str) -> int:
 
 
 def marks(vm: VM) -> list[str]:
-    answer = vm.request("marks", "HVKIT-MARKS")
+    answer = request(vm, "marks", "HVKIT-MARKS")
     return answer.split("HVKIT-MARKS", 1)[1].split()
 
 
@@ -149,12 +150,12 @@ def test_children_go_on_from_the_parents_exact_state(origin, paths):
     assert 0 < report.free_pages_given_back <= report.free_pages
     assert [c.name for c in report.children] == ["origin-1", "origin-2"]
     for child in report.children:
-        vm = VM.attach(child.name, paths)
+        vm = find_vm(child.name, paths)
         first = int(vm.wait_for_console(r"HVKIT-HEARTBEAT (\d+)\n", timeout=30).group(1))
         # the next beat after the parent's last one (or the one after, if the parent
         # was paused in the middle of printing a line)
         assert first in (before + 1, before + 2), (before, first)
-    parent = VM.attach("origin", paths)  # restarted in its own place from the snapshot
+    parent = find_vm("origin", paths)  # restarted in its own place from the snapshot
     assert parent.run_state() == "paused", "a VM paused before its fork stays paused"
     assert report.vm_state == "paused" and parent.spec.snapshot == report.snapshot
     parent.resume()
@@ -163,22 +164,22 @@ def test_children_go_on_from_the_parents_exact_state(origin, paths):
 
 @needs_fuse
 def test_children_diverge_and_grandchildren_see_only_their_lineage(origin, paths):
-    c1, c2 = VM.attach("origin-1", paths), VM.attach("origin-2", paths)
-    c1.request(f"mark childA1 {MARK_MIB}", "HVKIT-MARKED childA1")
+    c1, c2 = find_vm("origin-1", paths), find_vm("origin-2", paths)
+    request(c1, f"mark childA1 {MARK_MIB}", "HVKIT-MARKED childA1")
     assert marks(c1) == ["childA1"]
-    assert marks(c2) == ["parent1"] and marks(VM.attach("origin", paths)) == ["parent1"]
+    assert marks(c2) == ["parent1"] and marks(find_vm("origin", paths)) == ["parent1"]
 
     report = fork("origin-1", 2, paths)
     assert [c.name for c in report.children] == ["origin-1-1", "origin-1-2"]
-    g1, g2 = (VM.attach(c.name, paths) for c in report.children)
+    g1, g2 = (find_vm(c.name, paths) for c in report.children)
     assert marks(g1) == ["childA1"]  # a grandchild starts from its parent's writes
-    g1.request(f"mark grandc1 {MARK_MIB}", "HVKIT-MARKED grandc1")
-    c2.request(f"mark childB2 {MARK_MIB}", "HVKIT-MARKED childB2")
+    request(g1, f"mark grandc1 {MARK_MIB}", "HVKIT-MARKED grandc1")
+    request(c2, f"mark childB2 {MARK_MIB}", "HVKIT-MARKED childB2")
     assert marks(g1) == ["grandc1"]
     assert marks(g2) == ["childA1"]
     assert marks(c1) == ["childA1"]
     assert marks(c2) == ["childB2"]
-    assert marks(VM.attach("origin", paths)) == ["parent1"]
+    assert marks(find_vm("origin", paths)) == ["parent1"]
 
 
 @needs_fuse
@@ -194,13 +195,13 @@ def test_forking_a_forked_vm_costs_the_pages_it_wrote(origin, paths):
     assert c["pages_stored"] + c["pages_deduplicated"] + c["pages_zero"] == report.pages_written
     # only tables above written pages were written, not one per 2 MiB of memory
     assert c["tables_written"] < pages // 512
-    assert VM.attach("origin-2", paths).run_state() == "running"
-    assert marks(VM.attach(report.children[0].name, paths)) == ["childB2"]
+    assert find_vm("origin-2", paths).run_state() == "running"
+    assert marks(find_vm(report.children[0].name, paths)) == ["childB2"]
 
 
 @needs_fuse
 def test_vm_list_shows_pss_and_parent(origin, paths):
-    rows = {r.name: r for r in VM.list(paths)}
+    rows = {r.name: r for r in list_vms(paths)}
     assert rows["origin-1-1"].parent == "origin-1" and rows["origin-1"].parent == "origin"
     for name in ("origin", "origin-1", "origin-1-1"):
         assert 0 < rows[name].pss < rows[name].memory + (256 << 20)
@@ -214,13 +215,13 @@ def test_child_stops_when_its_server_is_gone_and_a_restarted_server_serves_new_o
     store = server.store()
     snapshot = next(s for s in store.snapshots() if s.vm == "origin-1")
     store.close()
-    qemu = VM.attach("origin-1-2", paths).pid
+    qemu = find_vm("origin-1-2", paths).pid
     os.kill(server.pid(), signal.SIGKILL)
     deadline = time.monotonic() + 10
     while server.pid() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     with pytest.raises(VMDied, match="memory server .* is gone"):
-        VM.attach("origin-1-2", paths)
+        find_vm("origin-1-2", paths)
     assert not _running(qemu), "the child's QEMU is still running"
     result = run_cli("vm", "list")  # every other VM of that server is reported the same way
     assert result.returncode == 0 and "origin-1-1 is dead (its memory server" in result.stdout
@@ -229,7 +230,7 @@ def test_child_stops_when_its_server_is_gone_and_a_restarted_server_serves_new_o
     result = run_cli("fork", "--snapshot", snapshot.name, "-n", "1", "--json")
     assert result.returncode == 0, result.stderr
     name = re.search(r'"name": "([^"]+)"', result.stdout).group(1)
-    reborn = VM.attach(name, paths)
+    reborn = find_vm(name, paths)
     assert marks(reborn) == ["childA1"]  # the same snapshot, served again
 
 

@@ -13,7 +13,8 @@ import pytest
 from hvkit.introspect import KernelSpace, PageClass, classify, list_tasks
 from hvkit.introspect.source import open_guest
 from hvkit.memory import PAGE_SIZE
-from hvkit.qemu import VM
+from hvkit.qemu import start_vm
+from hvkit.guest.control import frozen_ground_truth, request
 
 from conftest import run_cli
 
@@ -29,7 +30,7 @@ def identify_at_one_moment(vm, paths):
             walk = list_tasks(guest.kernel, guest.layout)
             return classify(guest.kernel, guest.layout, walk), guest.layout, walk
 
-    truth, (pm, layout, walk) = vm.frozen_ground_truth(look)
+    truth, (pm, layout, walk) = frozen_ground_truth(vm, look)
     assert vm.run_state() == "running"
     return truth, pm, layout, walk
 
@@ -57,7 +58,7 @@ def assert_agrees_with_kpageflags(truth, pm, layout):
 @pytest.fixture(scope="module")
 def busy_vm(paths, guest):
     """A 256 MiB guest that allocated and freed most of its memory at boot."""
-    with VM.start("ident", memory="256M", workload="alloc:160", paths=paths) as vm:
+    with start_vm("ident", memory="256M", workload="alloc:160", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-ALLOC done mib=160", timeout=120)
         yield vm
 
@@ -81,7 +82,7 @@ def assert_fragmented_memory_has_its_owner(vm, paths):
     """The guest frees every other page of 64 MiB: classes still agree (free memory in
     order-0 holes), and the 32 MiB it keeps belong to the process that holds them."""
     start = len(vm.console())
-    vm.request("run fragment 64", until="HVKIT-RUNNING fragment")
+    request(vm, "run fragment 64", until="HVKIT-RUNNING fragment")
     vm.wait_for_console(r"HVKIT-FRAGMENT holding mib=32", timeout=60, after=start)
     truth, pm, layout, walk = identify_at_one_moment(vm, paths)
     assert_agrees_with_kpageflags(truth, pm, layout)  # free memory in order-0 holes now
@@ -175,7 +176,7 @@ def test_lying_page_table_of_the_page_array_is_bounded(ram_and_map, guest, paths
 
 def test_five_level_paging_guest(paths, guest):
     """QEMU's `max` CPU has LA57, so Debian's kernel runs with 5-level page tables."""
-    with VM.start("la57", memory="256M", workload="hold:16", cpu_model="max", paths=paths) as vm:
+    with start_vm("la57", memory="256M", workload="hold:16", cpu_model="max", paths=paths) as vm:
         vm.wait_for_console("HVKIT-HOLD holding mib=16", timeout=60)
         truth, pm, layout, walk = identify_at_one_moment(vm, paths)
         with open_guest(vm.name, paths=paths) as g:

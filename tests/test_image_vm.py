@@ -23,8 +23,9 @@ import pytest
 from hvkit.errors import HvkitError
 from hvkit.image import build_debian_image
 from hvkit.memserver import MemServer
-from hvkit.qemu import VM
+from hvkit.qemu import VM, find_vm, list_vms, start_vm
 from hvkit.qemu.agent import AgentSilent
+from hvkit.guest.control import ground_truth, request
 
 from conftest import qemus_of, run_cli
 from test_identify import assert_agrees_with_kpageflags, identify_at_one_moment
@@ -44,9 +45,9 @@ def image(paths):
 
 @pytest.fixture(scope="module")
 def image_vm(paths, image):
-    print("VMs before:", {r.name: (r.state, r.reason) for r in VM.list(paths)})
+    print("VMs before:", {r.name: (r.state, r.reason) for r in list_vms(paths)})
     started = time.monotonic()
-    with VM.start(NAME, memory="1G", image="debian", disk_size="3G", paths=paths) as vm:
+    with start_vm(NAME, memory="1G", image="debian", disk_size="3G", paths=paths) as vm:
         timings.update(start_s=round(time.monotonic() - started, 1), agent_s=vm.spec.agent_seconds,
                        ready_s=vm.spec.boot_seconds)
         yield vm
@@ -68,7 +69,7 @@ def test_ready_when_start_returns(image_vm: VM, image):
     vm = image_vm
     print(f"boot: agent after {vm.spec.agent_seconds} s, ready after {vm.spec.boot_seconds} s")
     assert vm.agent.ping(timeout=5)
-    assert "HVKIT-PONG r1" in vm.request("ping r1", until="HVKIT-PONG r1", timeout=30)
+    assert "HVKIT-PONG r1" in request(vm, "ping r1", until="HVKIT-PONG r1", timeout=30)
     t0 = time.monotonic()
     out = _ssh(vm, "hostname; uname -r; df -B1 --output=size / | tail -1; systemctl is-active ssh systemd-journald")
     timings["first_ssh_s"] = round(time.monotonic() - t0, 1)
@@ -123,9 +124,9 @@ def test_share_gives_back_free_memory_and_ssh_answers_after(image_vm: VM, paths)
     """The guest first touches most of its free memory (so the host holds it), then
     share gives back >= 90% of MemFree; the guest and its sshd go on."""
     vm = image_vm
-    mib = (vm.ground_truth().meminfo["MemFree"] >> 20) - 48
+    mib = (ground_truth(vm).meminfo["MemFree"] >> 20) - 48
     start = len(vm.console())
-    vm.request(f"run alloc {mib}", until="HVKIT-RUNNING alloc")
+    request(vm, f"run alloc {mib}", until="HVKIT-RUNNING alloc")
     vm.wait_for_console(rf"HVKIT-ALLOC done mib={mib}", timeout=300, after=start)
     t0 = time.monotonic()
     assert_share_gives_back_free_memory(vm, paths)
@@ -135,20 +136,20 @@ def test_share_gives_back_free_memory_and_ssh_answers_after(image_vm: VM, paths)
 
 
 def _marks(vm_name: str, paths) -> list[str]:
-    out = _ssh(VM.attach(vm_name, paths), "cat /root/mark-* 2>/dev/null; true")
+    out = _ssh(find_vm(vm_name, paths), "cat /root/mark-* 2>/dev/null; true")
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
 
 
 def _mark(vm_name: str, paths, mark: str) -> None:
-    out = _ssh(VM.attach(vm_name, paths), f"echo {mark} > /root/mark-{mark} && sync")
+    out = _ssh(find_vm(vm_name, paths), f"echo {mark} > /root/mark-{mark} && sync")
     assert out.returncode == 0, out.stderr
 
 
 def _child_of_snapshot(snapshot: str, paths) -> VM:
     proc = run_cli("fork", "--snapshot", snapshot, "-n", "1", "--json", timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    return VM.attach(json.loads(proc.stdout)["children"][0]["name"], paths)
+    return find_vm(json.loads(proc.stdout)["children"][0]["name"], paths)
 
 
 def _snapshot_names(paths) -> set[str]:
@@ -183,7 +184,7 @@ def test_fork_killed_at_each_disk_step_loses_no_disk_data(image_vm: VM, paths):
         new = _snapshot_names(paths) - before
         assert bool(new) == (expected == "from its snapshot"), (moment, new)
         assert _marks(NAME, paths) == marks, (moment, "the VM's disk lost nothing")
-        print(f"killed at {moment!r}: the VM runs {expected}; disk {VM.attach(NAME, paths).spec.disk}")
+        print(f"killed at {moment!r}: the VM runs {expected}; disk {find_vm(NAME, paths).spec.disk}")
         if new:
             sealed = new.pop()
     _mark(NAME, paths, "after")
@@ -214,7 +215,7 @@ def test_frozen_disks_live_as_long_as_their_snapshots(image_vm: VM, paths):
     assert not orphan.exists(), "a layer nothing needs is removed"
     needed = snapshot_disks(store)
     assert needed and all(p.is_file() for p in needed), "every snapshot's layer is kept"
-    assert all(p.is_file() for p in chain_of(Path(VM.attach(NAME, paths).spec.disk))), "the VM's chain is kept"
+    assert all(p.is_file() for p in chain_of(Path(find_vm(NAME, paths).spec.disk))), "the VM's chain is kept"
     mine = [json.loads(p.read_text()) for p in (store / "snapshots").glob("*.json")]
     snap = min((s for s in mine if s["vm"] == NAME), key=lambda s: s["created"])["name"]
     child = _child_of_snapshot(snap, paths)
@@ -232,15 +233,15 @@ def test_fork_gives_the_child_its_own_disk_port_mac_generation_and_clock(image_v
     too), VM generation id and a clock set to the host's."""
     from hvkit.fork import fork
 
-    parent = VM.attach(NAME, paths)  # its QEMU was restarted by the forks before
+    parent = find_vm(NAME, paths)  # its QEMU was restarted by the forks before
     assert _ssh(parent, "echo before > /root/fork-mark && sync").returncode == 0
     generation = parent.qmp("query-vm-generation-id")["guid"]
     t0 = time.monotonic()
     report = fork(NAME, 1, paths)
     timings["fork_s"] = round(time.monotonic() - t0, 1)
-    child = VM.attach(report.children[0].name, paths)
+    child = find_vm(report.children[0].name, paths)
     try:
-        assert parent._reload_spec() and parent.run_state() == "running"
+        assert parent.reload_spec() and parent.run_state() == "running"
         assert child.spec.ssh_port != parent.spec.ssh_port and child.spec.mac != parent.spec.mac
         assert child.spec.disk != parent.spec.disk and Path(child.spec.frozen_disk).is_file()
         assert child.qmp("query-vm-generation-id")["guid"] not in (generation, parent.spec.vmgenid)
@@ -260,7 +261,7 @@ def test_fork_gives_the_child_its_own_disk_port_mac_generation_and_clock(image_v
 
 def _memory_marks(vm: VM) -> list[str]:
     """The words in the guest's mark file (a tmpfs file: guest memory, not disk)."""
-    return vm.request("marks", "HVKIT-MARKS").split("HVKIT-MARKS", 1)[1].split()
+    return request(vm, "marks", "HVKIT-MARKS").split("HVKIT-MARKS", 1)[1].split()
 
 
 def _own_file(vm: VM) -> str:
@@ -270,7 +271,7 @@ def _own_file(vm: VM) -> str:
 
 
 def _write_own(vm: VM, word: str) -> None:
-    vm.request(f"mark {word} 4", f"HVKIT-MARKED {word}")
+    request(vm, f"mark {word} 4", f"HVKIT-MARKED {word}")
     assert _ssh(vm, f"echo {word} > /root/own && sync").returncode == 0
 
 
@@ -281,20 +282,20 @@ def test_two_children_and_a_grandchild_each_keep_their_own_disk_memory_and_rando
     id; /dev/urandom is the CRNG getrandom() reads); ssh answers in every VM."""
     from hvkit.fork import fork
 
-    parent = VM.attach(NAME, paths)
+    parent = find_vm(NAME, paths)
     _write_own(parent, "P")
-    kids = [VM.attach(c.name, paths) for c in fork(NAME, 2, paths).children]
+    kids = [find_vm(c.name, paths) for c in fork(NAME, 2, paths).children]
     try:
         assert [_memory_marks(k) for k in kids] == [["P"], ["P"]] and [_own_file(k) for k in kids] == ["P", "P"]
         randoms = [_ssh(k, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'").stdout for k in kids]
         assert len(randoms[0]) == 64 and randoms[0] != randoms[1], randoms
         for kid, word in zip(kids, ("A", "B")):
             _write_own(kid, word)
-        grandchild = VM.attach(fork(kids[0].name, 1, paths).children[0].name, paths)
+        grandchild = find_vm(fork(kids[0].name, 1, paths).children[0].name, paths)
         kids.append(grandchild)
         assert _memory_marks(grandchild) == ["A"] and _own_file(grandchild) == "A", "it starts from its parent"
         _write_own(grandchild, "G")
-        parent = VM.attach(NAME, paths)  # a first fork restarts the parent's QEMU
+        parent = find_vm(NAME, paths)  # a first fork restarts the parent's QEMU
         for vm, word in ((parent, "P"), (kids[0], "A"), (kids[1], "B"), (grandchild, "G")):
             assert (_memory_marks(vm), _own_file(vm)) == ([word], word), vm.name
     finally:
@@ -306,20 +307,20 @@ def test_base_image_unchanged(image_vm: VM, image):
     """Last of the VM's tests (module order): the guest wrote; all of it went to its overlay."""
     assert _ssh(image_vm, "head -c 8M /dev/urandom > /root/proof && sync").returncode == 0
     assert _sha256(image.image) == image.sha256
-    assert Path(VM.attach(NAME, image_vm._paths()).spec.disk).stat().st_size > 8 << 20
+    assert Path(find_vm(NAME, image_vm.paths()).spec.disk).stat().st_size > 8 << 20
 
 
 # ---- failures: one clear line each, nothing left running --------------------------------------
 
 def test_unknown_image_and_bad_disk_sizes(paths):
     with pytest.raises(HvkitError, match=r"unknown image 'ubuntu'; the images hvkit has: debian"):
-        VM.start("img-bad", image="ubuntu", paths=paths)
+        start_vm("img-bad", image="ubuntu", paths=paths)
     with pytest.raises(HvkitError, match="a disk size needs a disk image"):
-        VM.start("img-bad", disk_size="4G", paths=paths)
+        start_vm("img-bad", disk_size="4G", paths=paths)
     with pytest.raises(HvkitError, match=r"disk size 1G is smaller than the image \(2G\)"):
-        VM.start("img-bad", image="debian", disk_size="1G", paths=paths)
+        start_vm("img-bad", image="debian", disk_size="1G", paths=paths)
     with pytest.raises(HvkitError, match="boots its own kernel"):
-        VM.start("img-bad", image="debian", kernel_package="linux-image-cloud-amd64", paths=paths)
+        start_vm("img-bad", image="debian", kernel_package="linux-image-cloud-amd64", paths=paths)
     assert not paths.vm_dir("img-bad").exists()
     out = run_cli("vm", "start", "--image", "ubuntu")
     assert out.returncode != 0 and "ubuntu" in out.stderr
@@ -327,7 +328,7 @@ def test_unknown_image_and_bad_disk_sizes(paths):
 
 def test_agent_that_does_not_answer_in_time_stops_the_vm(paths, image):
     with pytest.raises(AgentSilent, match="did not answer guest-ping within 8 s") as e:
-        VM.start("img-slow", memory="1G", image="debian", timeout=8, paths=paths)
+        start_vm("img-slow", memory="1G", image="debian", timeout=8, paths=paths)
     assert "\n" not in str(e.value)
     assert not paths.vm_dir("img-slow").exists(), "its folder (overlay included) is removed"
     assert not [p for p in qemus_of(paths.runtime) if b"img-slow" in Path(f"/proc/{p}/cmdline").read_bytes()]
@@ -350,7 +351,7 @@ def test_full_disk_is_one_clear_error(tmp_path, image):
 
 
 def test_ssh_to_a_vm_without_an_image_is_refused(paths, guest):
-    with VM.start("img-plain", memory="128M", paths=paths) as plain:
+    with start_vm("img-plain", memory="128M", paths=paths) as plain:
         with pytest.raises(HvkitError, match="has no disk image"):
             plain.ssh_command("true")
         out = run_cli("vm", "ssh", plain.name, "true")

@@ -22,6 +22,7 @@ from hvkit.kernel.headers import debian_tree
 from hvkit.kernel.isf import flat_members, make_isf, volatility_symbol_dir
 from hvkit.kernel.symbols import load_symbols
 from hvkit.kernel.vmlinux import extract_vmlinux
+from hvkit.guest.control import ground_truth
 
 # plugins that must run clean on the default guest (a busybox system: no bash, no network
 # sockets beyond the kernel's own, no framebuffer). Not here: linux.kallsyms and
@@ -180,7 +181,7 @@ def _check_guest(vm, isf, tmp_path, plugins, release: str) -> None:
     symbols = volatility_symbol_dir(isf.path, tmp_path / "symbols")
     cache = tmp_path / "volcache"
     cache.mkdir()
-    truth = vm.ground_truth()
+    truth = ground_truth(vm)
     raw = _dump(vm, tmp_path / "ram.raw")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # vol is one process per plugin
         runs = dict(zip(plugins, pool.map(lambda p: _vol(symbols, raw, cache, p), plugins)))
@@ -219,9 +220,9 @@ def _check_guest(vm, isf, tmp_path, plugins, release: str) -> None:
 
 
 def test_volatility_runs_on_the_default_guest(guest, isf, paths, tmp_path):
-    from hvkit.qemu import VM
+    from hvkit.qemu import start_vm
 
-    with VM.start("isf", memory="256M", workload="hold:32", append=f"hvkit.listen={LISTEN_PORT}",
+    with start_vm("isf", memory="256M", workload="hold:32", append=f"hvkit.listen={LISTEN_PORT}",
                   paths=paths) as vm:
         _check_guest(vm, isf, tmp_path, PLUGINS, guest.release)
 
@@ -229,11 +230,11 @@ def test_volatility_runs_on_the_default_guest(guest, isf, paths, tmp_path):
 @pytest.mark.slow
 def test_volatility_runs_on_linux_6_12(paths, tmp_path):
     from hvkit.guest import build_kernel_guest
-    from hvkit.qemu import VM
+    from hvkit.qemu import start_vm
 
     package = "linux-image-6.12.117+deb12-cloud-amd64"
     g = build_kernel_guest(paths, package)
     report = make_isf(g.kernel, debian_tree(g.release, paths.cache), paths.cache)
-    with VM.start("isf612", memory="256M", workload="hold:32", kernel_package=package,
+    with start_vm("isf612", memory="256M", workload="hold:32", kernel_package=package,
                   append=f"hvkit.listen={LISTEN_PORT}", paths=paths) as vm:
         _check_guest(vm, report, tmp_path, PLUGINS_612, g.release)

@@ -29,7 +29,8 @@ from hvkit.introspect import PageClass
 from hvkit.kernel.headers import debian_tree
 from hvkit.kernel.layout import build_layout
 from hvkit.errors import HvkitError
-from hvkit.qemu import VM
+from hvkit.qemu import VM, start_vm
+from hvkit.guest.control import ground_truth, request
 
 from conftest import run_cli
 from test_identify import (assert_agrees_with_kpageflags, assert_fragmented_memory_has_its_owner,
@@ -60,7 +61,7 @@ def start_guest(name: str, guest, paths, workload: str | None) -> VM:
     """Boots `guest`'s kernel as `hvkit vm start --kernel-package` does: hvkit's own
     initramfs made for that kernel (its own modules) runs `workload`; init loads the
     kernel's own virtio_balloon module (no balloon device: it would report free pages)."""
-    return VM.start(name, memory=MEMORY, kernel_package=guest.kernel_package, workload=workload,
+    return start_vm(name, memory=MEMORY, kernel_package=guest.kernel_package, workload=workload,
                     append="hvkit.modules=virtio_balloon", paths=paths)
 
 
@@ -70,9 +71,9 @@ def kvm(kguest, paths):
     its own word, less HEADROOM_MIB) and freed it again, so the host backs it all."""
     release = kguest.release.split(".")
     with start_guest(f"k{release[0]}{release[1]}", kguest, paths, None) as vm:
-        mib = vm.ground_truth().meminfo["MemFree"] // (1 << 20) - HEADROOM_MIB
+        mib = ground_truth(vm).meminfo["MemFree"] // (1 << 20) - HEADROOM_MIB
         start = len(vm.console())
-        vm.request(f"run alloc {mib}", until="HVKIT-RUNNING alloc")
+        request(vm, f"run alloc {mib}", until="HVKIT-RUNNING alloc")
         vm.wait_for_console(rf"HVKIT-ALLOC done mib={mib}", timeout=120, after=start)
         yield vm
 
@@ -175,7 +176,7 @@ def test_kernel_without_randomized_memory_uses_the_bases_of_its_headers(guest, p
     symbols = knowledge.symbols
     fixed = KernelSymbols(symbols.release, {k: v for k, v in symbols.addresses.items()
                                             if k not in ("page_offset_base", "vmemmap_base")}, symbols.banner)
-    with VM.start("nokaslr", memory=MEMORY, append="nokaslr", paths=paths) as vm:
+    with start_vm("nokaslr", memory=MEMORY, append="nokaslr", paths=paths) as vm:
         with vm.paused("test"), RamFileMemory(vm.ram_path) as mem:
             real = KernelSpace.locate(mem, symbols)
             ks = KernelSpace.locate(mem, fixed, bases)
@@ -184,7 +185,7 @@ def test_kernel_without_randomized_memory_uses_the_bases_of_its_headers(guest, p
             pids = {t.pid for t in list_tasks(ks, knowledge.layout, count_pages=False).tasks}
             with pytest.raises(HvkitError, match="built without CONFIG_RANDOMIZE_MEMORY"):
                 KernelSpace.locate(mem, fixed)
-        truth = vm.ground_truth()
+        truth = ground_truth(vm)
     assert {p.pid for p in truth.processes} <= pids
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hvkit.qemu import VM
+from hvkit.qemu import VM, find_vm
 from hvkit.share import share_once
+from hvkit.guest.control import frozen_ground_truth
 
 from conftest import run_cli
 from test_identify import assert_agrees_with_kpageflags, identify_at_one_moment
@@ -115,13 +116,13 @@ def test_a_libvirt_domain_is_attached_read_and_shared(shared_domain, paths):
     row = json.loads(proc.stdout)
     assert row["name"] == shared_domain.name and row["origin"] == f"libvirt:{URI}#{shared_domain.name}"
     assert row["ram_path"] and row["ram_path"].startswith("/var/lib/libvirt/qemu/ram/")
-    vm = VM.attach(shared_domain.name, paths)
+    vm = find_vm(shared_domain.name, paths)
     shared_domain.lend_ground_truth(vm)
     compare_with_ground_truth(vm, paths)
     truth, pm, layout, _ = identify_at_one_moment(vm, paths)
     assert_agrees_with_kpageflags(truth, pm, layout)
 
-    truth, result = vm.frozen_ground_truth(lambda: share_once(vm, paths))
+    truth, result = frozen_ground_truth(vm, lambda: share_once(vm, paths))
     free = truth.meminfo["MemFree"]
     assert result.released_bytes >= 0.9 * free, (result.released_bytes, free)
     assert _virsh("domstate", shared_domain.name).stdout.strip() == "running"

@@ -11,7 +11,7 @@ import pytest
 from hvkit.memory import RamFileMemory
 from hvkit.memory.process import ProcessMemory, ram_mappings
 from hvkit.memserver import MemServer, fuse_unavailable_reason
-from hvkit.qemu import VM
+from hvkit.qemu import find_vm, start_vm
 
 from conftest import run_cli
 from test_identify import assert_agrees_with_kpageflags, identify_at_one_moment
@@ -32,7 +32,7 @@ def test_process_memory_reads_what_the_ram_file_holds(shared_vm):
 
 @pytest.fixture(scope="module")
 def anonymous_vm(paths, guest):
-    with VM.start("anon", memory="256M", workload="alloc:64", ram="anonymous", paths=paths) as vm:
+    with start_vm("anon", memory="256M", workload="alloc:64", ram="anonymous", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-ALLOC done mib=64", timeout=120)
         yield vm
 
@@ -48,17 +48,17 @@ def test_identify_and_ps_on_anonymous_ram(anonymous_vm, paths):
 
 @pytest.mark.skipif(fuse_unavailable_reason() is not None, reason=f"no FUSE: {fuse_unavailable_reason()}")
 def test_identify_and_ps_on_forked_children(paths, guest):
-    with VM.start("pm", memory="256M", workload="alloc:64", paths=paths) as parent:
+    with start_vm("pm", memory="256M", workload="alloc:64", paths=paths) as parent:
         parent.wait_for_console(r"HVKIT-ALLOC done mib=64", timeout=120)
         proc = run_cli("fork", "pm", "-n", "1")
         assert proc.returncode == 0, proc.stderr
         try:
             for name in ("pm", "pm-1"):  # the VM itself (its frozen file) and a child (via the server)
-                vm = VM.attach(name, paths)
+                vm = find_vm(name, paths)
                 assert vm.spec.ram == "snapshot"
                 compare_with_ground_truth(vm, paths)
                 truth, pm, layout, _ = identify_at_one_moment(vm, paths)
                 assert_agrees_with_kpageflags(truth, pm, layout)
         finally:
-            VM.attach("pm-1", paths).stop()
+            find_vm("pm-1", paths).stop()
     MemServer.of(paths).stop(force=True)

@@ -14,6 +14,7 @@ import pytest
 from hvkit.introspect import KernelMismatch, KernelSpace, list_tasks
 from hvkit.introspect.source import open_guest
 from hvkit.memory import RamFileMemory
+from hvkit.guest.control import ground_truth
 
 from conftest import run_cli
 
@@ -30,7 +31,7 @@ def same_name(proc_name: str, ours: str) -> bool:
 
 
 def compare_with_ground_truth(vm, paths):
-    truth = vm.ground_truth()
+    truth = ground_truth(vm)
     with open_guest(vm.name, paths=paths) as guest:
         walk = list_tasks(guest.kernel, guest.layout)
     assert vm.run_state() == "running"  # resumed after reading
@@ -52,9 +53,9 @@ def test_ps_matches_idle_guest(shared_vm, paths):
 
 
 def test_ps_matches_guest_after_alloc_and_free(paths):
-    from hvkit.qemu import VM
+    from hvkit.qemu import start_vm
 
-    with VM.start("psalloc", memory="256M", workload="alloc:96", paths=paths) as vm:
+    with start_vm("psalloc", memory="256M", workload="alloc:96", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-ALLOC done mib=96", timeout=120)
         compare_with_ground_truth(vm, paths)
 

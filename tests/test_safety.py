@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from hvkit.memserver import MemServer, fuse_unavailable_reason
-from hvkit.qemu import VM
+from hvkit.qemu import VM, find_vm, list_vms, start_vm
 from hvkit.qemu.qmp import qmp
 
 from conftest import run_cli
@@ -77,7 +77,7 @@ def test_two_share_watchers_and_a_ps_loop_never_corrupt_the_guest(paths, guest):
     """The outside tester's reproduction: two `share --watch 0.05` and a loop of `ps` on
     a memcheck:200 guest of 512 MiB for 60 s (it found 1,636 corrupt lines before), with
     `vm list` in the loop too."""
-    with VM.start("together", memory="512M", workload="memcheck:200", paths=paths) as vm:
+    with start_vm("together", memory="512M", workload="memcheck:200", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-MEMCHECK round=1 ", timeout=120)
         first_round = memcheck_round(vm)
         watchers = [hvkit_popen("share", "together", "--watch", "0.05", "--json") for _ in range(2)]
@@ -111,7 +111,7 @@ def test_two_share_watchers_and_a_ps_loop_never_corrupt_the_guest(paths, guest):
 def test_share_and_fork_of_one_vm_at_once(paths, guest):
     """A fork meets a `share --watch`: one waits for the other; the share then stops
     with one line (a forked VM's RAM is no shared file) and nothing is lost."""
-    with VM.start("sharefork", memory="256M", workload="memcheck:32", paths=paths) as vm:
+    with start_vm("sharefork", memory="256M", workload="memcheck:32", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-MEMCHECK round=1 ", timeout=120)
         watcher = hvkit_popen("share", "sharefork", "--watch", "0.05")
         time.sleep(2.0)
@@ -121,7 +121,7 @@ def test_share_and_fork_of_one_vm_at_once(paths, guest):
         assert watcher.returncode == 1 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith("hvkit: error:") and "snapshot" in err
         for name in ("sharefork", "sharefork-1", "sharefork-2"):
-            kid = VM.attach(name, paths)
+            kid = find_vm(name, paths)
             assert kid.run_state() == "running"
             wait_rounds(kid, 2)
             assert_clean(kid)
@@ -137,7 +137,7 @@ def test_sigkill_of_share_watch_never_leaves_the_vm_paused(paths, guest):
     command had paused it)."""
     rng = random.Random(11)
     left_paused = 0
-    with VM.start("killshare", memory="256M", workload="memcheck:48", paths=paths) as vm:
+    with start_vm("killshare", memory="256M", workload="memcheck:48", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-MEMCHECK round=1 ", timeout=120)
         moments = [None] * 12 + ["after share:resume", "paused share", "before done share"]
         for moment in moments:
@@ -165,7 +165,7 @@ def test_sigkill_of_share_watch_never_leaves_the_vm_paused(paths, guest):
 
 
 def test_sigterm_of_share_watch_ends_cleanly(paths, guest):
-    with VM.start("termshare", memory="256M", workload="idle", paths=paths) as vm:
+    with start_vm("termshare", memory="256M", workload="idle", paths=paths) as vm:
         for delay in (0.0, 0.03, 0.11, 0.2, 0.37):
             watcher = hvkit_popen("share", "termshare", "--watch", "0.05")
             time.sleep(1.2 + delay)  # python start-up, then somewhere in a cycle
@@ -214,7 +214,7 @@ def test_sigkill_of_fork_at_every_step_loses_nothing(paths, guest):
     outcomes = {}
     for i, moment in enumerate(FORK_STEPS + [None] * 3):
         name = f"kf{i}"
-        vm = VM.start(name, memory="256M", workload="memcheck:24", paths=paths)
+        vm = start_vm(name, memory="256M", workload="memcheck:24", paths=paths)
         try:
             vm.wait_for_console(r"HVKIT-MEMCHECK round=1 ", timeout=120)
             before = set(_snapshots(server))
@@ -236,7 +236,7 @@ def test_sigkill_of_fork_at_every_step_loses_nothing(paths, guest):
             assert mine[name]["state"] == "running", (moment, mine[name], said)
             assert all(r["state"] == "running" for r in mine.values()), (moment, mine)
             new = sorted(set(_snapshots(server)) - before)
-            again = VM.attach(name, paths)
+            again = find_vm(name, paths)
             outcomes[moment or f"random {i}"] = ("from snapshot " + new[0]) if new else "as before"
             assert (again.spec.ram == "snapshot") == bool(new), (moment, again.spec.ram, new)
             wait_rounds(again, 2)
@@ -244,13 +244,13 @@ def test_sigkill_of_fork_at_every_step_loses_nothing(paths, guest):
             for snap in new:  # a child of every sealed snapshot finds its memory intact
                 proc = run_cli("fork", "--snapshot", snap, "-n", "1", "--json")
                 assert proc.returncode == 0, proc.stderr
-                child = VM.attach(json.loads(proc.stdout)["children"][0]["name"], paths)
+                child = find_vm(json.loads(proc.stdout)["children"][0]["name"], paths)
                 wait_rounds(child, 2)
                 assert_clean(child)
         finally:
-            for row in VM.list(paths):
+            for row in list_vms(paths):
                 if row.name == name or row.name.startswith(name + "-"):
-                    VM.attach(row.name, paths).stop()
+                    find_vm(row.name, paths).stop()
     print("\n".join(f"  killed at {m!r}: VM runs {o}" for m, o in outcomes.items()))
     assert any(o == "as before" for o in outcomes.values())
     assert any(o.startswith("from") for o in outcomes.values())
@@ -263,7 +263,7 @@ def _snapshots(server: MemServer) -> list[str]:
 
 @needs_fuse
 def test_killing_the_memory_server_spares_the_forked_vm(paths, guest):
-    with VM.start("spared", memory="256M", workload="memcheck:24", paths=paths) as vm:
+    with start_vm("spared", memory="256M", workload="memcheck:24", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-MEMCHECK round=1 ", timeout=120)
         proc = run_cli("fork", "spared", "-n", "2")
         assert proc.returncode == 0, proc.stderr
@@ -274,7 +274,7 @@ def test_killing_the_memory_server_spares_the_forked_vm(paths, guest):
         assert rows["spared"]["state"] == "running"
         assert {rows[c]["state"] for c in ("spared-1", "spared-2")} == {"dead"}
         assert "its memory server" in said or "memory server" in rows["spared-1"]["reason"]
-        again = VM.attach("spared", paths)
+        again = find_vm("spared", paths)
         wait_rounds(again, 3)
         assert_clean(again)
         again.stop()
@@ -314,8 +314,8 @@ def test_a_second_user_reads_no_guest_byte(paths, guest, tmp_path):
         assert other.returncode == 0, other.stderr
         assert other.stdout.strip() == "", f"user nobody read: {other.stdout}"
     finally:
-        for row in VM.list(paths.__class__(paths.cache, runtime)):
-            VM.attach(row.name, paths.__class__(paths.cache, runtime)).stop()
+        for row in list_vms(paths.__class__(paths.cache, runtime)):
+            find_vm(row.name, paths.__class__(paths.cache, runtime)).stop()
         MemServer.of(paths.__class__(paths.cache, runtime)).stop(force=True)
         subprocess.run(["rm", "-rf", str(runtime)])
 

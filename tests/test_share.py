@@ -15,9 +15,11 @@ import pytest
 
 from hvkit.introspect.source import open_guest
 from hvkit.memory import PAGE_SIZE
-from hvkit.qemu import VM
+from hvkit.qemu import start_vm
 from hvkit.share import ShareRefused, share_once
-from hvkit.share.sharer import check_guest, check_vm_ram, filesystem_of
+from hvkit.share.freepages import check_guest
+from hvkit.share.sharer import check_vm_ram, filesystem_of
+from hvkit.guest.control import frozen_ground_truth, request
 
 from conftest import run_cli
 
@@ -25,7 +27,7 @@ from conftest import run_cli
 @pytest.fixture(scope="module")
 def freed_vm(paths, guest):
     """A 256 MiB guest that allocated 180 MiB and freed it: the host holds most of its RAM."""
-    with VM.start("share", memory="256M", workload="alloc:180", paths=paths) as vm:
+    with start_vm("share", memory="256M", workload="alloc:180", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-ALLOC done mib=180", timeout=120)
         yield vm
 
@@ -34,7 +36,7 @@ def assert_share_gives_back_free_memory(vm, paths):
     """Share of a guest that allocated and freed most of its memory: >= 90% of its own
     MemFree given back, then the guest can use all of its memory again."""
     before = vm.host_memory()
-    truth, result = vm.frozen_ground_truth(lambda: share_once(vm, paths))
+    truth, result = frozen_ground_truth(vm, lambda: share_once(vm, paths))
     mem_free = truth.meminfo["MemFree"]  # the guest's own word, at the moment of sharing
     print(f"share: {result.released_bytes >> 20} MiB given back of MemFree {mem_free >> 20} MiB "
           f"({result.released_bytes / mem_free:.1%}); free pages {result.free_pages}")
@@ -46,7 +48,7 @@ def assert_share_gives_back_free_memory(vm, paths):
     # the guest goes on, and can use all of its memory again (the host allocates anew)
     start = len(vm.console())
     again = mem_free // (1 << 20) - 24
-    vm.request(f"run alloc {again}", until="HVKIT-RUNNING alloc")
+    request(vm, f"run alloc {again}", until="HVKIT-RUNNING alloc")
     vm.wait_for_console(rf"HVKIT-ALLOC done mib={again}", timeout=120, after=start)
     assert vm.host_memory() > before - 0.5 * mem_free
 
@@ -69,7 +71,7 @@ def test_reading_memory_does_not_bring_given_back_pages_back(freed_vm, paths, gu
 
 def test_dry_run_gives_nothing_back(freed_vm):
     start = len(freed_vm.console())
-    freed_vm.request("run alloc 64", until="HVKIT-RUNNING alloc")
+    request(freed_vm, "run alloc 64", until="HVKIT-RUNNING alloc")
     freed_vm.wait_for_console(r"HVKIT-ALLOC done mib=64", timeout=120, after=start)
     proc = run_cli("share", freed_vm.name, "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -93,7 +95,7 @@ def test_watch_stops_cleanly(freed_vm):
 
 
 def test_memory_checker_survives_50_share_cycles(paths, guest):
-    with VM.start("sharecheck", memory="256M", workload="memcheck:96", paths=paths) as vm:
+    with start_vm("sharecheck", memory="256M", workload="memcheck:96", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-MEMCHECK round=1 ", timeout=120)
         released = 0
         for _ in range(50):
@@ -111,7 +113,7 @@ def test_memory_checker_survives_50_share_cycles(paths, guest):
 # -- refusals ----------------------------------------------------------------------------
 
 def test_vm_with_ram_inside_qemu_is_refused(paths, guest):
-    with VM.start("anonram", memory="128M", ram="anonymous", paths=paths) as vm:
+    with start_vm("anonram", memory="128M", ram="anonymous", paths=paths) as vm:
         proc = run_cli("share", vm.name)
         assert vm.run_state() == "running"
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from hvkit.qemu import VM
+from hvkit.qemu import VM, list_vms, qemu_binary, start_vm
 from hvkit.qemu.accel import best_accel, probe
-from hvkit.qemu.vm import qemu_binary
 from hvkit.units import MiB
+from hvkit.guest.control import ground_truth
 
 from conftest import qemus_of
 
@@ -56,7 +56,7 @@ def test_pause_stops_heartbeat_and_resume_restarts_it(shared_vm):
 
 def test_ground_truth_arrives_and_parses(shared_vm, tmp_path):
     saved = tmp_path / "gt.txt"
-    truth = shared_vm.ground_truth(save_to=saved)
+    truth = ground_truth(shared_vm, save_to=saved)
     assert saved.read_text().startswith("HVKIT-GT-BEGIN")
     # MemTotal is RAM less what the kernel keeps for itself: most of 256 MiB
     assert 150 * MiB < truth.meminfo["MemTotal"] <= 256 * MiB
@@ -77,22 +77,22 @@ def test_ground_truth_refused_while_paused(shared_vm):
     shared_vm.pause()
     try:
         with pytest.raises(Exception, match="paused"):
-            shared_vm.ground_truth(timeout=5)
+            ground_truth(shared_vm, timeout=5)
     finally:
         shared_vm.resume()
 
 
 def test_two_vms_side_by_side_have_separate_ram(paths, shared_vm):
-    with VM.start("second", memory="128M", workload="hold:32", paths=paths) as other:
+    with start_vm("second", memory="128M", workload="hold:32", paths=paths) as other:
         assert other.ram_path != shared_vm.ram_path
         assert other.ram_path.stat().st_ino != shared_vm.ram_path.stat().st_ino
         assert other.ram_path.stat().st_size == 128 * MiB
         assert shared_vm.ram_path.stat().st_size == 256 * MiB
         other.wait_for_console(r"HVKIT-HOLD holding mib=32", timeout=60)
         # each guest sees its own memory size, and both keep running
-        assert other.ground_truth().meminfo["MemTotal"] < 128 * MiB
-        assert shared_vm.ground_truth().meminfo["MemTotal"] > 128 * MiB
-        states = {r.name: r.state for r in VM.list(paths)}
+        assert ground_truth(other).meminfo["MemTotal"] < 128 * MiB
+        assert ground_truth(shared_vm).meminfo["MemTotal"] > 128 * MiB
+        states = {r.name: r.state for r in list_vms(paths)}
         assert states["shared"] == "running" and states["second"] == "running"
         # the 32 MiB the second guest holds lives in its own RAM file
         assert other.host_memory() >= 32 * MiB
@@ -101,28 +101,28 @@ def test_two_vms_side_by_side_have_separate_ram(paths, shared_vm):
 
 
 def test_stop_leaves_nothing_behind(paths):
-    vm = VM.start("stopme", memory="128M", paths=paths)
+    vm = start_vm("stopme", memory="128M", paths=paths)
     pid, folder = vm.pid, vm.rundir.path
     assert pid in qemus_of(folder)
     vm.stop()
     assert not folder.exists()
     assert pid not in qemus_of(folder)
-    assert "stopme" not in {r.name for r in VM.list(paths)}
+    assert "stopme" not in {r.name for r in list_vms(paths)}
 
 
 def test_dead_vm_is_listed_dead_then_cleaned(paths):
-    vm = VM.start("victim", memory="128M", paths=paths)
+    vm = start_vm("victim", memory="128M", paths=paths)
     os.kill(vm.pid, signal.SIGKILL)
     vm._process.wait()
-    rows = {r.name: r for r in VM.list(paths)}
+    rows = {r.name: r for r in list_vms(paths)}
     assert rows["victim"].state == "dead"
     assert not vm.rundir.path.exists()
-    assert "victim" not in {r.name for r in VM.list(paths)}
+    assert "victim" not in {r.name for r in list_vms(paths)}
 
 
 def test_guest_panic_while_starting_is_reported(paths):
     with pytest.raises(Exception, match="Kernel panic"):
-        VM.start("panics", memory="128M", append="rdinit=/nonexistent", paths=paths, timeout=60)
+        start_vm("panics", memory="128M", append="rdinit=/nonexistent", paths=paths, timeout=60)
     assert not paths.vm_dir("panics").exists()
 
 
@@ -145,6 +145,6 @@ def test_best_accel_is_cached(paths):
 def test_request_sent_before_the_guest_is_ready_is_answered(paths):
     """A request that reaches the guest before it opened its control port is lost by
     the serial port; hvkit repeats it until the guest answers."""
-    with VM.start("early", memory="128M", paths=paths, wait=False) as vm:
-        truth = vm.ground_truth(timeout=120)
+    with start_vm("early", memory="128M", paths=paths, wait=False) as vm:
+        truth = ground_truth(vm, timeout=120)
         assert truth.processes and "HVKIT-READY" in vm.console()

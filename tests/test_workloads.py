@@ -10,7 +10,7 @@ import numpy as np
 from hvkit.introspect import list_tasks
 from hvkit.introspect.pagetables import mapped_pages
 from hvkit.introspect.source import open_guest
-from hvkit.qemu import VM
+from hvkit.qemu import start_vm
 
 
 def checker_data_pages(guest, pid: int) -> list[int]:
@@ -28,7 +28,7 @@ def checker_data_pages(guest, pid: int) -> list[int]:
 
 
 def test_memcheck_detects_a_page_changed_behind_its_back(paths):
-    with VM.start("memcheck", memory="256M", workload="memcheck:16", paths=paths) as vm:
+    with start_vm("memcheck", memory="256M", workload="memcheck:16", paths=paths) as vm:
         vm.wait_for_console(r"HVKIT-MEMCHECK round=3 live_mib=\d+ errors=0", timeout=120)
         with open_guest(vm.name, paths=paths) as guest:  # paused until the pages are changed
             checker = [t for t in list_tasks(guest.kernel, guest.layout).tasks

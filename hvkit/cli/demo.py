@@ -23,9 +23,10 @@ from hvkit.introspect import PageClass, classify, list_tasks
 from hvkit.memory import PAGE_SIZE
 from hvkit.introspect.source import open_guest
 from hvkit.memserver import MemServer
-from hvkit.qemu import VM
+from hvkit.qemu import VM, find_vm, list_vms, start_vm
 from hvkit.share import share_once
 from hvkit.units import mib
+from hvkit.guest.control import ground_truth, frozen_ground_truth, request
 
 HEARTBEAT = r"HVKIT-HEARTBEAT (\d+)"
 
@@ -42,7 +43,7 @@ def _wait_heartbeats(vm: VM, count: int, timeout: float = 30.0) -> int:
     while _last_heartbeat(vm) < start + count:
         if time.monotonic() > deadline:
             raise click.ClickException(f"the guest's heartbeat stalled at {start}")
-        vm._raise_if_dead("during the demo")
+        vm.raise_if_dead("during the demo")
         time.sleep(0.1)
     return _last_heartbeat(vm)
 
@@ -70,7 +71,7 @@ def demo(memory: str, as_json: bool) -> None:
     vm = {}
 
     def boot() -> str:
-        vm["vm"] = VM.start(f"demo-{os.getpid()}", memory=memory, workload="alloc:32", paths=paths)
+        vm["vm"] = start_vm(f"demo-{os.getpid()}", memory=memory, workload="alloc:32", paths=paths)
         ready = re.search(r"HVKIT-READY (.*)", vm["vm"].console()).group(1)
         return f"{vm['vm'].name} ready ({vm['vm'].spec.accel}): {ready.strip()}"
 
@@ -91,7 +92,7 @@ def demo(memory: str, as_json: bool) -> None:
         step("pause and resume", pause_resume)
 
         def truth() -> str:
-            t = machine.ground_truth()
+            t = ground_truth(machine)
             return (f"MemTotal {mib(t.meminfo['MemTotal']):.0f} MiB, MemFree {mib(t.meminfo['MemFree']):.0f} MiB, "
                     f"{len(t.processes)} processes, {t.kpageflags.size} page frames; "
                     f"host holds {mib(machine.host_memory()):.0f} MiB of its RAM file")
@@ -99,7 +100,7 @@ def demo(memory: str, as_json: bool) -> None:
         step("read the guest's own memory report", truth)
 
         def processes() -> str:
-            own = {p.pid for p in machine.ground_truth().processes}
+            own = {p.pid for p in ground_truth(machine).processes}
             with open_guest(machine.name, paths=paths) as g:
                 walk = list_tasks(g.kernel, g.layout)
             found = {t.pid for t in walk.tasks}
@@ -117,7 +118,7 @@ def demo(memory: str, as_json: bool) -> None:
                 with open_guest(machine.name, paths=paths) as g:
                     return classify(g.kernel, g.layout, list_tasks(g.kernel, g.layout))
 
-            truth, pm = machine.frozen_ground_truth(look)
+            truth, pm = frozen_ground_truth(machine, look)
             counts = pm.counts()
             share = ", ".join(f"{c.label} {mib(n * PAGE_SIZE):.0f}" for c, n in counts.items() if n)
             free_theirs = truth.meminfo["MemFree"] // PAGE_SIZE
@@ -128,7 +129,7 @@ def demo(memory: str, as_json: bool) -> None:
 
         def give_back() -> str:
             start = len(machine.console())
-            machine.request("run alloc 128", until="HVKIT-RUNNING alloc")
+            request(machine, "run alloc 128", until="HVKIT-RUNNING alloc")
             machine.wait_for_console(r"HVKIT-ALLOC done mib=128", timeout=120, after=start)
             r = share_once(machine, paths)
             return (f"after the guest allocated and freed 128 MiB, gave {mib(r.released_bytes):.0f} MiB of its "
@@ -145,11 +146,11 @@ def demo(memory: str, as_json: bool) -> None:
             try:
                 report = fork(machine.name, 2, paths)
             finally:  # it runs on in its own place (a new QEMU), even if the fork failed
-                vm["vm"] = VM.attach(machine.name, paths)
-            kids = [VM.attach(c.name, paths) for c in report.children]
+                vm["vm"] = find_vm(machine.name, paths)
+            kids = [find_vm(c.name, paths) for c in report.children]
             vm["children"] = kids
             beats = [_wait_heartbeats(k, 1) for k in kids]
-            rows = {r.name: r for r in VM.list(paths)}
+            rows = {r.name: r for r in list_vms(paths)}
             times = ", ".join(f"{c.name} {c.seconds * 1000:.0f} ms" for c in report.children)
             pss = ", ".join(f"{k.name} {mib(rows[k.name].pss):.0f}" for k in kids)
             return (f"snapshot {report.snapshot} without copying its RAM; children running after {times}; "

@@ -29,9 +29,9 @@ headers_option = click.option("--headers", type=click.Path(path_type=Path),
 
 
 def _vm_kernel(name: str, paths: Paths) -> Path:
-    from hvkit.qemu import VM
+    from hvkit.qemu import find_vm
 
-    return Path(VM.attach(name, paths).spec.kernel)
+    return Path(find_vm(name, paths).spec.kernel)
 
 
 def kernel_file_of(source: str, kernel: Path | None, paths: Paths) -> Path:
@@ -125,9 +125,9 @@ def memory_image(source: str, paths: Paths) -> Iterator[Path]:
             raise HvkitError(f"{source} is not a memory file", "give a VM name, a RAM file or an ELF core")
         yield path
         return
-    from hvkit.qemu import VM
+    from hvkit.qemu import find_vm
 
-    vm = VM.attach(source, paths)
+    vm = find_vm(source, paths)
     with tempfile.TemporaryDirectory(prefix=f"{VOL_COPY_PREFIX}{os.getpid()}-", dir=paths.cache) as tmp:
         core = Path(tmp) / f"{vm.name}.core"
         t0 = time.monotonic()

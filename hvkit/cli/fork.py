@@ -13,7 +13,7 @@ from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.fork import ChildStarted, child_names, fork as fork_vm, start_children
 from hvkit.memserver import MemServer
-from hvkit.qemu import VM
+from hvkit.qemu import list_vms
 from hvkit.qemu.disk import layers_in_use
 from hvkit.units import mib
 
@@ -124,7 +124,7 @@ def clear(force: bool) -> None:
     """Stop the server and delete every snapshot it holds."""
     paths = Paths.from_env()
     server = MemServer.of(paths)
-    users = [row.name for row in VM.list(paths) if row.snapshot and row.state != "dead"]
+    users = [row.name for row in list_vms(paths) if row.snapshot and row.state != "dead"]
     if users and not force:
         raise HvkitError(f"VMs run from the memory server's snapshots ({', '.join(users)}); clearing "
                          "would leave them unable to fork again", "stop them first, or pass --force")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
 
+from hvkit import api
 from hvkit.cli.output import console, json_option, print_json, print_table, status_console
-from hvkit.introspect import PageClass, PageMap, TaskWalk, classify, list_tasks
+from hvkit.introspect import PageClass, PageMap, TaskWalk, list_tasks
 from hvkit.introspect.pages import SHARED_OWNER
 from hvkit.introspect.source import open_guest
 from hvkit.memory import PAGE_SIZE
@@ -94,14 +94,11 @@ def identify(source: str, kernel: Path | None, headers: Path | None, as_json: bo
     run of pages of one class as [first pfn, pages, class].
     """
     with status_console().status("reading the guest"):
-        with open_guest(source, kernel, headers) as guest:
-            t0 = time.monotonic()
-            walk = list_tasks(guest.kernel, guest.layout)
-            pm = classify(guest.kernel, guest.layout, walk)
-            seconds = time.monotonic() - t0
-    doc = identify_document(pm, walk, guest.layout.release)
-    doc["seconds"] = round(seconds, 4)
-    doc["paused_seconds"] = round(guest.paused_for, 4)
+        found = api.identify(source, kernel=kernel, headers=headers)
+    pm = found.pages
+    doc = identify_document(pm, found.tasks, found.kernel)
+    doc["seconds"] = round(found.seconds, 4)
+    doc["paused_seconds"] = round(found.paused_seconds, 4)
     if map_path:
         from hvkit.cli.pictures import page_map_picture
 

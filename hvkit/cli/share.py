@@ -11,7 +11,7 @@ import click
 
 from hvkit.errors import HvkitError
 from hvkit.cli.output import console, json_option, print_json, print_table, status_console
-from hvkit.qemu import VM
+from hvkit.qemu import VM, find_vm
 from hvkit.share import Sharer, ShareResult, share_once
 from hvkit.share.sharer import MAX_PAUSE
 from hvkit.units import mib
@@ -45,7 +45,7 @@ def share(vm_name: str, dry_run: bool, watch: float | None, max_pause: float, as
 
     With --watch, --json prints one JSON object per cycle (JSON Lines).
     """
-    vm = VM.attach(vm_name)
+    vm = find_vm(vm_name)
     if watch is None:
         with status_console().status(f"sharing {vm_name}"):
             r = share_once(vm, dry_run=dry_run, max_pause=max_pause)
@@ -88,7 +88,7 @@ def _watch(vm: VM, period: float, dry_run: bool, max_pause: float, as_json: bool
                 time.sleep(min(0.05, max(0.0, wake - time.monotonic())))
     if not as_json:
         try:
-            state = VM.attach(vm.name).run_state()
+            state = find_vm(vm.name).run_state()
         except HvkitError as e:
             state = f"not reachable ({e})"
         console().print(f"stopped after {cycles} cycles in {time.monotonic() - start:.1f} s: given back "

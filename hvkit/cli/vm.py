@@ -12,10 +12,11 @@ import click
 from hvkit.errors import HvkitError
 from hvkit.cli.output import console, json_option, print_json, print_table
 from hvkit.guest.workload import NAMES as WORKLOADS
-from hvkit.qemu import VM
+from hvkit.qemu import adopt_vm, detach_vm, find_vm, list_vms, start_vm, vm_status
 from hvkit.qemu.accel import ACCELS
 from hvkit.qemu.imagevm import IMAGES
 from hvkit.units import mib
+from hvkit.guest.control import ground_truth
 
 
 @click.group()
@@ -52,13 +53,13 @@ def start(name, memory, cpus, kernel, initrd, kernel_package, append, workload, 
           image, disk_size, timeout, no_wait, as_json) -> None:
     """Start a VM in the background; it keeps running after this command returns."""
     t0 = time.monotonic()
-    machine = VM.start(name, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd,
+    machine = start_vm(name, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd,
                        kernel_package=kernel_package, append=append,
                        workload=workload, accel=accel, cpu_model=cpu_model, ram=ram, balloon=balloon,
                        image=image, disk_size=disk_size, wait=not no_wait, timeout=timeout)
     elapsed = time.monotonic() - t0
     if as_json:
-        print_json({**machine.status().to_json(), "start_seconds": round(elapsed, 3),
+        print_json({**vm_status(machine).to_json(), "start_seconds": round(elapsed, 3),
                     "agent_seconds": machine.spec.agent_seconds, "boot_seconds": machine.spec.boot_seconds})
         return
     ready = "ready" if machine.spec.workload and not no_wait else "started"
@@ -78,7 +79,7 @@ def ssh(name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a VM of a disk image over ssh as root (no COMMAND: a login
     shell), with the image's key and host key; exits with the command's status
     (255: ssh itself failed)."""
-    argv = VM.attach(name).ssh_command(*command)
+    argv = find_vm(name).ssh_command(*command)
     sys.exit(subprocess.run(argv).returncode)
 
 
@@ -104,9 +105,9 @@ def attach(qmp_socket: Path | None, domain: str | None, connect: str, name: str 
     does not fork it (a fork restarts its VM)."""
     if (qmp_socket is None) == (domain is None):
         raise HvkitError("give either --qmp SOCKET or --libvirt DOMAIN", "see 'hvkit vm attach --help'")
-    machine = VM.adopt(qmp_socket, name, kernel, libvirt=domain, connect=connect)
+    machine = adopt_vm(qmp_socket, name, kernel, libvirt=domain, connect=connect)
     if as_json:
-        print_json(machine.status().to_json())
+        print_json(vm_status(machine).to_json())
         return
     where = f"RAM file {machine.ram_path}" if machine.spec.ram == "file" else "RAM inside QEMU"
     console().print(f"attached QEMU pid {machine.pid} as VM [bold]{machine.name}[/]: "
@@ -117,7 +118,7 @@ def attach(qmp_socket: Path | None, domain: str | None, connect: str, name: str 
 @click.argument("name")
 def detach(name: str) -> None:
     """Forget an attached VM; its QEMU runs on, untouched."""
-    VM.attach(name).detach()
+    detach_vm(find_vm(name))
     console().print(f"VM {name} detached (its QEMU runs on)")
 
 
@@ -129,7 +130,7 @@ def list_(as_json) -> None:
     'host MiB' is guest RAM the host holds for the VM alone: its RAM file's allocated
     pages, or for a forked VM the pages it wrote itself. 'PSS MiB' is the whole QEMU
     process's proportional set size: pages shared by k processes count 1/k in each."""
-    rows = VM.list()
+    rows = list_vms()
     if as_json:
         print_json([r.to_json() for r in rows])
         return
@@ -153,7 +154,7 @@ def _simple(verb: str, method: str, helptext: str):
     @vm.command(name=verb, help=helptext)
     @click.argument("name")
     def command(name: str) -> None:
-        getattr(VM.attach(name), method)()
+        getattr(find_vm(name), method)()
         console().print(f"VM {name}: {verb} done")
 
     return command
@@ -170,7 +171,7 @@ _simple("stop", "stop", "Stop a VM: QEMU ends and its runtime folder is removed.
 @click.option("-f", "--follow", is_flag=True, help="Keep printing as the console grows (Ctrl-C ends).")
 def log(name: str, lines: int, follow: bool) -> None:
     """Print a VM's serial console."""
-    machine = VM.attach(name)
+    machine = find_vm(name)
     text = machine.console()
     if lines:
         text = "\n".join(text.splitlines()[-lines:]) + "\n"
@@ -201,7 +202,7 @@ def dump(name: str, output: Path, as_json: bool) -> None:
 
     if not output.parent.is_dir():
         raise HvkitError(f"{output.parent} is not a folder", "give -o a path in an existing folder")
-    machine = VM.attach(name)
+    machine = find_vm(name)
     t0 = time.monotonic()
     with machine.paused("dump"):
         machine.dump_core(output)
@@ -225,7 +226,7 @@ def dump(name: str, output: Path, as_json: bool) -> None:
 def groundtruth(name: str, output: Path | None, as_json: bool) -> None:
     """Ask the default guest for its own view of its memory (meminfo, buddyinfo,
     kpageflags, processes), exported through its second serial port."""
-    truth = VM.attach(name).ground_truth(save_to=output)
+    truth = ground_truth(find_vm(name), save_to=output)
     summary = {
         "mem_total_mib": mib(truth.meminfo.get("MemTotal", 0)),
         "mem_free_mib": mib(truth.meminfo.get("MemFree", 0)),

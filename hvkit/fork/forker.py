@@ -50,13 +50,18 @@ from hvkit.errors import HvkitError
 from hvkit.fork.written import written_pages
 from hvkit.memserver import MemServer, Snapshot, Store
 from hvkit.memserver.store import disk_layer
-from hvkit.qemu import VM, imagevm
+from hvkit.qemu import VM, find_vm, launch_from_snapshot, receive_state
+from hvkit.qemu import imagevm
 from hvkit.qemu.ownership import Ownership, fault_point
 from hvkit.qemu.runtime import check_name
 from hvkit.signals import deferred_signals
-from hvkit.share.sharer import give_back_free_pages_of_file
+from hvkit.share.freepages import give_back_free_pages_of_file
 
 log = logging.getLogger(__name__)
+
+# what finishes or undoes a fork whose process died: named in its journal, so that the
+# QEMU engine hands the journal over without importing the fork package
+RECOVER = "hvkit.fork.recovery:finish_fork"
 
 
 @dataclass(frozen=True)
@@ -119,11 +124,11 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
         owner = Ownership(paths.runtime, name)
         with owner.hold("fork child"):
             owner.write_intent(op="fork child", undo="stop")
-            vm = VM.launch_from_snapshot(name, snapshot.machine, snapshot.name, ram_file, server_pid,
+            vm = launch_from_snapshot(name, snapshot.machine, snapshot.name, ram_file, server_pid,
                                          parent, paths)
             started.append(vm)
             fault_point("fork child launched")
-            vm.receive_state(state)
+            receive_state(vm, state)
             running = time.monotonic() - t0
             first_runs.set()
             if vm.spec.disk:
@@ -159,7 +164,7 @@ def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = Fals
     file's free pages are then punched out of it."""
     paths = paths or Paths.from_env()
     t0 = time.monotonic()
-    vm = VM.attach(name, paths)
+    vm = find_vm(name, paths)
     _check_forkable(vm)
     server = MemServer.of(paths)
     server_pid = server.start()
@@ -198,13 +203,13 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     fork_id = f"{time.time_ns()}-{os.getpid()}"
     frozen, state = store.frozen_path(fork_id), store.staged_state(fork_id)
     layer = disk_layer(store.path, fork_id) if vm.spec.disk else None
-    own.write_intent(op="fork", undo="fork", step="pausing", fork_id=fork_id, ram=str(vm.ram_path),
+    own.write_intent(op="fork", undo="fork", recover=RECOVER, step="pausing", fork_id=fork_id, ram=str(vm.ram_path),
                      frozen=str(frozen), state=str(state), old_pid=vm.pid, was_running=was_running,
                      run_after=run_after, store=str(store.path), machine=asdict(vm.spec), children=names,
                      disk_layer=str(layer) if layer else None)
     t_pause = time.monotonic()
     if was_running:
-        vm._qmp_stop()
+        vm.qmp("stop")
     vm.save_state(state)
     if layer:
         # the disk of this moment: the children's, under the VM's new overlay; the
@@ -216,7 +221,7 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     # from here on the fork only goes forward: the old QEMU ends, and with it the
     # last shared (writable) mapping of the frozen file; only then is it sealed
     own.update_intent(step="stopping")
-    vm._kill(signal.SIGKILL)  # paused, its state saved: nothing to shut down politely
+    vm.kill(signal.SIGKILL)  # paused, its state saved: nothing to shut down politely
     own.update_intent(step="sealing")
     with store.lock():
         snap = store.freeze_ram_file(frozen, vm.spec.memory, vm.name, state, asdict(vm.spec), fork_id)
@@ -242,9 +247,9 @@ def restart_from_frozen(name: str, snap: Snapshot, frozen: Path, store: Store, p
     """The VM `name` again, in its own folder, from the snapshot its RAM file became:
     a new QEMU maps the frozen file privately, straight from the store (its writes stay
     its own; it needs no memory server, so the server's death does not take it)."""
-    again = VM.launch_from_snapshot(name, snap.machine, snap.name, frozen, None,
+    again = launch_from_snapshot(name, snap.machine, snap.name, frozen, None,
                                     snap.machine.get("parent"), paths, in_place=True)
-    again.receive_state(store.state_file(snap.name), run=run)
+    receive_state(again, store.state_file(snap.name), run=run)
     if again.spec.disk and run:
         imagevm.set_clock(again)
     return again
@@ -271,7 +276,7 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
                               disk_layer=str(layer) if layer else None)
     t_pause = time.monotonic()
     if was_running:
-        vm._qmp_stop()
+        vm.qmp("stop")
     try:
         state = _save_state(vm, store)
         if layer:
@@ -287,7 +292,7 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
         report.children = start_children(snap, names, server, server_pid, vm.name, paths, t0, on_child)
     finally:
         if run_after and vm.is_alive():
-            vm._qmp_cont()  # it runs on from its own memory, untouched by the fork
+            vm.qmp("cont")  # it runs on from its own memory, untouched by the fork
         vm.ownership.clear_intent()
     report.vm_state = vm.run_state()
     report.parent_paused_seconds = time.monotonic() - t_pause if report.vm_state == "running" else 0.0

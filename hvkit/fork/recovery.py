@@ -48,7 +48,7 @@ def finish_fork(owner: Ownership, journal: dict, paths: Paths) -> None:
     name, step, by = owner.name, journal.get("step"), f"pid {journal.get('pid', '?')}"
     rundir = RuntimeDir(paths.vm_dir(name))
     old = VM(rundir, VMSpec(**journal["machine"]))  # the VM as the fork found it: its old QEMU
-    old_alive = old._qemu_alive()
+    old_alive = old.qemu_alive()
     try:
         if step in UNDONE_STEPS:
             _undo(rundir, journal, old_alive)
@@ -56,7 +56,7 @@ def finish_fork(owner: Ownership, journal: dict, paths: Paths) -> None:
                         "the VM runs on as before" if old_alive else "but its QEMU is gone too")
         else:
             if old_alive:  # paused, its state saved; it must not map the file shared past here
-                old._kill(signal.SIGKILL)
+                old.kill(signal.SIGKILL)
             snap = _finish(rundir, journal, paths)
             log.warning("the fork of VM %s (%s) died at step %r: finished it, snapshot %s is sealed and "
                         "%s runs from it", name, by, step, snap, name)
@@ -73,7 +73,7 @@ def _undo(rundir: RuntimeDir, journal: dict, old_alive: bool) -> None:
     if old_alive and spec is not None and journal.get("was_running"):
         vm = VM(rundir, spec)
         if vm.run_state() == "paused":
-            vm._qmp_cont()
+            vm.qmp("cont")
 
 
 def _finish(rundir: RuntimeDir, journal: dict, paths: Paths) -> str:
@@ -88,7 +88,7 @@ def _finish(rundir: RuntimeDir, journal: dict, paths: Paths) -> str:
         if journal.get("step") != "restarted":
             spec = rundir.read_spec()
             if spec is not None and spec.pid != journal.get("old_pid"):
-                VM(rundir, spec)._kill()  # a replacement QEMU that never finished starting
+                VM(rundir, spec).kill()  # a replacement QEMU that never finished starting
             rundir.path.mkdir(mode=0o700, exist_ok=True)
             restart_from_frozen(rundir.name, snap, Path(journal["frozen"]), store, paths,
                                 run=bool(journal.get("run_after")))

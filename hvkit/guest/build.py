@@ -301,7 +301,7 @@ def build_kernel_guest(paths: Paths, kernel_package: str, refresh: bool = False)
     default guest. The first call fetches with hvkit's own apt configuration
     (debian.Apt.private: any suite from bookworm to sid); later calls make no apt call
     unless `refresh` asks which kernel the name means now. Boot it with
-    VM.start(kernel=g.kernel, initrd=g.initrd, ...)."""
+    start_vm(kernel=g.kernel, initrd=g.initrd, ...)."""
     cache = paths.cache / "guest"
     cache.mkdir(parents=True, exist_ok=True)
     record = _record_of(cache, kernel_package)

@@ -19,12 +19,31 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from hvkit.hv.vcpu import Vcpu
+from hvkit.hv.dlh import DlhQueue
+from hvkit.hv.hypercalls import VmFigures
 
 DEFAULT_SLICE = 0.010
+
+
+class ScheduledVM(Protocol):
+    """What the scheduler reads of a VM (hypervisor.GuestVM): whether deferred
+    hypercalls wait, and how much run time it has had."""
+
+    dlh: DlhQueue
+    figures: VmFigures
+
+
+class Vcpu(Protocol):
+    """What the scheduler needs of a vCPU (vcpu.Vcpu): its VM, whether it should stop
+    waiting, and a way to kick it out of the guest."""
+
+    vm: ScheduledVM
+
+    def should_stop(self) -> bool: ...
+
+    def kick(self) -> None: ...
 
 
 class Scheduler:
@@ -35,8 +54,8 @@ class Scheduler:
         self.slice_s = slice_s
         self._cond = threading.Condition()
         self._free = slots
-        self._waiting: dict["Vcpu", int] = {}  # vCPU -> arrival number
-        self._running: dict["Vcpu", int] = {}  # vCPU -> slot start (ns)
+        self._waiting: dict[Vcpu, int] = {}  # vCPU -> arrival number
+        self._running: dict[Vcpu, int] = {}  # vCPU -> slot start (ns)
         self._arrivals = itertools.count()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="hv-ticker", daemon=True)
@@ -44,7 +63,7 @@ class Scheduler:
 
     # -- called by vCPU threads ----------------------------------------------
 
-    def acquire(self, vcpu: "Vcpu") -> bool:
+    def acquire(self, vcpu: Vcpu) -> bool:
         """Block until `vcpu` is granted a slot; False when it should stop instead."""
         with self._cond:
             self._waiting[vcpu] = next(self._arrivals)
@@ -60,7 +79,7 @@ class Scheduler:
                 del self._waiting[vcpu]
                 self._cond.notify_all()
 
-    def release(self, vcpu: "Vcpu") -> None:
+    def release(self, vcpu: Vcpu) -> None:
         with self._cond:
             start = self._running.pop(vcpu)
             vcpu.vm.figures.run_ns += time.monotonic_ns() - start
@@ -89,13 +108,13 @@ class Scheduler:
 
     # -- policy ----------------------------------------------------------------
 
-    def _choose(self) -> "Vcpu":
+    def _choose(self) -> Vcpu:
         now = time.monotonic_ns()
         used: dict[int, int] = {}
         for vcpu, start in self._running.items():
             used[id(vcpu.vm)] = used.get(id(vcpu.vm), 0) + now - start
 
-        def rank(item: tuple["Vcpu", int]) -> tuple[bool, int, int]:
+        def rank(item: tuple[Vcpu, int]) -> tuple[bool, int, int]:
             vcpu, arrival = item
             vm = vcpu.vm
             return (not vm.dlh.pending, vm.figures.run_ns + used.get(id(vm), 0), arrival)

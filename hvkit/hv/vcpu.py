@@ -19,22 +19,42 @@ import signal
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from hvkit.hv import kvm
-from hvkit.hv.hypercalls import PORT_DLH_NOTIFY, PORT_HYPERCALL, Action
-
-if TYPE_CHECKING:
-    from hvkit.hv.hypervisor import GuestVM
-    from hvkit.hv.scheduler import Scheduler
+from hvkit.hv.dlh import DlhQueue, GuestFault
+from hvkit.hv.hypercalls import PORT_DLH_NOTIFY, PORT_HYPERCALL, Action, HypercallHost, VmFigures
+from hvkit.hv.machine import Machine
+from hvkit.hv.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
 
 
+class VcpuOwner(Protocol):
+    """What a vCPU needs of its VM (hypervisor.GuestVM): the machine and KVM facts to
+    create it, the DLH queue and hypercall routines to serve, its figures, and where to
+    report that it stopped."""
+
+    name: str
+    machine: Machine
+    kvm_info: kvm.KvmInfo
+    dlh: DlhQueue
+    host: HypercallHost
+    figures: VmFigures
+    started: threading.Event
+    stopping: bool
+
+    def fault(self, vcpu: "Vcpu", message: str) -> GuestFault: ...
+
+    def fail(self, vcpu: "Vcpu", error: BaseException) -> None: ...
+
+    def vcpu_done(self, vcpu: "Vcpu") -> None: ...
+
+
 class Vcpu:
-    def __init__(self, vm: "GuestVM", index: int, scheduler: "Scheduler") -> None:
+    def __init__(self, vm: VcpuOwner, index: int, scheduler: Scheduler) -> None:
         self.vm = vm
         self.index = index
         self.scheduler = scheduler

@@ -18,7 +18,7 @@ from hvkit.kernel.image import read_kernel_image
 from hvkit.kernel.layout import Layout, build_layout
 from hvkit.kernel.symbols import KernelSymbols, load_symbols
 from hvkit.memory import ElfCoreMemory, GuestMemory, RamFileMemory
-from hvkit.qemu import VM
+from hvkit.qemu import VM, find_vm
 
 
 @dataclass
@@ -125,7 +125,7 @@ def open_guest(source: str, kernel: str | Path | None = None, headers: str | Pat
         with contextlib.closing(_open_file(path)) as memory:
             yield Guest(memory, KernelSpace.locate(memory, knowledge.symbols, knowledge.layout.fixed_bases()), knowledge.layout)
         return
-    vm = VM.attach(source, paths)
+    vm = find_vm(source, paths)
     knowledge = knowledge or load_kernel_knowledge(Path(kernel) if kernel else Path(vm.spec.kernel), headers, paths)
     with vm.paused(op) as pause, contextlib.closing(_locate_in(vm, knowledge)) as found:
         memory, kernel_space = found.memory, found.kernel

@@ -35,7 +35,7 @@ from hvkit.image import DebianImage, build_debian_image
 from hvkit.memserver.daemon import MemServer
 from hvkit.memserver.store import snapshot_disks
 from hvkit.qemu.agent import GuestAgent, agent_args
-from hvkit.qemu.disk import collect_frozen_layers, create_overlay, drive_args, freeze_active_layer, virtual_size
+from hvkit.qemu.disk import collect_frozen_layers, create_overlay, drive_args, freeze_active_layer
 from hvkit.qemu.ownership import OWNERS_DIR, fault_point
 from hvkit.qemu.network import DEFAULT_GUEST_IP, NETDEV_ID, free_local_port, new_mac, user_net_args
 from hvkit.qemu.runtime import RuntimeDir, VMSpec
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGES = ("debian",)  # names `--image` takes; each is built on first use, then cached
-READY_MARKER = "HVKIT-READY"
 BOOT_TIMEOUT = 300.0  # systemd under TCG: 35-45 s alone, 90 s and more on a busy 2-core host
 
 
@@ -97,32 +96,6 @@ def device_args(rundir: RuntimeDir, spec: VMSpec) -> list[str]:
     gets a new one, which QEMU writes into the guest when it loads the device state."""
     return [*drive_args(Path(spec.disk)), *user_net_args(spec.ssh_port, spec.mac),
             *agent_args(rundir.qga_sock), "-device", f"vmgenid,id=vmgenid0,guid={spec.vmgenid or 'auto'}"]
-
-
-def wait_ready(vm: "VM", timeout: float) -> None:
-    """Waits until the guest agent answers and the control service said HVKIT-READY
-    (so sshd and the control port answer too); records the boot time in the spec. On
-    timeout, an error naming what did not answer (the caller stops the VM)."""
-    started = vm.spec.started_at or time.time()
-    deadline = time.monotonic() + timeout
-    agent = GuestAgent(vm.rundir.qga_sock)
-    agent.wait_until_answers(timeout, lambda: vm._raise_if_dead("while booting"), f"VM {vm.name!r}")
-    vm.spec.agent_seconds = round(time.time() - started, 2)
-    vm.wait_for_console(READY_MARKER, timeout=max(1.0, deadline - time.monotonic()))
-    vm.spec.boot_seconds = round(time.time() - started, 2)
-    grow_file_system(vm, agent)
-    vm.rundir.write_spec(vm.spec)
-
-
-def grow_file_system(vm: "VM", agent: GuestAgent) -> None:
-    """A disk made larger than the image (--disk-size) gets its ext4 grown to fill it,
-    online, by the guest itself: the image's file system is only as big as the image."""
-    if vm.spec.disk_size is None or vm.spec.disk_size <= virtual_size(load_image(vm.spec).image):
-        return
-    result = agent.exec("/sbin/resize2fs", "/dev/vda", timeout=120)
-    if result.exitcode != 0:
-        said = (result.stderr or result.stdout).strip().splitlines()
-        raise HvkitError(f"growing the file system of VM {vm.name!r} failed: {said[-1] if said else result.exitcode}")
 
 
 def load_image(spec: VMSpec) -> DebianImage:
@@ -190,7 +163,7 @@ def settle_child(vm: "VM", timeout: float = 60.0) -> None:
     the child's own MAC inside the guest too (the guest's driver keeps the address it
     read at boot)."""
     agent = GuestAgent(vm.rundir.qga_sock)
-    agent.wait_until_answers(timeout, lambda: vm._raise_if_dead("after the fork"), f"child {vm.name!r}")
+    agent.wait_until_answers(timeout, lambda: vm.raise_if_dead("after the fork"), f"child {vm.name!r}")
     reseed_random(vm, agent)
     agent.set_time()
     nics = [n for n in agent.call("guest-network-get-interfaces")

@@ -3,38 +3,24 @@ resume (again, when the pause budget runs out first).
 
 Safety comes first, because a page given back by mistake is guest data lost:
 - the VM stays paused from identification to the last hole punched;
-- only pages inside blocks on the buddy allocator's free lists are given back (not
-  per-CPU lists, not pages whose state is in flux), and only when hvkit's count of them
-  agrees with the guest kernel's own free-page counter;
-- a guest that poisons free pages (it would find zeros where it expects its poison) is
-  refused, and so is RAM that is not a shared file or that sits on huge pages;
+- which pages may go is decided in one place (freepages.py, which `hvkit fork` uses
+  too): blocks on the buddy allocator's free lists, when hvkit's count agrees with the
+  guest kernel's own, in a guest that does not poison free pages;
+- RAM that is not a shared file or that sits on huge pages is refused;
 - guest RAM is read with pread, and its host-held pages found with mincore over a
   mapping never touched: neither brings a given-back page back.
 """
 
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from hvkit.config import Paths
-from hvkit.errors import HvkitError
-from hvkit.introspect import KernelSpace, PageClass, classify
 from hvkit.introspect.source import KernelKnowledge, load_kernel_knowledge, open_guest
-from hvkit.kernel.layout import Layout
 from hvkit.qemu import VM
-
-FREE_COUNT_SLACK = 0.02  # hvkit's free pages may exceed the kernel's counter by this share ...
-FREE_COUNT_SLACK_PAGES = 4096  # ... plus this (per-CPU counter drift), and no more
-
-
-class ShareRefused(HvkitError):
-    """Sharing would not be safe for this VM; the message says why."""
-
+from hvkit.share.freepages import ShareRefused, free_pages_to_release, runs_of
 
 SHARED_FILE_HINT = ("give it RAM in a shared file: 'hvkit vm start' does; plain QEMU: -object "
                     "memory-backend-file,id=pc.ram,size=SIZE,mem-path=/dev/shm/NAME,share=on -machine "
@@ -94,30 +80,6 @@ def check_vm_ram(vm: VM) -> None:
                            "a 2 MiB page cannot be given back for one free 4 KiB page")
 
 
-def check_guest(ks: KernelSpace, layout: Layout) -> None:
-    """Refuses a guest that poisons free pages: it checks the poison when it allocates
-    a page again, and a given-back page reads as zeros. (init_on_free zeroes free pages:
-    that matches a hole, so it is fine.)"""
-    if "_page_poisoning_enabled" in ks.symbols:
-        enabled = struct.unpack("<i", ks.read(ks.symbol_va("_page_poisoning_enabled"), 4))[0]
-        if enabled > 0:
-            raise ShareRefused("the guest poisons its free pages (page_poison=1)",
-                               "boot it without page_poison; a page given back would fail its poison check")
-
-
-def kernel_free_pages(ks: KernelSpace, layout: Layout) -> int:
-    """The guest kernel's own count of free pages (vm_zone_stat[NR_FREE_PAGES])."""
-    return ks.read_u64(ks.symbol_va("vm_zone_stat") + 8 * layout.const("NR_FREE_PAGES"))
-
-
-def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first pfn, length) of every run of True in `mask`."""
-    padded = np.concatenate(([False], mask, [False])).astype(np.int8)
-    change = np.flatnonzero(np.diff(padded))
-    starts, ends = change[0::2], change[1::2]
-    return starts, ends - starts
-
-
 class Sharer:
     """Shares one VM again and again (share --watch): its RAM is checked and its
     kernel's symbols and layout are loaded once, not at every pause (neither can change
@@ -164,39 +126,13 @@ class Sharer:
                 check_vm_ram(guest.vm)
                 self.checked_pid = guest.vm.pid
             free, release = free_pages_to_release(guest)
-            starts, lengths = _runs(release)
+            starts, lengths = runs_of(release)
             punched = 0
             if not dry_run and starts.size:
                 # leave a tenth of the budget for resuming
                 deadline = guest.paused_at + 0.9 * max_pause if guest.paused_at is not None else None
                 punched = guest.memory.discard(starts, lengths, deadline)
         return _Cycle(int(free.sum()), int(release.sum()), int(starts.size), punched, guest.paused_for)
-
-
-def free_pages_to_release(guest) -> tuple[np.ndarray, np.ndarray]:
-    """(free, release): per page frame of `guest` (an open_guest Guest), whether it is on
-    the guest's free lists, and whether it is free and the host holds memory for it.
-    Refuses a guest that poisons free pages or whose free count disagrees with hvkit's."""
-    ks, layout = guest.kernel, guest.layout
-    check_guest(ks, layout)
-    pm = classify(ks, layout)
-    free = pm.classes == PageClass.FREE
-    counted = kernel_free_pages(ks, layout)
-    if free.sum() > counted * (1 + FREE_COUNT_SLACK) + FREE_COUNT_SLACK_PAGES:
-        raise ShareRefused(f"hvkit finds {int(free.sum())} free pages but the guest kernel counts "
-                           f"{counted}; nothing was given back",
-                           "the guest's memory is inconsistent (or lies)")
-    return free, free & guest.memory.backed(pm.pages)
-
-
-def give_back_free_pages_of_file(ram: Path, kernel: Path, paths: Paths | None = None) -> tuple[int, int]:
-    """Punches the free pages of a frozen guest RAM file (nothing runs from it
-    directly: a memory-server snapshot) into holes; (free pages, pages given back)."""
-    with open_guest(str(ram), kernel=kernel, paths=paths) as guest:
-        free, release = free_pages_to_release(guest)
-        starts, lengths = _runs(release)
-        given = guest.memory.discard(starts, lengths) if starts.size else 0
-    return int(free.sum()), int(given)
 
 
 def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False,

@@ -1,6 +1,6 @@
-"""Adopting a QEMU that hvkit did not start (`hvkit vm attach --qmp SOCKET`, or
-`--libvirt DOMAIN`: then QMP goes through libvirt's pass-through, since libvirt holds
-the domain's own QMP socket).
+"""What a QEMU that hvkit did not start is (adopt.py takes it over: `hvkit vm attach
+--qmp SOCKET`, or `--libvirt DOMAIN`: then QMP goes through libvirt's pass-through,
+since libvirt holds the domain's own QMP socket).
 
 What hvkit needs to know of such a VM it asks QEMU and the kernel, never the user:
 
@@ -66,15 +66,6 @@ def qemu_cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
         raise HvkitError(f"process {pid} is gone") from None
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot): with its pid, what tells it
-    apart from a later process that got the same pid."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def probe_qmp(sock: Path) -> QemuFacts:
