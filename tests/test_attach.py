@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hvkit.qemu import VM, find_vm, qemu_binary
-from hvkit.qemu.attach import fetch_debian_kernel
+from hvkit.qemu.probe import fetch_debian_kernel
 from hvkit.share import share_once
 from hvkit.guest.control import frozen_ground_truth
 

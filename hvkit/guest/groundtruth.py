@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from hvkit.errors import HvkitError
+from hvkit.pageclass import PageClass
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,6 @@ class GroundTruth:
         (slab a page type, PG_slab gone) from the folio's page type, again for every page
         of the slab; KPF_BUDDY, KPF_PGTABLE and KPF_OFFLINE follow the page types either
         way. So this decoding is the same for both (tests/test_kernels.py checks it)."""
-        from hvkit.introspect.pages import PageClass
-
         k = self.kpageflags
         has = lambda name: (k >> np.uint64(kpf_bit(name))) & np.uint64(1) != 0  # noqa: E731
         anon = has("KPF_ANON")

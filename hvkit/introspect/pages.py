@@ -30,7 +30,6 @@ pointers are checked, and what fails a check is reported, never trusted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
 
 import numpy as np
 
@@ -39,24 +38,9 @@ from hvkit.introspect.pagetables import lookup
 from hvkit.introspect.tasks import SHARED_OWNER, TaskWalk
 from hvkit.kernel.layout import Layout, PageEncoding
 from hvkit.memory import PAGE_SIZE, GuestAddressError
+from hvkit.pageclass import PageClass
 
 __all__ = ["SHARED_OWNER", "PageClass", "PageMap", "classify", "frame_count", "read_memmap"]
-
-
-class PageClass(IntEnum):
-    NOT_PRESENT = 0
-    FREE = 1
-    PAGE_TABLE = 2
-    SLAB = 3
-    KERNEL_IMAGE = 4
-    RESERVED = 5
-    ANONYMOUS = 6
-    PAGE_CACHE = 7
-    KERNEL_OTHER = 8
-
-    @property
-    def label(self) -> str:
-        return self.name.lower().replace("_", " ")
 
 
 @dataclass

@@ -95,7 +95,7 @@ def kernel_named_by_core(path: Path, paths: Paths) -> Path | None:
     """For an ELF core whose VMCOREINFO names its kernel release (cores of 'hvkit vm
     dump'), Debian's kernel of that release (from the cache, or fetched); else None."""
     from hvkit.memory.elfcore import vmcoreinfo
-    from hvkit.qemu.attach import fetch_debian_kernel
+    from hvkit.qemu.probe import fetch_debian_kernel
 
     try:
         release = vmcoreinfo(path).get("OSRELEASE")
