@@ -29,7 +29,9 @@ class Paths:
     def from_env(cls) -> "Paths":
         cache = os.environ.get("HVKIT_CACHE") or Path.home() / ".cache" / "hvkit"
         runtime = os.environ.get("HVKIT_RUNTIME") or "/dev/shm/hvkit"
-        return cls(Path(cache), Path(runtime))
+        # absolute where they are read: the paths go to apt, QEMU and a memory server
+        # that run in other folders (a relative HVKIT_CACHE made every header fetch fail)
+        return cls(Path(cache).expanduser().absolute(), Path(runtime).expanduser().absolute())
 
     def vm_dir(self, name: str) -> Path:
         return self.runtime / name

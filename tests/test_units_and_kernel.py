@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,15 @@ def test_initramfs_is_read_back_by_cpio(tmp_path):
     assert "bin/hello" in listing.stdout and "console" in listing.stdout
     assert "5,   1" in listing.stdout or "5, 1" in listing.stdout
     gzip.compress(archive)  # and it compresses, as the kernel expects
+
+
+def test_relative_cache_and_runtime_are_made_absolute_where_read(tmp_path, monkeypatch):
+    from hvkit.config import Paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HVKIT_CACHE", "./cache")
+    monkeypatch.setenv("HVKIT_RUNTIME", "run")
+    p = Paths.from_env()
+    assert p.cache == tmp_path / "cache" and p.runtime == tmp_path / "run"
+    monkeypatch.setenv("HVKIT_CACHE", "~/c")
+    assert Paths.from_env().cache == Path.home() / "c"
