@@ -61,13 +61,12 @@ from hvkit.config import Paths  # noqa: E402
 from hvkit.fork import fork  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
 from hvkit.memserver import MemServer  # noqa: E402
-from hvkit.qemu import VM, find_vm, list_vms, start_vm
-from hvkit.qemu import imagevm
+from hvkit.qemu import VM, find_vm, imagevm, list_vms, start_vm  # noqa: E402
 from hvkit.qemu.agent import GuestAgent  # noqa: E402
 from hvkit.qemu.disk import create_overlay, freeze_active_layer  # noqa: E402
 from hvkit.qemu.network import free_local_port  # noqa: E402
 from hvkit.qemu.qmp import qmp  # noqa: E402
-from hvkit.qemu.vm import proportional_memory  # noqa: E402
+from hvkit.qemu.listing import proportional_memory  # noqa: E402
 from hvkit.units import format_size, parse_size  # noqa: E402
 
 MiB = 1 << 20

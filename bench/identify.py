@@ -32,9 +32,9 @@ from hvkit.introspect.source import open_guest  # noqa: E402
 from hvkit.kernel.headers import debian_tree  # noqa: E402
 from hvkit.kernel.layout import build_layout  # noqa: E402
 from hvkit.kernel.symbols import load_symbols  # noqa: E402
-from hvkit.qemu import start_vm
+from hvkit.qemu import start_vm  # noqa: E402
 from hvkit.units import parse_size  # noqa: E402
-from hvkit.guest.control import frozen_ground_truth
+from hvkit.guest.control import frozen_ground_truth, ground_truth  # noqa: E402
 
 
 def timed(fn):
@@ -88,7 +88,7 @@ def guest_run(size: str, repeat: int, paths: Paths, package: str | None) -> dict
             id_total.append(time.perf_counter() - t0)
             id_paused.append(g.paused_for)
 
-            agent.append(timed(vm.ground_truth)[0])
+            agent.append(timed(lambda: ground_truth(vm))[0])
 
         def look():
             with open_guest(vm.name, paths=paths) as g:

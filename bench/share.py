@@ -55,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hvkit.cli.pictures import timeline_picture  # noqa: E402
 from hvkit.config import Paths  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
-from hvkit.qemu import VM, start_vm
+from hvkit.guest.control import ground_truth, request  # noqa: E402
+from hvkit.qemu import VM, start_vm  # noqa: E402
 from hvkit.share import Sharer  # noqa: E402
-from hvkit.guest.control import ground_truth, request
 
 KSM = Path("/sys/kernel/mm/ksm")
 KSM_SETTINGS = {"pages_to_scan": "1000", "sleep_millisecs": "20"}

@@ -19,7 +19,7 @@ DEFAULT_GUEST_IP = "10.0.2.15"  # the first address user networking's DHCP lease
 def free_local_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's choice). QEMU
     binds it a moment later; a VM that loses that race dies at start with QEMU's own
-    message, which `VM.start` reports."""
+    message, which `start_vm` reports."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
