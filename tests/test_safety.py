@@ -170,7 +170,14 @@ def test_sigterm_of_share_watch_ends_cleanly(paths, guest):
     with start_vm("termshare", memory="256M", workload="idle", paths=paths) as vm:
         for delay in (0.0, 0.03, 0.11, 0.2, 0.37):
             watcher = hvkit_popen("share", "termshare", "--watch", "0.05")
-            time.sleep(1.2 + delay)  # python start-up, then somewhere in a cycle
+            # once it has held the VM it is in its loop (python's start-up took 2 s on a
+            # loaded machine: a fixed sleep killed it before its handler was set), then
+            # somewhere in a cycle
+            deadline = time.monotonic() + 120
+            while (vm.ownership.holder() or {}).get("pid") != watcher.pid:
+                assert watcher.poll() is None and time.monotonic() < deadline, watcher.communicate()
+                time.sleep(0.005)
+            time.sleep(delay)
             watcher.send_signal(signal.SIGTERM)
             out, err = watcher.communicate(timeout=60)
             assert "Traceback" not in err, err
