@@ -178,10 +178,11 @@ def test_sigterm_of_share_watch_ends_cleanly(paths, guest):
 
 
 def test_sigkill_of_vm_start_leaves_nothing_running(paths, guest):
-    """`vm start` killed while QEMU boots, or just before it is done: the next command
-    stops the half-started VM; no QEMU is left."""
+    """`vm start` killed while QEMU boots (also right after QEMU was spawned, before any
+    spec names its pid), or just before it is done: the next command stops the
+    half-started VM; no QEMU is left."""
     from conftest import qemus_of
-    for moment in ("after vm start:stop", "before done vm start", None):
+    for moment in ("after vm start:stop", "qemu spawned halfstart", "before done vm start", None):
         env = {"HVKIT_DIE_AT": moment} if moment else None
         starter = hvkit_popen("vm", "start", "--name", "halfstart", env=env)
         if moment is None:
