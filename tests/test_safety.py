@@ -168,7 +168,12 @@ def test_sigterm_of_share_watch_ends_cleanly(paths, guest):
     with start_vm("termshare", memory="256M", workload="idle", paths=paths) as vm:
         for delay in (0.0, 0.03, 0.11, 0.2, 0.37):
             watcher = hvkit_popen("share", "termshare", "--watch", "0.05")
-            time.sleep(1.2 + delay)  # python start-up, then somewhere in a cycle
+            # past python's start-up (over 1.2 s on a loaded host: SIGTERM then killed it
+            # before hvkit ran): it has paused the VM once, so it is in its loop
+            deadline = time.monotonic() + 60
+            while not vm.ownership.intent_file.exists() and watcher.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(delay)  # then somewhere in a cycle
             watcher.send_signal(signal.SIGTERM)
             out, err = watcher.communicate(timeout=60)
             assert "Traceback" not in err, err
