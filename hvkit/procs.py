@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 
@@ -38,6 +41,32 @@ def threads_still_exiting(pid: int | None) -> bool:
         except (OSError, IndexError):
             continue  # that thread is gone meanwhile
     return False
+
+
+def processes_with(*cmdline_has: bytes) -> list[int]:
+    """Every live (not zombie) process whose command line contains each of `cmdline_has`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and all(process_runs(int(entry.name), part) for part in cmdline_has):
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_processes_with(*cmdline_has: bytes, timeout: float = 5.0) -> list[int]:
+    """SIGKILLs every live process whose command line contains each of `cmdline_has`
+    and waits (up to `timeout`) until they are gone, with their threads; their pids."""
+    pids = processes_with(*cmdline_has)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(all(process_runs(p, part) for part in cmdline_has) or threads_still_exiting(p) for p in pids):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return pids
 
 
 def left_by_dead_process(pid: str) -> bool:

@@ -34,6 +34,13 @@ def _qemus_of(folder: Path) -> list[int]:
     return pids
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "(gone meanwhile)"
+
+
 @pytest.fixture(scope="session")
 def paths() -> Paths:
     runtime = Path(tempfile.mkdtemp(prefix="hvt-", dir="/dev/shm"))
@@ -46,11 +53,15 @@ def paths() -> Paths:
     MemServer.of(p).stop(force=True)  # the fork tests' memory server, if one runs
     assert not any(f" {runtime}/" in m for m in Path("/proc/mounts").read_text().splitlines()), \
         "a FUSE mount was left behind"
-    leftovers = _qemus_of(runtime)
+    leftovers = {pid: _cmdline(pid) for pid in _qemus_of(runtime)}  # read before the kill: it names the VM
     for pid in leftovers:
-        os.kill(pid, 9)
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
     shutil.rmtree(runtime, ignore_errors=True)
-    assert not leftovers, f"QEMU processes left running: {leftovers}"
+    assert not leftovers, "QEMU processes left running: " + "; ".join(
+        f"pid {pid}: {cmd}" for pid, cmd in leftovers.items())
 
 
 @pytest.fixture(scope="session")

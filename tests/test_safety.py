@@ -187,10 +187,11 @@ def test_sigterm_of_share_watch_ends_cleanly(paths, guest):
 
 
 def test_sigkill_of_vm_start_leaves_nothing_running(paths, guest):
-    """`vm start` killed while QEMU boots, or just before it is done: the next command
-    stops the half-started VM; no QEMU is left."""
+    """`vm start` killed while QEMU boots (also right after QEMU was spawned, before any
+    spec names its pid), or just before it is done: the next command stops the
+    half-started VM; no QEMU is left."""
     from conftest import qemus_of
-    for moment in ("after vm start:stop", "before done vm start", None):
+    for moment in ("after vm start:stop", "qemu spawned halfstart", "before done vm start", None):
         env = {"HVKIT_DIE_AT": moment} if moment else None
         starter = hvkit_popen("vm", "start", "--name", "halfstart", env=env)
         if moment is None:
@@ -208,7 +209,8 @@ def test_sigkill_of_vm_start_leaves_nothing_running(paths, guest):
 
 FORK_STEPS = ["after fork:pausing", "before fork:moving", "after fork:moving", "before fork:stopping",
               "after fork:stopping", "before fork:sealing", "after fork:sealing", "before fork:sealed",
-              "after fork:sealed", "fork child launched", "before done fork child", "after fork:restarted"]
+              "after fork:sealed", "qemu spawned {name}-1", "fork child launched", "before done fork child",
+              "qemu spawned {name}", "after fork:restarted"]  # {name}: the VM's QEMU restarting in place
 
 
 @needs_fuse
@@ -223,6 +225,7 @@ def test_sigkill_of_fork_at_every_step_loses_nothing(paths, guest):
     outcomes = {}
     for i, moment in enumerate(FORK_STEPS + [None] * 3):
         name = f"kf{i}"
+        moment = moment and moment.format(name=name)
         vm = start_vm(name, memory="256M", workload="memcheck:24", paths=paths)
         try:
             vm.wait_for_console(r"HVKIT-MEMCHECK round=1 ", timeout=120)
@@ -244,6 +247,7 @@ def test_sigkill_of_fork_at_every_step_loses_nothing(paths, guest):
             mine = {n: r for n, r in rows.items() if n == name or n.startswith(name + "-")}
             assert mine[name]["state"] == "running", (moment, mine[name], said)
             assert all(r["state"] == "running" for r in mine.values()), (moment, mine)
+            assert not _unlisted_qemus(paths, name, mine), (moment, mine)
             new = sorted(set(_snapshots(server)) - before)
             again = find_vm(name, paths)
             outcomes[moment or f"random {i}"] = ("from snapshot " + new[0]) if new else "as before"
@@ -263,6 +267,20 @@ def test_sigkill_of_fork_at_every_step_loses_nothing(paths, guest):
     print("\n".join(f"  killed at {m!r}: VM runs {o}" for m, o in outcomes.items()))
     assert any(o == "as before" for o in outcomes.values())
     assert any(o.startswith("from") for o in outcomes.values())
+
+
+def _unlisted_qemus(paths, name: str, rows: dict[str, dict]) -> dict[int, str]:
+    """QEMUs of VM `name` and its children (-name hvkit-NAME[-N...]) that no listed VM is."""
+    from conftest import qemus_of
+    found = {}
+    for pid in set(qemus_of(paths.runtime)) - {r["pid"] for r in rows.values()}:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if re.search(rb"\0hvkit-" + re.escape(name.encode()) + rb"(-\d+)*\0", cmd):
+            found[pid] = cmd.replace(b"\0", b" ").decode(errors="replace")[:200]
+    return found
 
 
 def _snapshots(server: MemServer) -> list[str]:

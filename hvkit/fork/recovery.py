@@ -89,6 +89,7 @@ def _finish(rundir: RuntimeDir, journal: dict, paths: Paths) -> str:
             spec = rundir.read_spec()
             if spec is not None and spec.pid != journal.get("old_pid"):
                 VM(rundir, spec).kill()  # a replacement QEMU that never finished starting
+            rundir.kill_qemus()  # also one spawned before its spec was written (the old one is killed)
             rundir.path.mkdir(mode=0o700, exist_ok=True)
             restart_from_frozen(rundir.name, snap, Path(journal["frozen"]), store, paths,
                                 run=bool(journal.get("run_after")))

@@ -30,7 +30,7 @@ from hvkit.qemu import imagevm
 from hvkit.qemu.accel import ACCELS, best_accel
 from hvkit.qemu.agent import GuestAgent
 from hvkit.qemu.disk import virtual_size
-from hvkit.qemu.ownership import Ownership
+from hvkit.qemu.ownership import Ownership, fault_point
 from hvkit.qemu.qmp import QMPUnreachable, incoming_migration, qmp
 from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name
 from hvkit.qemu.vm import VM, finish_abandoned
@@ -348,6 +348,7 @@ def spawn(vm: VM, timeout: float) -> None:
             start_new_session=True,  # Ctrl-C on the hvkit command does not reach QEMU
             umask=0o077,  # the RAM file and saved states it makes: its owner's alone
         )
+    fault_point(f"qemu spawned {vm.name}")  # QEMU runs, and no spec names it yet
     vm.bind_process(process)
     rundir.write_spec(vm.spec)
     deadline = time.monotonic() + timeout

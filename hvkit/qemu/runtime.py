@@ -25,6 +25,7 @@ from pathlib import Path
 
 from hvkit.errors import HvkitError
 from hvkit.config import make_private_dir
+from hvkit.procs import kill_processes_with
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
@@ -126,6 +127,12 @@ class RuntimeDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def kill_qemus(self) -> list[int]:
+        """SIGKILLs every QEMU hvkit started for this folder (its command line names the
+        VM, `-name hvkit-NAME`, and a file here): also one spawned just before the spec
+        that names its pid was written. Waits until they are gone; their pids."""
+        return kill_processes_with(f"\0hvkit-{self.name}\0".encode(), f"{self.path}/".encode())
 
     def tail(self, which: Path, lines: int = 5) -> str:
         try:

@@ -479,6 +479,8 @@ def finish_abandoned(owner: Ownership, paths: Paths) -> None:
     elif undo == "stop":
         if vm is not None and not vm.attached:
             vm.kill()
+        if vm is None or not vm.attached:
+            rundir.kill_qemus()  # a QEMU killed halfway through starting: no spec names it yet
         rundir.remove()
         log.warning("VM %s never finished starting (%s did not finish): stopped it", owner.name, what)
     elif undo != "none":
