@@ -79,12 +79,25 @@ def relative_links(path: Path) -> list[str]:
     return out
 
 
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub makes of a page's headings: lower case, punctuation dropped,
+    spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
 @pytest.mark.parametrize("page", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_lead_to_files_that_exist(page):
     missing = []
     for target in relative_links(page):
-        file = (page.parent / target.split("#", 1)[0]).resolve()
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve()
         rel = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else str(file)
-        if not file.exists() and rel not in PENDING:
+        if rel in PENDING:
+            continue
+        if not file.exists():
             missing.append(target)
-    assert not missing, f"{page.relative_to(ROOT)}: links to missing files: {missing}"
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            missing.append(f"{target} (no such heading)")
+    assert not missing, f"{page.relative_to(ROOT)}: links to missing files or headings: {missing}"
