@@ -137,7 +137,9 @@ def render_fork(results: Path, docs: Path) -> str:
 
 
 def render_fork_image(results: Path, docs: Path) -> str:
-    data = load(results, "fork")
+    # the image guest's rows may come from a run of their own (`bench/fork.py --sizes ''
+    # --json docs/results/fork-image.json`): it takes minutes per method under TCG
+    data = load(results, "fork-image" if (results / "fork-image.json").exists() else "fork")
     rows = data.get("image_rows") or []
     if not rows:
         return ("*The committed run did not fork the Debian image guest (`--no-image-guest`: it boots a "
