@@ -150,7 +150,9 @@ def render_fork_image(results: Path, docs: Path) -> str:
         if "error" in r:
             out.append([r["method"], "failed: " + r["error"][:80], None, None, None])
             continue
-        out.append([r["method"], f"{r['first_child_s'] * 1000:.0f} / {r['all_children_s'] * 1000:.0f} ms",
+        x = r.get("first_child_vs_hvkit")
+        x = f" ({x:.1f}x first)" if x is not None and r["method"] != "hvkit fork" else ""
+        out.append([r["method"], f"{r['first_child_s'] * 1000:.0f} / {r['all_children_s'] * 1000:.0f} ms{x}",
                     f"{r['first_agent_s'] * 1000:.0f} / {r['all_agents_s'] * 1000:.0f} ms",
                     ms(r.get("all_fork_done_s")), f"{r['pss_mib_mean']:.1f} MiB (after {r['settle_s']:.0f} s)"])
     first = next(r for r in rows)
@@ -181,7 +183,9 @@ def render_share(results: Path, docs: Path) -> str:
 
 
 def render_share_cache(results: Path, docs: Path) -> str:
-    data = load(results, "share")
+    # like fork's image rows, these may come from a run of their own (`bench/share.py --arms ''
+    # --json docs/results/share-page-cache.json`)
+    data = load(results, "share-page-cache" if (results / "share-page-cache.json").exists() else "share")
     rows = data.get("page_cache") or []
     if not rows:
         return ("*The committed run did not include the page-cache guest (`--no-page-cache`: a 1 GiB Debian "
