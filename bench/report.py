@@ -194,13 +194,20 @@ def render_share_cache(results: Path, docs: Path) -> str:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["arm"], None, None, None, "could not run: " + r["error"][:80]])
+            out.append([r["arm"], None, None, None, "could not run: " + r["error"][:80], None])
             continue
+        sh, note = r.get("share"), f"over {r['window_s']:.0f} s"
+        if sh:
+            note = (f"{sh['free_pages']:,} free pages, {sh['backed_free_pages']:,} with host memory, "
+                    f"{sh['given_pages']:,} given back in {sh['pauses']} pauses (longest {sh['paused_s'] * 1000:.0f} ms)")
+        elif r.get("ksmd_cpu_s") is not None:
+            note += f", ksmd {r['ksmd_cpu_s']:.1f} CPU s"
         out.append([r["arm"], f"{r['guest_memfree'] / MiB:.0f} MiB", f"{r['guest_cached'] / MiB:.0f} MiB",
                     f"{r['host_before'] / MiB:.0f} MiB",
                     f"{r['given_back'] / MiB:.0f} MiB ({100 * r['given_back'] / max(r['guest_memfree'], 1):.0f}% "
-                    f"of MemFree)"])
-    return table(["arm", "MemFree", "Cached", "host before", "given back"], out) + "\n\n" + conditions(data, "share")
+                    f"of MemFree)", note])
+    return (table(["arm", "MemFree", "Cached", "host before", "given back", "detail"], out) + "\n\n"
+            + conditions(data, "share"))
 
 
 def render_identify(results: Path, docs: Path) -> str:
