@@ -1,7 +1,7 @@
 """bench/fork: forking a running VM into N children, three ways, side by side in one run.
 
     .venv/bin/python bench/fork.py [--sizes 256M,1G,4G] [--children 1,8] [--settle 10]
-                                   [--repeat 3] [--json bench/results/fork.json]
+                                   [--repeat 3] [--json docs/results/fork.json]
                                    [--image-guest | --no-image-guest] [--image-memory 1G]
                                    [--image-children 4] [--image-methods ...] [--vm-name bench]
 
@@ -55,6 +55,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
 
 from hvkit.cli.output import print_table  # noqa: E402
 from hvkit.config import Paths  # noqa: E402
@@ -312,7 +314,8 @@ def main() -> int:
     ap.add_argument("--children", default="1,8")
     ap.add_argument("--settle", type=float, default=10.0, help="seconds before PSS is read (N > 1)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of hvkit fork per case (median shown)")
-    ap.add_argument("--json", default="bench/results/fork.json")
+    ap.add_argument("--json", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "fork.json"),
+                    help="results (default docs/results/fork.json: bench/report.py writes docs from it)")
     ap.add_argument("--image-guest", action=argparse.BooleanOptionalAction, default=True,
                     help="also fork a Debian image guest (default on)")
     ap.add_argument("--image-memory", default="1G", help="memory of the Debian image guest")
@@ -411,7 +414,7 @@ def main() -> int:
             summary["debian_all_children_s"] = ours["all_children_s"]
             summary["debian_pss_mib_max"] = ours["pss_mib_max"]
     Path(args.json).write_text(json.dumps({"rows": rows, "image_rows": image_rows, "summary": summary,
-                                           "host_cores": os.cpu_count()}, indent=1) + "\n")
+                                           "host_cores": os.cpu_count(), "run": run_info()}, indent=1) + "\n")
     return 0
 
 

@@ -2,7 +2,7 @@
 the DLH queue, on hvkit's own hypervisor over /dev/kvm.
 
     .venv/bin/python bench/hypercall.py [--count 20000] [--batches 1,16,64,256,1024]
-                                        [--repeat 3] [--json bench/results/hypercall.json]
+                                        [--repeat 3] [--json docs/results/hypercall.json]
 
 The guest (bench/guests/hypercalls.c) calls HV_TRACE(i, i) `count` times and times the
 loop with the time routine. Arms, in one run: immediate with the registers in KVM's
@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
 
 from hvkit.hv import Hypervisor, kvm_unavailable_reason, load_program  # noqa: E402
 from hvkit.hv.build import build_guest  # noqa: E402
@@ -86,7 +88,8 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--batches", default="1,16,64,256,1024")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "hypercall.json")
+    ap.add_argument("--json", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results" / "hypercall.json",
+                    help="results, and a PNG beside it (default docs/results/: bench/report.py writes docs from it)")
     a = ap.parse_args()
     reason = kvm_unavailable_reason()
     if reason:
@@ -117,7 +120,7 @@ def main() -> None:
           f">= 5x immediate throughput: {targets['throughput_target_met']} (best {best:.2f}x)")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"count": a.count, "repeat": a.repeat, "arms": rows,
-                                  "targets": targets}, indent=2))
+                                  "targets": targets, "run": run_info()}, indent=2))
     png = a.json.with_suffix(".png")
     picture(rows, png)
     print(f"wrote {a.json} and {png}")

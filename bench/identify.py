@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
+
 from hvkit.config import Paths  # noqa: E402
 from hvkit.guest import build_default_guest, build_kernel_guest  # noqa: E402
 from hvkit.introspect import PageClass, classify, list_tasks  # noqa: E402
@@ -113,7 +115,9 @@ def main() -> None:
                     help="'default' (the default guest's kernel) and/or Debian kernel packages")
     ap.add_argument("--sizes", default="256M,1G,4G")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--json", type=Path, default=Path("bench/results/identify.json"))
+    ap.add_argument("--json", type=Path,
+                    default=Path(__file__).resolve().parents[1] / "docs" / "results" / "identify.json",
+                    help="results (default docs/results/identify.json: bench/report.py writes docs from it)")
     args = ap.parse_args()
     paths = Paths.from_env()
     builds, rows = {}, []
@@ -136,7 +140,7 @@ def main() -> None:
               f"{r['agent_over_hvkit']:>10.0f}x {r['ps_total_s']:>6.3f} {r['ps_paused_s']:>9.3f} "
               f"{worst[1]:>14} {100 * worst[0]:.2f}%")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"builds": builds, "guests": rows}, indent=2))
+    args.json.write_text(json.dumps({"builds": builds, "guests": rows, "run": run_info()}, indent=2))
     print(f"written {args.json}")
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
+
 from hvkit.kernel.headers import debian_tree  # noqa: E402
 from hvkit.kernel.isf import make_isf, volatility_symbol_dir  # noqa: E402
 
@@ -127,7 +129,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "hvkit")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--plugins", nargs="*", default=PLUGINS)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "isf.json",
+                    help="results (default docs/results/isf.json: bench/report.py writes docs from it)")
     args = ap.parse_args()
     kernel = args.kernel or next((args.cache / "guest" / f"linux-image-{args.release}" / "boot").glob("vmlinuz-*"))
     report = make_isf(kernel, debian_tree(args.release, args.cache), args.cache)
@@ -145,7 +148,9 @@ def main() -> None:
         print(f"{'ok    ' if r.ok else 'FAILED'} {r.plugin:55} {r.rows:6} rows {r.seconds:6.1f} s  {r.error}")
     print(f"{sum(r.ok for r in runs)} of {len(runs)} plugins ran clean")
     if args.json:
-        args.json.write_text(json.dumps({"isf": report.to_json(), "costs": costs, "runs": [asdict(r) for r in runs]},
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"isf": report.to_json(), "costs": costs, "runs": [asdict(r) for r in runs],
+                                         "run": run_info()},
                                         indent=1))
 
 

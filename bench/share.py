@@ -1,7 +1,7 @@
 """bench/share: giving a guest's free memory back to the host, three ways, one run.
 
     .venv/bin/python bench/share.py [--memory 1G] [--alloc 768] [--fragment 512]
-                                    [--json bench/results/share.json] [--plot bench/results/share.png]
+                                    [--json docs/results/share.json] [--plot docs/results/share.png]
                                     [--page-cache | --no-page-cache] [--page-cache-memory 1G]
                                     [--page-cache-arms ...] [--vm-prefix bench-share]
 
@@ -50,7 +50,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
 
 from hvkit.cli.pictures import timeline_picture  # noqa: E402
 from hvkit.config import Paths  # noqa: E402
@@ -319,8 +322,9 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=60.0, help="at most this many seconds per phase to settle")
     ap.add_argument("--arms", default="hvkit share,KSM,page reporting",
                     help="arms on the default guest ('' for none: the page cache rows only)")
-    ap.add_argument("--json", type=Path, default=Path("bench/results/share.json"))
-    ap.add_argument("--plot", type=Path, default=Path("bench/results/share.png"))
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "share.json",
+                    help="results (default docs/results/share.json: bench/report.py writes docs from it)")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "results" / "share.png")
     ap.add_argument("--page-cache", action=argparse.BooleanOptionalAction, default=True,
                     help="also the Debian image guest whose memory is mostly page cache (default on)")
     ap.add_argument("--page-cache-memory", default="1G")
@@ -355,7 +359,7 @@ def main() -> None:
         for r in cache_rows:
             r.pop("samples", None)
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"page_cache": cache_rows}, indent=2))
+        args.json.write_text(json.dumps({"page_cache": cache_rows, "run": run_info()}, indent=2))
         print(f"written {args.json}")
         return
     hvkit_row = next((r for r in rows if r["arm"] == "hvkit share"), rows[0])
@@ -390,7 +394,7 @@ def main() -> None:
         r.pop("samples", None)
     args.json.write_text(json.dumps({"kernel": guest.release, "memory": args.memory,
                                      "fragment_mib": args.fragment, "ksm_settings": KSM_SETTINGS,
-                                     "arms": rows, "page_cache": cache_rows}, indent=2))
+                                     "arms": rows, "page_cache": cache_rows, "run": run_info()}, indent=2))
     print(f"written {args.json} and {args.plot}")
 
 

@@ -1,0 +1,328 @@
+"""bench/report: write the benchmarks' figures into the docs, from the benches' own JSON.
+
+    .venv/bin/python bench/report.py            rewrite every bench block in README.md and docs/*.md
+    .venv/bin/python bench/report.py --check    exit 1 (and name the files) when a block is out of date
+
+A bench block in a markdown file is everything between two markers, e.g.
+
+    <!-- bench:fork -->
+    (generated: a table, the conditions of the run, a chart)
+    <!-- /bench:fork -->
+
+Each block name has a renderer below that reads one JSON file of docs/results/
+(written there by the bench itself: bench/fork.py, share.py, identify.py, isf.py,
+hypercall.py all default to docs/results/<bench>.json) and returns markdown: the table,
+then the conditions the JSON recorded (machine, date, load average, command line; see
+bench/runinfo.py) and, where the bench draws one, its PNG chart. Nothing in a block is
+written by hand: rerun the bench, then this script, and commit both.
+
+Only the standard library: tests/test_report.py runs `--check` without a guest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+
+BLOCK = re.compile(r"(<!-- bench:(?P<name>[a-z0-9_-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
+
+
+# ---------------------------------------------------------------- helpers
+
+def table(head: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join("-" if c is None else str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def ms(v: float | None) -> str | None:
+    return None if v is None else f"{v * 1000:.0f} ms"
+
+
+def num(v: float | None, fmt: str = "{:.2f}") -> str | None:
+    return None if v is None else fmt.format(v)
+
+
+def loaded(run: dict) -> bool:
+    """A run on a shared, busy machine: something else kept at least one core busy when
+    it started (1-minute load >= 1), or the load at its end exceeded the cores."""
+    start, end = run.get("loadavg_start") or [0], run.get("loadavg_end") or [0]
+    return start[0] >= 1.0 or end[0] > (run.get("cores") or 1)
+
+
+def conditions(data: dict, bench: str) -> str:
+    """The line under each table: where, when, how busy, which command."""
+    run = data.get("run")
+    if not run:
+        return (f"*Conditions not recorded (the JSON predates bench/runinfo.py): rerun `bench/{bench}.py` "
+                f"to record them.*")
+    start, end = run["loadavg_start"], run["loadavg_end"]
+    text = (f"*Measured on `{run['host']}` ({run['cores']} cores, Linux {run['kernel']}) on "
+            f"{run['started'][:16].replace('T', ' ')} UTC, {run['wall_s']:.0f} s wall; load average "
+            f"{start[0]:.2f} / {start[1]:.2f} / {start[2]:.2f} at start, {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f} "
+            f"at end (1 / 5 / 15 min); command: `{run['command']}`.*")
+    if loaded(run):
+        text += ("\n\n**These figures were taken on a shared, loaded machine** (other jobs were running: "
+                 "see the load average): times are longer, and noisier, than on a quiet host.")
+    return text
+
+
+def chart(name: str, alt: str, results: Path, docs: Path) -> str:
+    png = results / f"{name}.png"
+    if not png.exists():
+        return ""
+    rel = Path(os.path.relpath(png, docs))
+    return f"\n\n![{alt}]({rel.as_posix()})"
+
+
+class Missing(Exception):
+    pass
+
+
+def load(results: Path, bench: str) -> dict:
+    path = results / f"{bench}.json"
+    if not path.exists():
+        raise Missing(f"*No results committed yet: run `.venv/bin/python bench/{bench}.py`, then "
+                      f"`.venv/bin/python bench/report.py`.*")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- renderers
+
+def render_fork(results: Path, docs: Path) -> str:
+    data = load(results, "fork")
+    rows = data.get("rows") or []
+    if not rows:
+        return "*This run had no default-guest rows (`--sizes ''`).*\n\n" + conditions(data, "fork")
+    by = {(r["size"], r["n"], r["method"]): r for r in rows}
+    cases = list(dict.fromkeys((r["size"], r["n"]) for r in rows))
+    out = []
+    for size, n in cases:
+        h, m, t = (by.get((size, n, k)) for k in ("hvkit fork", "migrate + restore", "template copy"))
+
+        def times(r, ref=h):
+            if not r:
+                return None
+            x = f" ({r['first_child_s'] / ref['first_child_s']:.1f}x)" if ref and r is not ref else ""
+            samples = r.get("first_child_samples_s") or []
+            if len(samples) > 1:  # the median's spread: a busy moment of a shared host shows here
+                x += f" (first: {min(samples) * 1000:.0f}-{max(samples) * 1000:.0f} ms in {len(samples)} runs)"
+            if n == 1:
+                return f"{r['first_child_s'] * 1000:.0f} ms{x}"
+            return f"{r['first_child_s'] * 1000:.0f} / {r['all_children_s'] * 1000:.0f} ms{x}"
+
+        pss = " / ".join("-" if r is None else f"{r['pss_mib_mean']:.1f}" for r in (h, m, t))
+        after = next((r["settle_s"] for r in (h, m, t) if r), None)
+        out.append([size, n, times(h), times(m), times(t), pss + f" (after {after:.0f} s)"])
+    text = table(["size", "N", "hvkit fork: first / all", "migrate + restore: first / all",
+                  "template copy: first / all", "PSS MiB per child (hvkit / migrate / template)"], out)
+    refork = [r for r in rows if "refork_pages_written" in r]
+    if refork:
+        text += "\n\nForking a forked VM (the 1-second-old child of the N = 1 case):\n\n" + table(
+            ["size", "pages the child wrote", "tables written", "snapshot", "its child running"],
+            [[r["size"], r["refork_pages_written"], r["refork_tables_written"], ms(r["refork_snapshot_s"]),
+              ms(r["refork_first_child_s"])] for r in refork])
+    hv = [r for r in rows if r["method"] == "hvkit fork" and r.get("runs", 1) > 1]
+    note = (f"hvkit's rows are the median of {hv[0]['runs']} runs, the baselines' one run each."
+            if hv else "Every row is a single run (`--repeat 1`).")
+    return text + "\n\n" + note + " " + conditions(data, "fork")
+
+
+def render_fork_image(results: Path, docs: Path) -> str:
+    # the image guest's rows may come from a run of their own (`bench/fork.py --sizes ''
+    # --json docs/results/fork-image.json`): it takes minutes per method under TCG
+    data = load(results, "fork-image" if (results / "fork-image.json").exists() else "fork")
+    rows = data.get("image_rows") or []
+    if not rows:
+        return ("*The committed run did not fork the Debian image guest (`--no-image-guest`: it boots a "
+                "1 GiB systemd guest per method, ~40 s each under TCG). Run `bench/fork.py --image-guest` "
+                "to fill this table.*\n\n" + conditions(data, "fork"))
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r["method"], "failed: " + r["error"][:80], None, None, None])
+            continue
+        x = r.get("first_child_vs_hvkit")
+        x = f" ({x:.1f}x first)" if x is not None and r["method"] != "hvkit fork" else ""
+        out.append([r["method"], f"{r['first_child_s'] * 1000:.0f} / {r['all_children_s'] * 1000:.0f} ms{x}",
+                    f"{r['first_agent_s'] * 1000:.0f} / {r['all_agents_s'] * 1000:.0f} ms",
+                    ms(r.get("all_fork_done_s")), f"{r['pss_mib_mean']:.1f} MiB (after {r['settle_s']:.0f} s)"])
+    first = next(r for r in rows)
+    return (f"Debian 12 image guest, {first['size']}, {first['n']} children:\n\n"
+            + table(["method", "first runs / all run", "first agent / all agents", "fork done", "PSS per child"],
+                    out) + "\n\n" + conditions(data, "fork"))
+
+
+def render_share(results: Path, docs: Path) -> str:
+    data = load(results, "share")
+    arms = data.get("arms") or []
+    if not arms:
+        return "*This run had only the page cache rows (`--arms ''`).*\n\n" + conditions(data, "share")
+    out = []
+    for r in arms:
+        pause = r.get("max_pause_s")
+        out.append([r["arm"], f"{r['given_back_a'] / MiB:.0f} MiB", f"{100 * r['given_back_a_share_of_memfree']:.0f}%",
+                    f"{num(r['seconds_to_80pct'])} / {num(r['seconds_to_90pct'])} s",
+                    None if pause is None else f"{pause * 1000:.0f} ms", f"{r['given_back_b'] / MiB:.0f} MiB",
+                    num(r.get("cpu_s_per_gib")) if r["arm"] != "page reporting" else "(in guest + QEMU)"])
+    a = arms[0]
+    head = (f"Guest of {data['memory']}, kernel {data['kernel']}; phase A allocates and frees {a['alloc_mib']} MiB, "
+            f"phase B allocates {data['fragment_mib']} MiB and frees every other page.\n\n")
+    return (head + table(["arm", "given back after alloc+free", "of MemFree", "time to 80% / 90%", "longest pause",
+                          "given back, fragmented", "host CPU s/GiB"], out)
+            + chart("share", "host memory of the guest over time, per arm", results, docs)
+            + "\n\n" + conditions(data, "share"))
+
+
+def render_share_cache(results: Path, docs: Path) -> str:
+    # like fork's image rows, these may come from a run of their own (`bench/share.py --arms ''
+    # --json docs/results/share-page-cache.json`)
+    data = load(results, "share-page-cache" if (results / "share-page-cache.json").exists() else "share")
+    rows = data.get("page_cache") or []
+    if not rows:
+        return ("*The committed run did not include the page-cache guest (`--no-page-cache`: a 1 GiB Debian "
+                "image guest per arm, each booted and filled over ssh, several minutes under TCG). Run "
+                "`bench/share.py --page-cache` to fill this table.*\n\n" + conditions(data, "share"))
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r["arm"], None, None, None, "could not run: " + r["error"][:80], None])
+            continue
+        sh, note = r.get("share"), f"over {r['window_s']:.0f} s"
+        if sh:
+            note = (f"{sh['free_pages']:,} free pages, {sh['backed_free_pages']:,} with host memory, "
+                    f"{sh['given_pages']:,} given back in {sh['pauses']} pauses (longest {sh['paused_s'] * 1000:.0f} ms)")
+        elif r.get("ksmd_cpu_s") is not None:
+            note += f", ksmd {r['ksmd_cpu_s']:.1f} CPU s"
+        out.append([r["arm"], f"{r['guest_memfree'] / MiB:.0f} MiB", f"{r['guest_cached'] / MiB:.0f} MiB",
+                    f"{r['host_before'] / MiB:.0f} MiB",
+                    f"{r['given_back'] / MiB:.0f} MiB ({100 * r['given_back'] / max(r['guest_memfree'], 1):.0f}% "
+                    f"of MemFree)", note])
+    return (table(["arm", "MemFree", "Cached", "host before", "given back", "detail"], out) + "\n\n"
+            + conditions(data, "share"))
+
+
+def render_identify(results: Path, docs: Path) -> str:
+    data = load(results, "identify")
+    out = []
+    for r in data.get("guests") or []:
+        agree = [v for v in r["agreement"].values() if v is not None]
+        worst = min(agree) if agree else None
+        out.append([r["kernel"], r["size"], f"{r['identify_total_s']:.3f} s ({r['identify_paused_s']:.3f} s)",
+                    f"{r['identify_s_per_gib']:.2f}", f"{r['agent_export_s']:.2f} s ({r['agent_over_hvkit']:.0f}x)",
+                    f"{r['ps_total_s']:.3f} s",
+                    "100% every class" if worst == 1.0 else f"worst class {100 * worst:.2f}%" if worst else None])
+    text = table(["kernel", "guest", "identify (VM paused)", "s per GiB", "agent export", "ps",
+                  "agreement with kpageflags"], out)
+    builds = data.get("builds") or {}
+    if builds:
+        text += "\n\nLayout and symbols, first build (from an empty cache) and cached load:\n\n" + table(
+            ["kernel", "layout first / cached", "symbols first / cached"],
+            [[k, f"{b['layout_first_s']:.1f} s / {b['layout_cached_s'] * 1000:.0f} ms",
+              f"{b['symbols_first_s']:.2f} s / {b['symbols_cached_s'] * 1000:.0f} ms"] for k, b in builds.items()])
+    return text + "\n\n" + conditions(data, "identify")
+
+
+def render_isf(results: Path, docs: Path) -> str:
+    data = load(results, "isf")
+    costs = data.get("costs") or []
+    ps = next((c["seconds"] for c in costs if c["what"] == "hvkit ps"), None)
+    text = table(["step", "seconds", "peak MiB", "x hvkit ps"],
+                 [[f"`{c['what']}`" + ("" if c["ok"] else " (failed)"), f"{c['seconds']:.2f}",
+                   f"{c['peak_mib']:.0f}", num(ps and c["seconds"] / ps, "{:.1f}")] for c in costs])
+    runs = data.get("runs") or []
+    if runs:
+        ok = [r["plugin"].split(".", 1)[1] for r in runs if r["ok"]]
+        bad = [r for r in runs if not r["ok"]]
+        text += (f"\n\n{len(ok)} of {len(runs)} Volatility plugins ran clean with hvkit's table: "
+                 + ", ".join(ok) + ".")
+        if bad:
+            text += "\n\nFailed:\n\n" + table(["plugin", "last error line"],
+                                              [[r["plugin"], r["error"][:160].replace("|", "\\|")] for r in bad])
+    return text + "\n\n" + conditions(data, "isf")
+
+
+def render_hypercall(results: Path, docs: Path) -> str:
+    data = load(results, "hypercall")
+    out = []
+    for r in data["arms"]:
+        e = r["exits_per_call"]
+        per = "0" if e <= 0 else f"{e:.2f}" if e >= 0.5 else f"1/{round(1 / e)}"
+        out.append([r["arm"], f"{r['us_per_call']:.1f}", f"{r['calls_per_s']:,.0f}",
+                    f"{r['throughput_vs_immediate']:.2f}", per, f"{r['host_us_per_call']:.2f}"])
+    t = data.get("targets") or {}
+    text = (f"{data['count']:,} `HV_TRACE` calls per run, best of {data['repeat']}:\n\n"
+            + table(["arm", "µs per call", "calls/s", "x immediate", "exits per call", "host µs per call"], out))
+    if t:
+        text += (f"\n\nTargets: at most one exit per 256 deferred calls: "
+                 f"{'met' if t['exit_target_met'] else 'not met'}; 5x the immediate throughput: "
+                 f"{'met' if t['throughput_target_met'] else 'not met'} "
+                 f"(best {t['best_deferred_throughput_vs_immediate']:.2f}x).")
+    return (text + chart("hypercall", "throughput and exits per hypercall, per arm", results, docs)
+            + "\n\n" + conditions(data, "hypercall"))
+
+
+RENDERERS: dict[str, Callable[[Path, Path], str]] = {
+    "fork": render_fork, "fork-image": render_fork_image, "share": render_share,
+    "share-page-cache": render_share_cache, "identify": render_identify, "isf": render_isf,
+    "hypercall": render_hypercall,
+}
+
+
+# ---------------------------------------------------------------- files
+
+def markdown_files(root: Path) -> list[Path]:
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.exists()]
+
+
+def regenerate(text: str, results: Path, docs: Path) -> str:
+    def one(m: re.Match) -> str:
+        name = m["name"]
+        if name not in RENDERERS:
+            raise SystemExit(f"bench/report: unknown block 'bench:{name}' (known: {', '.join(RENDERERS)})")
+        try:
+            body = RENDERERS[name](results, docs)
+        except Missing as e:
+            body = str(e)
+        return (f"{m.group(1)}<!-- generated by bench/report.py from {results.relative_to(ROOT) if results.is_relative_to(ROOT) else results}: "
+                f"do not edit -->\n{body.rstrip()}\n{m.group(4)}")
+
+    return BLOCK.sub(one, text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is out of date")
+    ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results", help="folder of the benches' JSON")
+    a = ap.parse_args()
+    results = a.results.resolve()
+    stale, blocks = [], 0
+    for path in markdown_files(ROOT):
+        text = path.read_text()
+        blocks += len(BLOCK.findall(text))
+        new = regenerate(text, results, path.parent)
+        if new != text:
+            stale.append(path)
+            if not a.check:
+                path.write_text(new)
+    names = ", ".join(str(p.relative_to(ROOT)) for p in stale)
+    if a.check:
+        if stale:
+            print(f"bench/report: out of date with {results}: {names} (run bench/report.py)", file=sys.stderr)
+            return 1
+        print(f"bench/report: {blocks} blocks up to date")
+        return 0
+    print(f"bench/report: {blocks} blocks; rewrote {names or 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
