@@ -219,6 +219,7 @@ def _check_guest(vm, isf, tmp_path, plugins, release: str) -> None:
     assert listening, "the guest's listening socket"
 
 
+@pytest.mark.timeout(1200)  # 31 Volatility runs: ~2 min idle, over 5 on a host loaded 5x
 def test_volatility_runs_on_the_default_guest(guest, isf, paths, tmp_path):
     from hvkit.qemu import start_vm
 
@@ -228,6 +229,7 @@ def test_volatility_runs_on_the_default_guest(guest, isf, paths, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 31 Volatility runs: ~2 min idle, over 5 on a host loaded 5x
 def test_volatility_runs_on_linux_6_12(paths, tmp_path):
     from hvkit.guest import build_kernel_guest
     from hvkit.qemu import start_vm
