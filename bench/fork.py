@@ -6,7 +6,7 @@
                                    [--image-children 4] [--image-methods ...] [--vm-name bench]
 
 For every guest size and N, a fresh default guest (idle workload) is booted and forked:
-  hvkit fork          `hvkit.fork.fork(vm, N)`: the RAM file becomes a memory-server
+  hvkit fork          `hvkit.fork(vm, N)`: the RAM file becomes a memory-server
                       snapshot (moved, not copied); children map it share=off through
                       FUSE. The server is started before the clock starts (once per run).
   migrate + restore   QMP `migrate` of the whole VM (RAM included) to a file, then N
@@ -60,7 +60,7 @@ from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's
 
 from hvkit.cli.output import print_table  # noqa: E402
 from hvkit.config import Paths  # noqa: E402
-from hvkit.fork import fork  # noqa: E402
+from hvkit.forking import fork  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
 from hvkit.memserver import MemServer  # noqa: E402
 from hvkit.qemu import VM, find_vm, imagevm, list_vms, start_vm  # noqa: E402

@@ -60,7 +60,7 @@ from hvkit.config import Paths  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
 from hvkit.guest.control import ground_truth, request  # noqa: E402
 from hvkit.qemu import VM, start_vm  # noqa: E402
-from hvkit.share import Sharer  # noqa: E402
+from hvkit.sharing import Sharer  # noqa: E402
 
 KSM = Path("/sys/kernel/mm/ksm")
 KSM_SETTINGS = {"pages_to_scan": "1000", "sleep_millisecs": "20"}

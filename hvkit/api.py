@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvkit.config import Paths
-from hvkit.fork import ForkReport
-from hvkit.fork import fork as _fork
+from hvkit.forking import ForkReport
+from hvkit.forking import fork as _fork
 from hvkit.guest import GroundTruth
 from hvkit.guest.control import ground_truth as _ground_truth
 from hvkit.introspect import PageMap, TaskWalk, classify, list_tasks
 from hvkit.introspect.source import open_guest
 from hvkit.qemu import VM, VMStatus, find_vm, list_vms, start_vm
-from hvkit.share import ShareResult, share_once
-from hvkit.share.sharer import MAX_PAUSE
+from hvkit.sharing import ShareResult, share_once
+from hvkit.sharing.sharer import MAX_PAUSE
 
 @dataclass
 class Identification:
@@ -68,7 +68,7 @@ def vms(paths: Paths | None = None) -> list[VMStatus]:
 
 def fork(source: VM | str, n: int = 1, *, paused: bool = False, keep_free: bool = False,
          paths: Paths | None = None) -> ForkReport:
-    """Forks a running VM into `n` children named NAME-1, NAME-2, ... (see hvkit.fork).
+    """Forks a running VM into `n` children named NAME-1, NAME-2, ... (see hvkit.forking).
     The VM runs on unless `paused`; at its first fork its free pages are given back
     unless `keep_free`. The report lists the children (`report.children[i].name`)."""
     return _fork(_source_of(source), n, paths=_paths_of(source, paths), stay_paused=paused, give_back_free=not keep_free)
@@ -77,7 +77,7 @@ def fork(source: VM | str, n: int = 1, *, paused: bool = False, keep_free: bool 
 def share(source: VM | str, *, dry_run: bool = False, max_pause: float = MAX_PAUSE,
           paths: Paths | None = None) -> ShareResult:
     """Gives the guest's free pages back to the host, pausing the VM for at most about
-    `max_pause` seconds at a time (see hvkit.share)."""
+    `max_pause` seconds at a time (see hvkit.sharing)."""
     target = source if isinstance(source, VM) else find_vm(source, paths)
     return share_once(target, paths, dry_run=dry_run, max_pause=max_pause)
 

@@ -15,7 +15,7 @@ import pytest
 
 from hvkit.qemu import VM, find_vm, qemu_binary
 from hvkit.qemu.probe import fetch_debian_kernel
-from hvkit.share import share_once
+from hvkit.sharing import share_once
 from hvkit.guest.control import frozen_ground_truth
 
 from conftest import run_cli

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hvkit.errors import VMDied
-from hvkit.fork import fork
+from hvkit.forking import fork
 from hvkit.memserver import MemServer, Store, fuse_unavailable_reason
 from hvkit.memserver.table import TableFile, TableWriter, frames_entry, levels_for, resolve
 from hvkit.qemu import VM, find_vm, list_vms, start_vm

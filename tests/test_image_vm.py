@@ -231,7 +231,7 @@ def test_fork_gives_the_child_its_own_disk_port_mac_generation_and_clock(image_v
     """A child of the image VM starts from the parent's disk and memory of one moment,
     then each writes to its own disk; the child has its own ssh port, MAC (in the guest
     too), VM generation id and a clock set to the host's."""
-    from hvkit.fork import fork
+    from hvkit.forking import fork
 
     parent = find_vm(NAME, paths)  # its QEMU was restarted by the forks before
     assert _ssh(parent, "echo before > /root/fork-mark && sync").returncode == 0
@@ -280,7 +280,7 @@ def test_two_children_and_a_grandchild_each_keep_their_own_disk_memory_and_rando
     its own mark in memory and sees nobody else's; the siblings' random numbers differ
     after the fork (hvkit reseeds each child's CRNG, and gives it a new VM generation
     id; /dev/urandom is the CRNG getrandom() reads); ssh answers in every VM."""
-    from hvkit.fork import fork
+    from hvkit.forking import fork
 
     parent = find_vm(NAME, paths)
     _write_own(parent, "P")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hvkit.qemu import VM, find_vm
-from hvkit.share import share_once
+from hvkit.sharing import share_once
 from hvkit.guest.control import frozen_ground_truth
 
 from conftest import run_cli

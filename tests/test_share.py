@@ -16,9 +16,9 @@ import pytest
 from hvkit.introspect.source import open_guest
 from hvkit.memory import PAGE_SIZE
 from hvkit.qemu import start_vm
-from hvkit.share import ShareRefused, share_once
-from hvkit.share.freepages import check_guest
-from hvkit.share.sharer import check_vm_ram, filesystem_of
+from hvkit.sharing import ShareRefused, share_once
+from hvkit.sharing.freepages import check_guest
+from hvkit.sharing.sharer import check_vm_ram, filesystem_of
 from hvkit.guest.control import frozen_ground_truth, request
 
 from conftest import run_cli
@@ -129,7 +129,7 @@ def test_huge_page_ram_is_refused(freed_vm, monkeypatch, tmp_path):
         assert filesystem_of(tmp_path / "ram") == "hugetlbfs"
     finally:
         subprocess.run(["umount", str(tmp_path)], check=True)
-    monkeypatch.setattr("hvkit.share.sharer.filesystem_of", lambda path: "hugetlbfs")
+    monkeypatch.setattr("hvkit.sharing.sharer.filesystem_of", lambda path: "hugetlbfs")
     with pytest.raises(ShareRefused, match="is on huge pages"):
         check_vm_ram(freed_vm)
 

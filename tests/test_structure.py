@@ -98,7 +98,7 @@ def test_no_import_circles_in_hvkit():
 
 def test_the_engine_never_imports_the_operations_built_on_it():
     graph = import_graph()
-    upper = ("hvkit.fork", "hvkit.share", "hvkit.introspect", "hvkit.cli", "hvkit.api", "hvkit.forensics")
+    upper = ("hvkit.forking", "hvkit.sharing", "hvkit.introspect", "hvkit.cli", "hvkit.api", "hvkit.forensics")
     for module, deps in graph.items():
         if module.startswith(("hvkit.qemu", "hvkit.memory", "hvkit.kernel", "hvkit.guest", "hvkit.hv")):
             assert not [d for d in deps if d.startswith(upper)], f"{module} imports {sorted(deps)}"
@@ -109,3 +109,10 @@ def test_no_module_is_a_house_of_many_concerns():
     too_long = {name: n for name, path in _modules().items()
                 if (n := len(path.read_text().splitlines())) > 700}
     assert not too_long, f"split these by concern: {too_long}"
+
+
+def test_no_name_of_the_api_hides_a_module():
+    """`hvkit.fork` once was both the API's function and a package: whichever was bound
+    last won, and `hvkit.share.sharer` could no longer be reached by its dotted name."""
+    hidden = [name for name in hvkit.__all__ if (PACKAGE / name).is_dir() or (PACKAGE / f"{name}.py").exists()]
+    assert not hidden, f"these names of hvkit's API hide its modules: {hidden}"

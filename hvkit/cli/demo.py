@@ -17,14 +17,14 @@ import click
 from hvkit.cli.hv import demo_hypercalls
 from hvkit.cli.output import console, json_option, print_json, status_console
 from hvkit.config import Paths
-from hvkit.fork import fork
+from hvkit.forking import fork
 from hvkit.guest import build_default_guest
 from hvkit.introspect import PageClass, classify, list_tasks
 from hvkit.memory import PAGE_SIZE
 from hvkit.introspect.source import open_guest
 from hvkit.memserver import MemServer
 from hvkit.qemu import VM, find_vm, list_vms, start_vm
-from hvkit.share import share_once
+from hvkit.sharing import share_once
 from hvkit.units import mib
 from hvkit.guest.control import ground_truth, frozen_ground_truth, request
 

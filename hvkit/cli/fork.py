@@ -11,7 +11,7 @@ import click
 from hvkit.cli.output import console, json_option, print_json, print_table, status_console
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
-from hvkit.fork import ChildStarted, child_names, fork as fork_vm, start_children
+from hvkit.forking import ChildStarted, child_names, fork as fork_vm, start_children
 from hvkit.memserver import MemServer
 from hvkit.qemu import list_vms
 from hvkit.qemu.disk import layers_in_use

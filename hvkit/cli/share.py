@@ -12,8 +12,8 @@ import click
 from hvkit.errors import HvkitError
 from hvkit.cli.output import console, json_option, print_json, print_table, status_console
 from hvkit.qemu import VM, find_vm
-from hvkit.share import Sharer, ShareResult, share_once
-from hvkit.share.sharer import MAX_PAUSE
+from hvkit.sharing import Sharer, ShareResult, share_once
+from hvkit.sharing.sharer import MAX_PAUSE
 from hvkit.units import mib
 
 

@@ -8,7 +8,7 @@ agent answers `guest-ping` and hvkit's control service printed HVKIT-READY, whic
 does after sshd runs). vm.py calls it at three places: start (the spec), the QEMU
 command line, and the wait for ready.
 
-A fork (hvkit.fork) of such a VM freezes its disk at the moment of the fork (the VM
+A fork (hvkit.forking) of such a VM freezes its disk at the moment of the fork (the VM
 goes on, on a new overlay over the frozen layer), and gives each child its own
 overlay over that layer, its own ssh port, MAC (in the guest too) and VM generation
 id, and sets its clock through the agent.
@@ -118,7 +118,7 @@ def ssh_command(spec: VMSpec, *command: str) -> list[str]:
     return image.ssh_command(spec.ssh_port, *command)
 
 
-# ---- fork (hvkit.fork): each child its own disk, port, MAC, generation id and clock ------------
+# ---- fork (hvkit.forking): each child its own disk, port, MAC, generation id and clock ------------
 
 def freeze_disk(vm: "VM", layer: Path) -> None:
     """The paused VM's disk as it is now becomes the frozen layer `layer` that its

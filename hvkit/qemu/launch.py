@@ -322,7 +322,7 @@ def qemu_command(binary: str, rundir: RuntimeDir, spec: VMSpec, cpu_model: str |
         cmd += ["-cpu", cpu_model]
     if spec.ram == "snapshot":
         # paused, waiting for the device state (saved without RAM, so no
-        # configuration section: see hvkit.fork)
+        # configuration section: see hvkit.forking)
         cmd += ["-S", "-incoming", "defer", "-global", "migration.send-configuration=off"]
     return cmd
 

@@ -77,7 +77,7 @@ def _undo(rundir: RuntimeDir, journal: dict, old_alive: bool) -> None:
 
 
 def _finish(rundir: RuntimeDir, journal: dict, paths: Paths) -> str:
-    from hvkit.fork.forker import restart_from_frozen  # the forker's own restart
+    from hvkit.forking.forker import restart_from_frozen  # the forker's own restart
 
     store = Store(Path(journal["store"]))
     try:

@@ -8,7 +8,7 @@
 A hole reads as zeros and costs no host memory until the guest touches the page again.
 """
 
-from hvkit.share.freepages import ShareRefused
-from hvkit.share.sharer import Sharer, ShareResult, share_once
+from hvkit.sharing.freepages import ShareRefused
+from hvkit.sharing.sharer import Sharer, ShareResult, share_once
 
 __all__ = ["ShareRefused", "ShareResult", "Sharer", "share_once"]

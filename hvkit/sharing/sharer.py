@@ -20,7 +20,7 @@ from pathlib import Path
 from hvkit.config import Paths
 from hvkit.introspect.source import KernelKnowledge, load_kernel_knowledge, open_guest
 from hvkit.qemu import VM
-from hvkit.share.freepages import ShareRefused, free_pages_to_release, runs_of
+from hvkit.sharing.freepages import ShareRefused, free_pages_to_release, runs_of
 
 SHARED_FILE_HINT = ("give it RAM in a shared file: 'hvkit vm start' does; plain QEMU: -object "
                     "memory-backend-file,id=pc.ram,size=SIZE,mem-path=/dev/shm/NAME,share=on -machine "

@@ -47,7 +47,7 @@ from typing import Callable
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
-from hvkit.fork.written import written_pages
+from hvkit.forking.written import written_pages
 from hvkit.memserver import MemServer, Snapshot, Store
 from hvkit.memserver.store import disk_layer
 from hvkit.qemu import VM, find_vm, launch_from_snapshot, receive_state
@@ -55,13 +55,13 @@ from hvkit.qemu import imagevm
 from hvkit.qemu.ownership import Ownership, fault_point
 from hvkit.qemu.runtime import check_name
 from hvkit.signals import deferred_signals
-from hvkit.share.freepages import give_back_free_pages_of_file
+from hvkit.sharing.freepages import give_back_free_pages_of_file
 
 log = logging.getLogger(__name__)
 
 # what finishes or undoes a fork whose process died: named in its journal, so that the
 # QEMU engine hands the journal over without importing the fork package
-RECOVER = "hvkit.fork.recovery:finish_fork"
+RECOVER = "hvkit.forking.recovery:finish_fork"
 
 
 @dataclass(frozen=True)
