@@ -231,6 +231,7 @@ class Store:
         after, so a seal cut short can be done again from the same files."""
         final = self.state_file(snap.name)
         final.unlink(missing_ok=True)
+        os.chmod(state, 0o600)  # device state: its owner's alone, whoever wrote it (QEMU does 0600)
         os.link(state, final)
         _replace_private(self._snapshot_json(snap.name), json.dumps(snap.to_json(), indent=1))
         state.unlink(missing_ok=True)
@@ -247,6 +248,7 @@ class Store:
         if not frozen.exists():
             raise HvkitError(f"the frozen RAM file {frozen} of fork {fork_id} is missing",
                              "nothing can be sealed; the store may have been cleared")
+        os.chmod(frozen, 0o600)  # guest memory: its owner's alone (QEMU made it so already)
         file_id, _ = self._new_file(".ram", name=frozen.name)
         levels = levels_for(size // PAGE)
         span = FANOUT ** (levels - 1)
