@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -84,3 +85,30 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subpro
 
 def qemus_of(folder: Path) -> list[int]:
     return _qemus_of(folder)
+
+
+# files hvkit keeps beside guest data that hold none of it (a probe's result, the memory
+# server's pid and log, lock files): every other file is guest memory, disk data, device
+# state or made from them (snapshot tables and JSON, spec, console), and must be 0600
+NOT_GUEST_DATA = {"accel.json", "server.pid", "server.log", "lock"}
+
+
+def assert_private_files(*roots: Path) -> list[Path]:
+    """Every regular file under `roots` (the memory server's FUSE mount left out: it
+    has its own check) is its owner's alone (0600 or stricter), and so is every folder;
+    returns the files checked."""
+    checked = []
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if not (d == "mnt" and Path(folder).name == "memserver")]
+            for name in files:
+                path = Path(folder) / name
+                st = path.lstat()
+                if not stat.S_ISREG(st.st_mode) or name in NOT_GUEST_DATA or name.endswith(".lock"):
+                    continue
+                assert st.st_mode & 0o077 == 0, f"{path} is {oct(st.st_mode & 0o777)}"
+                checked.append(path)
+            if Path(folder) != root:
+                mode = Path(folder).stat().st_mode
+                assert mode & 0o077 == 0, f"folder {folder} is {oct(mode & 0o777)}"
+    return checked

@@ -5,6 +5,7 @@ snapshots. The tables and the store are checked on their own first, on real file
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -99,6 +100,48 @@ def test_store_keeps_each_frame_once_and_survives_reopening(tmp_path):
     got = resolve(reopened.tables, snap.root, snap.levels, 0, size // PAGE)
     assert got[9000] == 0 and got[10] == got[5000] and got[11] == got[20]
     reopened.close()
+
+
+def test_store_files_are_private_and_staged_states_of_dead_forks_go(tmp_path):
+    """Every file of the store is 0600; a staged device state is removed once the fork
+    that made it is gone, unless a fork journal (a dead owner's intent) still names it;
+    one of a live fork stays, and so does a fresh one whose name has no pid."""
+    import stat
+    import subprocess
+
+    from hvkit.leftovers import remove_staged_states, staged_state_pid
+
+    runtime = tmp_path / "runtime"
+    store = Store(runtime / "memserver" / "store")
+    ram = store.frozen_path("1-1")
+    np.zeros(1 << 20, np.uint8).tofile(ram)
+    for fork_id in ("1-1", "2-1"):
+        store.staged_state(fork_id).write_bytes(b"device state")
+    with store.lock():
+        base = store.freeze_ram_file(ram, 1 << 20, "vm", store.staged_state("1-1"), {"name": "vm"}, "1-1")
+        store.fork_pages(base, np.array([3]), np.full((1, PAGE), 7, np.uint8), "vm-1", store.staged_state("2-1"),
+                         {}, "2-1")
+    store.close()
+    for f in (runtime / "memserver" / "store").rglob("*"):
+        if f.is_file() and f.name != "lock":
+            assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f"{f} is {oct(f.stat().st_mode)}"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    staged = {k: store.staged_state(f"{time.time_ns()}-{pid}") for k, pid in
+              (("dead", dead.pid), ("named", dead.pid), ("alive", os.getpid()))}
+    staged["old format"] = store.path / "snapshots" / ".vm.abcd1234.state"
+    for path in staged.values():
+        path.write_bytes(b"state")
+    assert staged_state_pid(staged["dead"]) == str(dead.pid) and staged_state_pid(staged["old format"]) is None
+    (runtime / ".owners").mkdir(mode=0o700)
+    (runtime / ".owners" / "vm.json").write_text(json.dumps({"undo": "fork", "state": str(staged["named"])}))
+    assert remove_staged_states(runtime) == [staged["dead"]]
+    assert all(p.exists() for k, p in staged.items() if k != "dead")
+    (runtime / ".owners" / "vm.json").unlink()  # its recovery is done
+    old = time.time() - 3600
+    os.utime(staged["old format"], (old, old))
+    assert sorted(remove_staged_states(runtime)) == sorted([staged["named"], staged["old format"]])
+    assert staged["alive"].exists()
 
 
 def test_fork_refuses_bad_requests_in_one_line(paths):

@@ -27,7 +27,7 @@ from hvkit.qemu import VM, find_vm, list_vms, start_vm
 from hvkit.qemu.agent import AgentSilent
 from hvkit.guest.control import ground_truth, request
 
-from conftest import qemus_of, run_cli
+from conftest import assert_private_files, qemus_of, run_cli
 from test_identify import assert_agrees_with_kpageflags, identify_at_one_moment
 from test_share import assert_share_gives_back_free_memory
 
@@ -157,22 +157,61 @@ def _snapshot_names(paths) -> set[str]:
     return {p.stem for p in folder.glob("*.json")}
 
 
+def _disk_chain(vm_name: str, paths) -> list[Path]:
+    """The VM's disk chain, top first, as qemu-img reads it (and hvkit's reader agrees)."""
+    from hvkit.qemu.disk import chain_of
+
+    vm = find_vm(vm_name, paths)
+    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", vm.spec.disk],
+                         capture_output=True, text=True, check=True)
+    chain = [Path(i["filename"]) for i in json.loads(out.stdout)]
+    assert chain == chain_of(Path(vm.spec.disk)), "hvkit's reader of the chain agrees with qemu-img"
+    return chain
+
+
+def assert_nothing_left_behind(vm_name: str, paths) -> None:
+    """After a fork (killed or not) and the next command: no staged device state in the
+    store, no disk layer that neither a snapshot nor a VM's chain needs, no overlay or
+    half-made overlay in the VM's folder beside its disk, and QEMU writes the disk the
+    VM's spec names."""
+    from hvkit.memserver.store import snapshot_disks
+    from hvkit.qemu.disk import active_layer
+
+    store = MemServer.of(paths).store_path
+    assert not list((store / "snapshots").glob(".*")), "a staged state (or temporary file) is left"
+    vm = find_vm(vm_name, paths)
+    assert active_layer(vm.qmp) == Path(vm.spec.disk)
+    assert sorted(vm.rundir.path.glob("*.qcow2*")) == [Path(vm.spec.disk)], "one overlay in the VM's folder"
+    needed = {p.resolve() for p in snapshot_disks(store)}
+    for row in list_vms(paths):
+        if row.state != "dead":
+            spec = find_vm(row.name, paths).spec
+            if spec.disk:
+                needed |= {p.resolve() for p in _disk_chain(row.name, paths)}
+    extra = [p for p in (store / "disks").glob("*") if p.resolve() not in needed]
+    assert not extra, f"disk layers nothing needs: {extra}"
+
+
 def test_fork_killed_at_each_disk_step_loses_no_disk_data(image_vm: VM, paths):
-    """SIGKILL of `hvkit fork` right after the disk was hard-linked as the frozen layer
-    (before QEMU switched), right after QEMU switched to its new overlay, after the old
-    QEMU ended (the fork is then finished by the next command), and in a fork of the
-    VM that already runs from a snapshot: the next command finds the VM running, every
-    file it wrote is there and it writes on; a child of the sealed snapshot sees the
-    disk as it was at the fork, not what the VM wrote after."""
-    cases = [("disk linked", "as before"), ("disk switched", "as before"),
-             ("after fork:stopping", "from its snapshot"), ("disk linked", "as before")]
+    """SIGKILL of `hvkit fork` at steps of a first fork and of a fork of the VM that then
+    runs from a snapshot: the next command finds the VM running, every file it wrote is
+    there and it writes on. A fork undone (killed before its point of no return) leaves
+    the VM's disk chain exactly as it was, file for file; a fork finished by the next
+    command adds one layer (the frozen disk its snapshot's children start from, the very
+    file the VM wrote to before), and a child of the sealed snapshot sees the disk as it
+    was at the fork, not what the VM wrote after. Nothing is left behind either way."""
+    cases = [("after fork:pausing", "as before"), ("before fork:stopping", "as before"),  # a first fork
+             ("disk linked", "from its snapshot"),
+             ("after fork:sealing", "as before"),  # forks of the VM that runs from that snapshot
+             ("disk linked", "from its snapshot"), ("disk switched", "from its snapshot")]
     marks: list[str] = []
-    sealed = None
+    sealed = []
     for i, (moment, expected) in enumerate(cases):
         mark = f"k{i}"
         _mark(NAME, paths, mark)
         marks.append(mark)
-        before = _snapshot_names(paths)
+        before, chain = _snapshot_names(paths), _disk_chain(NAME, paths)
+        top = os.stat(chain[0])
         proc = subprocess.run([sys.executable, "-m", "hvkit", "fork", NAME, "-n", "1"], capture_output=True,
                               text=True, timeout=300, env={**os.environ, "HVKIT_DIE_AT": moment})
         assert proc.returncode == -signal.SIGKILL, (moment, proc.stderr)
@@ -183,16 +222,25 @@ def test_fork_killed_at_each_disk_step_loses_no_disk_data(image_vm: VM, paths):
         assert not [n for n in rows if n.startswith(NAME + "-")], (moment, "no half-started child")
         new = _snapshot_names(paths) - before
         assert bool(new) == (expected == "from its snapshot"), (moment, new)
-        assert _marks(NAME, paths) == marks, (moment, "the VM's disk lost nothing")
-        print(f"killed at {moment!r}: the VM runs {expected}; disk {find_vm(NAME, paths).spec.disk}")
+        after = _disk_chain(NAME, paths)
         if new:
-            sealed = new.pop()
+            assert len(after) == len(chain) + 1 and after[2:] == chain[1:], (moment, chain, after)
+            frozen = os.stat(after[1])
+            assert (frozen.st_dev, frozen.st_ino) == (top.st_dev, top.st_ino), "the layer is the VM's old overlay"
+            sealed.append((new.pop(), list(marks)))
+        else:
+            assert after == chain, (moment, "an undone fork leaves the disk chain as it was", chain, after)
+        assert_nothing_left_behind(NAME, paths)
+        assert _marks(NAME, paths) == marks, (moment, "the VM's disk lost nothing")
+        print(f"killed at {moment!r}: the VM runs {expected}; its disk chain is {len(after)} deep")
     _mark(NAME, paths, "after")
-    child = _child_of_snapshot(sealed, paths)
-    try:
-        assert _marks(child.name, paths) == marks[:3], "the child has the disk of the fork's moment"
-    finally:
-        child.stop()
+    for snapshot, marked in (sealed[0], sealed[-1]):
+        child = _child_of_snapshot(snapshot, paths)
+        try:
+            assert _marks(child.name, paths) == marked, "the child has the disk of the fork's moment"
+        finally:
+            child.stop()
+    assert_nothing_left_behind(NAME, paths)
 
 
 def test_frozen_disks_live_as_long_as_their_snapshots(image_vm: VM, paths):
@@ -298,6 +346,12 @@ def test_two_children_and_a_grandchild_each_keep_their_own_disk_memory_and_rando
         parent = find_vm(NAME, paths)  # a first fork restarts the parent's QEMU
         for vm, word in ((parent, "P"), (kids[0], "A"), (kids[1], "B"), (grandchild, "G")):
             assert (_memory_marks(vm), _own_file(vm)) == ([word], word), vm.name
+        # every RAM file, overlay, frozen layer, staged or sealed state and snapshot table
+        # of these forks is its owner's alone (0600 or stricter)
+        checked = assert_private_files(paths.runtime)
+        assert {p.suffix for p in checked} >= {".qcow2", ".ram", ".state", ".json"}, checked
+        assert all(p.stat().st_mode & 0o777 == 0o400 for p in (MemServer.of(paths).store_path / "disks").iterdir())
+        assert_nothing_left_behind(kids[0].name, paths)
     finally:
         for kid in kids:
             kid.stop()

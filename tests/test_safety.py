@@ -27,7 +27,7 @@ from hvkit.memserver import MemServer, fuse_unavailable_reason
 from hvkit.qemu import VM, find_vm, list_vms, start_vm
 from hvkit.qemu.qmp import qmp
 
-from conftest import run_cli
+from conftest import assert_private_files, run_cli
 
 needs_fuse = pytest.mark.skipif(fuse_unavailable_reason() is not None,
                                 reason=f"no FUSE here: {fuse_unavailable_reason()}")
@@ -244,6 +244,7 @@ def test_sigkill_of_fork_at_every_step_loses_nothing(paths, guest):
                 assert forker.wait(timeout=60) == -signal.SIGKILL, forker.stderr.read()
             rows, said = listed()
             assert "Traceback" not in said
+            assert _staged(server) == [], (moment, "a staged device state is left")
             mine = {n: r for n, r in rows.items() if n == name or n.startswith(name + "-")}
             assert mine[name]["state"] == "running", (moment, mine[name], said)
             assert all(r["state"] == "running" for r in mine.values()), (moment, mine)
@@ -281,6 +282,59 @@ def _unlisted_qemus(paths, name: str, rows: dict[str, dict]) -> dict[int, str]:
         if re.search(rb"\0hvkit-" + re.escape(name.encode()) + rb"(-\d+)*\0", cmd):
             found[pid] = cmd.replace(b"\0", b" ").decode(errors="replace")[:200]
     return found
+
+
+FORKED_FORK_STEPS = ["after fork:pausing", "before fork:sealing", "after fork:sealing", "before fork:sealed",
+                     "after fork:sealed", "fork child launched", "before done fork child", "before done fork"]
+
+
+@needs_fuse
+@pytest.mark.slow
+def test_sigkill_of_a_forked_vms_fork_at_every_step_loses_nothing(paths, guest):
+    """A VM that runs from a snapshot (forked once) forked again, killed at each of its
+    fork's steps: the next command finds it running, its fork undone (no snapshot) or
+    finished (sealed), no staged device state left in the store; its memory checker and
+    a child of the last sealed snapshot find no corrupt word."""
+    server = MemServer.of(paths)
+    with start_vm("kff", memory="256M", workload="memcheck:24", paths=paths) as vm:
+        vm.wait_for_console(r"HVKIT-MEMCHECK round=1 ", timeout=120)
+        assert run_cli("fork", "kff", "-n", "1").returncode == 0
+        find_vm("kff-1", paths).stop()
+        outcomes, last = {}, None
+        for moment in FORKED_FORK_STEPS:
+            before = set(_snapshots(server))
+            forker = hvkit_popen("fork", "kff", "-n", "1", env={"HVKIT_DIE_AT": moment})
+            assert forker.wait(timeout=60) == -signal.SIGKILL, forker.stderr.read()
+            rows, said = listed()
+            assert "Traceback" not in said
+            assert _staged(server) == [], (moment, "a staged device state is left")
+            mine = {n: r for n, r in rows.items() if n == "kff" or n.startswith("kff-")}
+            assert all(r["state"] == "running" for r in mine.values()), (moment, mine, said)
+            new = sorted(set(_snapshots(server)) - before)
+            outcomes[moment] = f"sealed {new[0]}" if new else "undone"
+            last = new[0] if new else last
+            again = find_vm("kff", paths)
+            assert again.spec.ram == "snapshot" and qemu_state(again) == "running"
+            wait_rounds(again, 2)
+            assert_clean(again)
+            for child in mine:
+                if child != "kff":
+                    find_vm(child, paths).stop()
+        assert last, "no step sealed a snapshot: the test proved nothing"
+        proc = run_cli("fork", "--snapshot", last, "-n", "1", "--json")
+        assert proc.returncode == 0, proc.stderr
+        child = find_vm(json.loads(proc.stdout)["children"][0]["name"], paths)
+        wait_rounds(child, 2)
+        assert_clean(child)
+        child.stop()
+    print("\n".join(f"  killed at {m!r}: {o}" for m, o in outcomes.items()))
+    assert "undone" in outcomes.values()
+
+
+def _staged(server: MemServer) -> list[str]:
+    """Staged device states (and temporary files) in the store's snapshots folder."""
+    folder = server.store_path / "snapshots"
+    return [p.name for p in folder.glob(".*")] if folder.is_dir() else []
 
 
 def _snapshots(server: MemServer) -> list[str]:
@@ -322,6 +376,9 @@ def test_a_second_user_reads_no_guest_byte(paths, guest, tmp_path):
     try:
         assert run_cli("vm", "start", "--name", "priv", env=env).returncode == 0
         assert run_cli("fork", "priv", "-n", "1", env=env).returncode == 0
+        assert run_cli("fork", "priv-1", "-n", "1", env=env).returncode == 0  # a forked VM's fork
+        checked = assert_private_files(runtime)  # every file holding guest data: 0600 or stricter
+        assert {p.suffix for p in checked} >= {".ram", ".state", ".json", ".bin"}, checked
         files = [p for p in runtime.rglob("*")
                  if p.is_file() and "mnt" not in p.parts and p.name != "accel.json"]  # (a probe's result)
         guest_files = [p for p in files if p.suffix in (".ram", ".state") or p.name == "ram"]

@@ -58,6 +58,7 @@ def test_ground_truth_arrives_and_parses(shared_vm, tmp_path):
     saved = tmp_path / "gt.txt"
     truth = ground_truth(shared_vm, save_to=saved)
     assert saved.read_text().startswith("HVKIT-GT-BEGIN")
+    assert saved.stat().st_mode & 0o077 == 0, "the guest's processes and environments: 0600"
     # MemTotal is RAM less what the kernel keeps for itself: most of 256 MiB
     assert 150 * MiB < truth.meminfo["MemTotal"] <= 256 * MiB
     assert 0 < truth.meminfo["MemFree"] < truth.meminfo["MemTotal"]

@@ -9,7 +9,9 @@ import sys
 import click
 
 from hvkit import __version__
+from hvkit.config import Paths
 from hvkit.errors import HvkitError
+from hvkit.leftovers import sweep
 from hvkit.signals import Terminated, terminate_as_interrupt
 
 
@@ -26,6 +28,8 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 1), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
+    paths = Paths.from_env()
+    sweep(paths.runtime, paths.cache)  # what killed hvkit commands left (leftovers.py)
 
 
 def _register() -> None:

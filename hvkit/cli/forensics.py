@@ -5,7 +5,9 @@ package, with the symbol table hvkit makes from the kernel's own headers, kallsy
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,9 @@ from hvkit.errors import HvkitError
 from hvkit.kernel.headers import debian_tree, prepared_tree
 from hvkit.kernel.image import read_kernel_image
 from hvkit.kernel.isf import IsfReport, make_isf, volatility_symbol_dir
-from hvkit.procs import left_by_dead_process
+from hvkit.leftovers import VOL_PREFIX, maker_gone, process_tag, remove_vol_leftovers
+from hvkit.qemu.ownership import fault_point
+from hvkit.qemu.qmp import QMPUnreachable, qmp_with_fd
 
 headers_option = click.option("--headers", type=click.Path(path_type=Path),
                               help="A prepared kernel tree of that kernel (default: Debian's headers package).")
@@ -103,38 +107,117 @@ def _volatility() -> Path:
     return vol
 
 
-VOL_COPY_PREFIX = "hvkit-vol-"  # + the pid of the run that copies a VM's memory there
+def anonymous_file(folder: Path) -> int:
+    """A file descriptor of a new, empty file in `folder` (0600) that has no name: the
+    kernel removes its data when its last descriptor closes, so a copy of guest memory
+    in it never outlives its owner, not even a SIGKILL. Where the file system has no
+    O_TMPFILE, a file whose name lasts an instant (named after this process, which
+    the next hvkit command removes if it died in that instant)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise HvkitError(f"cannot make a file in {folder}: {e.strerror}") from None
+    path = folder / f"{VOL_PREFIX}{process_tag()}-{secrets.token_hex(4)}.core"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    path.unlink()
+    return fd
 
 
-def remove_copies_of_dead_runs(cache: Path) -> None:
-    """Copies of guest memory that a killed `hvkit vol` left in the cache (its
-    temporary folder outlives a SIGKILL) are removed by the next run: guest memory must
-    not stay behind on the host."""
-    for folder in cache.glob(f"{VOL_COPY_PREFIX}*-*"):
-        if left_by_dead_process(folder.name[len(VOL_COPY_PREFIX):].split("-", 1)[0]):
-            shutil.rmtree(folder, ignore_errors=True)
+def dump_into(vm, fd: int, timeout: float = 600.0) -> None:
+    """The paused VM's memory as an ELF core (QEMU's dump-guest-memory, as `vm dump`
+    writes it) into the file of `fd`, which QEMU gets over QMP (getfd)."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            qmp_with_fd(vm.qmp_path, fd, "hvkit-vol", "dump-guest-memory",
+                        {"paging": False, "protocol": "fd:hvkit-vol"}, timeout=timeout)
+            return
+        except QMPUnreachable:  # another command talks to it: the socket takes one client at a time
+            vm.raise_if_dead("while its memory was copied")
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def write_core(vm, path: Path) -> Path:
+    """`vm.dump_core(path)` (the paused VM's memory as an ELF core), but the core has no
+    name until it is whole: QEMU writes it into a file with no name in `path`'s folder
+    (O_TMPFILE), which is then linked in and renamed into place. A dump killed at any
+    moment leaves no copy of guest memory behind (a link killed before its rename: a
+    hidden name with the dead process's pid, which the next dump into that folder
+    removes). Where the folder's file system has no O_TMPFILE, and for a libvirt
+    domain (no descriptor passes through virsh), vm.dump_core as it is."""
+    path = Path(path).resolve()
+    if vm.spec.libvirt_domain:
+        return vm.dump_core(path)
+    try:
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return vm.dump_core(path)
+        raise HvkitError(f"cannot write a core in {path.parent}: {e.strerror}") from None
+    try:
+        for stale in path.parent.glob(".*.partial"):
+            if maker_gone(stale.name.rsplit(".", 2)[-2]):
+                stale.unlink(missing_ok=True)
+        dump_into(vm, fd)
+        fault_point("dump written")
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.unlink(missing_ok=True)
+        _link_fd(fd, partial)
+        partial.replace(path)
+    finally:
+        os.close(fd)
+    return path
+
+
+def _link_fd(fd: int, path: Path) -> None:
+    """The file of `fd` (made with O_TMPFILE, no name yet) gets the name `path`:
+    linkat(AT_SYMLINK_FOLLOW) through /proc (Python calls linkat only when given a
+    folder's descriptor; the absolute source name ignores it)."""
+    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=root, follow_symlinks=True)
+    finally:
+        os.close(root)
 
 
 @contextlib.contextmanager
-def memory_image(source: str, paths: Paths) -> Iterator[Path]:
-    """A file Volatility can read for SOURCE: the file itself, or for an hvkit VM a core
-    dumped while it is paused (it runs on while Volatility reads the copy)."""
+def memory_image(source: str, paths: Paths) -> Iterator[tuple[Path, tuple[int, ...]]]:
+    """A file Volatility can read for SOURCE, with the descriptors it must inherit: the
+    file itself, or for an hvkit VM a core dumped while it is paused (it runs on while
+    Volatility reads the copy) into a file with no name (anonymous_file), which
+    Volatility opens as /proc/self/fd/N."""
     path = Path(source)
     if path.exists() or "/" in source:
         if not path.is_file():
             raise HvkitError(f"{source} is not a memory file", "give a VM name, a RAM file or an ELF core")
-        yield path
+        yield path, ()
         return
     from hvkit.qemu import find_vm
 
     vm = find_vm(source, paths)
-    with tempfile.TemporaryDirectory(prefix=f"{VOL_COPY_PREFIX}{os.getpid()}-", dir=paths.cache) as tmp:
-        core = Path(tmp) / f"{vm.name}.core"
-        t0 = time.monotonic()
+    t0 = time.monotonic()
+    if vm.spec.libvirt_domain:  # libvirt holds its QMP socket: no descriptor passes through virsh
+        with tempfile.TemporaryDirectory(prefix=f"{VOL_PREFIX}{process_tag()}-", dir=paths.cache) as tmp:
+            core = Path(tmp) / f"{vm.name}.core"
+            with status_console().status(f"copying the memory of VM {vm.name} (paused meanwhile)"), \
+                    vm.paused("vol"):
+                vm.dump_core(core)
+            click.echo(f"hvkit: VM {vm.name} paused {time.monotonic() - t0:.1f} s for a copy of its memory", err=True)
+            yield core, ()
+        return
+    fd = anonymous_file(paths.cache)
+    try:
         with status_console().status(f"copying the memory of VM {vm.name} (paused meanwhile)"), vm.paused("vol"):
-            vm.dump_core(core)
+            dump_into(vm, fd)
+        fault_point("vol copied")
         click.echo(f"hvkit: VM {vm.name} paused {time.monotonic() - t0:.1f} s for a copy of its memory", err=True)
-        yield core
+        yield Path(f"/proc/self/fd/{fd}"), (fd,)
+    finally:
+        os.close(fd)
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -153,17 +236,20 @@ def vol(source: str, plugin: str, args: tuple[str, ...], kernel: Path | None, he
     to the plugin. The symbol table is made on the way, or taken from the cache.
     """
     paths = Paths.from_env()
-    remove_copies_of_dead_runs(paths.cache)
+    remove_vol_leftovers(paths.cache)  # the CLI did already; the function may be called alone
     program = _volatility()
     kernel_file = kernel_file_of(source, kernel, paths)
     with status_console().status(f"making the symbol table of {kernel_file.name}"):
         report = isf_report(kernel_file, headers, paths)
-    with tempfile.TemporaryDirectory(prefix="hvkit-vol-") as tmp, memory_image(source, paths) as image:
+    # Volatility's symbols and cache (no guest data): named after this process, so the
+    # next hvkit command removes a folder a killed run left (hvkit.leftovers)
+    with tempfile.TemporaryDirectory(prefix=f"{VOL_PREFIX}{process_tag()}-") as tmp, \
+            memory_image(source, paths) as (image, fds):
         symbols = volatility_symbol_dir(report.path, Path(tmp) / "symbols")
         (Path(tmp) / "cache").mkdir()
         cmd = [str(program), "-q", "--offline", "--cache-path", str(Path(tmp) / "cache"),
                "-s", str(symbols), "-f", str(image), *(["-r", "json"] if as_json else []), plugin, *args]
-        code = subprocess.run(cmd).returncode
+        code = subprocess.run(cmd, pass_fds=fds).returncode
     sys.exit(code)
 
 

@@ -202,10 +202,12 @@ def dump(name: str, output: Path, as_json: bool) -> None:
 
     if not output.parent.is_dir():
         raise HvkitError(f"{output.parent} is not a folder", "give -o a path in an existing folder")
+    from hvkit.cli.forensics import write_core
+
     machine = find_vm(name)
     t0 = time.monotonic()
     with machine.paused("dump"):
-        machine.dump_core(output)
+        write_core(machine, output)  # no name until whole: a killed dump leaves no copy
     info = vmcoreinfo(output)
     doc = {"name": name, "core": str(output.resolve()), "bytes": output.stat().st_size,
            "seconds": round(time.monotonic() - t0, 3), "vmcoreinfo": bool(info),

@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +47,7 @@ from typing import Callable
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.forking.written import written_pages
+from hvkit.leftovers import remove_staged_states
 from hvkit.memserver import MemServer, Snapshot, Store
 from hvkit.memserver.store import disk_layer
 from hvkit.qemu import VM, find_vm, launch_from_snapshot, receive_state
@@ -169,6 +169,7 @@ def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = Fals
     server = MemServer.of(paths)
     server_pid = server.start()
     store = server.store()
+    remove_staged_states(paths.runtime)  # forks killed before (hvkit.leftovers)
     try:
         # held from here to the end (a second fork, a share or a stop waits), and an
         # interrupt waits until the fork is done
@@ -200,31 +201,33 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
                    on_child: ChildCallback | None, give_back_free: bool) -> ForkReport:
     """The first fork of a VM (see the module comment); each step is recorded first."""
     own = vm.ownership
-    fork_id = f"{time.time_ns()}-{os.getpid()}"
+    fork_id = new_fork_id()
     frozen, state = store.frozen_path(fork_id), store.staged_state(fork_id)
-    layer = disk_layer(store.path, fork_id) if vm.spec.disk else None
+    # a disk is frozen only once the fork goes forward (its QEMU ended): an undone fork
+    # leaves the VM's disk chain as it was; the names are chosen now, for the journal
+    plan = imagevm.plan_disk_freeze(vm, disk_layer(store.path, fork_id)) if vm.spec.disk else {}
     own.write_intent(op="fork", undo="fork", recover=RECOVER, step="pausing", fork_id=fork_id, ram=str(vm.ram_path),
                      frozen=str(frozen), state=str(state), old_pid=vm.pid, was_running=was_running,
                      run_after=run_after, store=str(store.path), machine=asdict(vm.spec), children=names,
-                     disk_layer=str(layer) if layer else None)
+                     **plan)
     t_pause = time.monotonic()
     if was_running:
         vm.qmp("stop")
     vm.save_state(state)
-    if layer:
-        # the disk of this moment: the children's, under the VM's new overlay; the
-        # journal gets the VM's spec again (its new overlay), for the snapshot a
-        # recovery seals and the QEMU it restarts
-        imagevm.freeze_disk(vm, layer)
-    own.update_intent(step="moving", machine=asdict(vm.spec))
+    own.update_intent(step="moving")
     os.rename(vm.ram_path, frozen)  # QEMU still maps it; the name moves, not the data
     # from here on the fork only goes forward: the old QEMU ends, and with it the
     # last shared (writable) mapping of the frozen file; only then is it sealed
     own.update_intent(step="stopping")
     vm.kill(signal.SIGKILL)  # paused, its state saved: nothing to shut down politely
     own.update_intent(step="sealing")
+    if plan:
+        # the disk of this moment (QEMU flushed it when it paused): the children's, under
+        # the VM's new overlay; a recovery does again what is not done
+        imagevm.freeze_stopped_disk_of(plan)
+    machine = imagevm.machine_after_freeze(asdict(vm.spec), plan)
     with store.lock():
-        snap = store.freeze_ram_file(frozen, vm.spec.memory, vm.name, state, asdict(vm.spec), fork_id)
+        snap = store.freeze_ram_file(frozen, vm.spec.memory, vm.name, state, machine, fork_id)
     own.update_intent(step="sealed", snapshot=snap.name)
     snapshot_seconds = time.monotonic() - t_pause
     report = ForkReport(vm.name, snap.name, len(names), True, 0, snapshot_seconds, 0.0, "", asdict(snap.counters))
@@ -240,6 +243,12 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
         _give_back_free_pages(report, frozen, Path(vm.spec.kernel), paths)
     own.clear_intent()
     return report
+
+
+def new_fork_id() -> str:
+    """A fork's id: its staged files carry it, and with it the forking process's pid
+    (hvkit.leftovers removes them once that process is gone and no journal names them)."""
+    return f"{time.time_ns()}-{os.getpid()}"
 
 
 def restart_from_frozen(name: str, snap: Snapshot, frozen: Path, store: Store, paths: Paths,
@@ -270,37 +279,41 @@ def _give_back_free_pages(report: ForkReport, frozen: Path, kernel: Path, paths:
 def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names: list[str],
                  paths: Paths, t0: float, was_running: bool, run_after: bool,
                  on_child: ChildCallback | None, give_back_free: bool) -> ForkReport:
-    """A forked VM: its pages are read while it is paused; it runs on from its own memory."""
-    layer = disk_layer(store.path, f"{time.time_ns()}-{os.getpid()}") if vm.spec.disk else None
-    vm.ownership.write_intent(op="fork", undo="resume" if was_running else "none", children=names,
-                              disk_layer=str(layer) if layer else None)
+    """A forked VM: its pages are read while it is paused; it runs on from its own memory.
+    Journaled too (recovery.py): until the snapshot is sealed the fork is undone (its
+    staged state removed, the VM resumed, its disk untouched); once sealed, the VM's
+    disk is switched to a new overlay over the frozen layer before it runs again."""
+    own = vm.ownership
+    fork_id = new_fork_id()
+    state = store.staged_state(fork_id)
+    plan = imagevm.plan_disk_freeze(vm, disk_layer(store.path, fork_id)) if vm.spec.disk else {}
+    own.write_intent(op="fork", undo="fork", recover=RECOVER, kind="forked", step="pausing", fork_id=fork_id, state=str(state),
+                     was_running=was_running, run_after=run_after, store=str(store.path),
+                     machine=asdict(vm.spec), children=names, **plan)
     t_pause = time.monotonic()
     if was_running:
         vm.qmp("stop")
     try:
-        state = _save_state(vm, store)
-        if layer:
-            imagevm.freeze_disk(vm, layer)
+        vm.save_state(state)
+        own.update_intent(step="sealing")
         pages, data = written_pages(vm.pid, vm.spec.ram_file, vm.spec.memory)
         with store.lock():
             parent = store.snapshot(vm.spec.snapshot)
-            snap = store.fork_pages(parent, pages, data, vm.name, state, asdict(vm.spec))
+            snap = store.fork_pages(parent, pages, data, vm.name, state,
+                                    imagevm.machine_after_freeze(asdict(vm.spec), plan), fork_id)
         del data
+        own.update_intent(step="sealed", snapshot=snap.name)
+        if plan:
+            imagevm.switch_disk(vm, plan)  # before anything runs on the frozen layer
         snapshot_seconds = time.monotonic() - t_pause
         report = ForkReport(vm.name, snap.name, len(names), False, len(pages), snapshot_seconds, 0.0, "",
                             asdict(snap.counters))
         report.children = start_children(snap, names, server, server_pid, vm.name, paths, t0, on_child)
     finally:
+        state.unlink(missing_ok=True)  # sealed (the snapshot has its own name of it) or not
         if run_after and vm.is_alive():
             vm.qmp("cont")  # it runs on from its own memory, untouched by the fork
-        vm.ownership.clear_intent()
+        own.clear_intent()
     report.vm_state = vm.run_state()
     report.parent_paused_seconds = time.monotonic() - t_pause if report.vm_state == "running" else 0.0
     return report
-
-
-def _save_state(vm: VM, store: Store) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{vm.name}.", suffix=".state", dir=store.path / "snapshots")
-    os.close(fd)
-    vm.save_state(Path(tmp))
-    return Path(tmp)

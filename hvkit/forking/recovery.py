@@ -4,21 +4,34 @@ the command), from the journal it kept in the VM's intent record (forker.py).
 A first fork (a VM with a RAM file) goes through these steps, each recorded before
 it is taken:
 
-    pausing   the VM is paused and its device state saved to a staged file; a VM
-              with a disk: its disk frozen (hvkit.qemu.disk: the active overlay
-              hard-linked as the store's layer, then QEMU switched to a new
-              overlay over it; the VM's spec, then this journal, name the new one)
+    pausing   the VM is paused and its device state saved to a staged file (the
+              journal names it, and for a VM with a disk the names its disk will be
+              frozen under: old_disk, disk_layer, new_disk)
     moving    its RAM file moves into the store (QEMU still maps it, shared)
     stopping  its QEMU ends: from here on nothing maps the file shared
-    sealing   the snapshot's table and JSON are written (sealed when the JSON is)
+    sealing   a VM with a disk: its disk frozen (hvkit.qemu.disk.freeze_stopped_disk:
+              the overlay, flushed when QEMU paused, hard-linked as the store's
+              layer; a new overlay over it for the VM's next QEMU); then the
+              snapshot's table and JSON are written (sealed when the JSON is)
     sealed    children start; the VM is restarted from the frozen file
     restarted the free pages of the frozen file are given back
 
 Up to `moving` the fork is undone: the RAM file moves back (the old QEMU never lost
-its mapping) and the VM runs on as before (on its new overlay, if QEMU had switched:
-its disk lost nothing either way, and the layer is kept while the overlay needs it).
-From `stopping` on it is finished: the snapshot is sealed (again, if need be: sealing
-is idempotent) and the VM runs from it. Either way, children that had not finished starting are then stopped (their own
+its mapping), the staged state is removed and the VM runs on as before, on the very
+disk chain it had (the disk is touched only after the point of no return, so no
+layer is added and no disk data can be lost: before it, QEMU writes where it always
+did; after it, nothing writes the old overlay any more and every step only adds a
+name or a new empty file). From `stopping` on it is finished: the disk frozen and the
+snapshot sealed (again, if need be: both are idempotent) and the VM runs from it.
+
+A fork of a VM that runs from a snapshot (kind "forked": its QEMU goes on) has the
+steps pausing (paused, state staged), sealing (its written pages stored, the
+snapshot sealed) and sealed (its disk switched live to a new overlay over the frozen
+layer, then children start). Until the snapshot is sealed it is undone (staged state
+removed, the VM resumed on its unchanged disk); once it is, the disk switch is
+finished (QEMU says whether it switched) before the VM runs again.
+
+Either way, children that had not finished starting are then stopped (their own
 intent records say so: VM.finish_abandoned_children).
 """
 
@@ -50,7 +63,9 @@ def finish_fork(owner: Ownership, journal: dict, paths: Paths) -> None:
     old = VM(rundir, VMSpec(**journal["machine"]))  # the VM as the fork found it: its old QEMU
     old_alive = old.qemu_alive()
     try:
-        if step in UNDONE_STEPS:
+        if journal.get("kind") == "forked":
+            _finish_forked(old, journal, paths)
+        elif step in UNDONE_STEPS:
             _undo(rundir, journal, old_alive)
             log.warning("the fork of VM %s (%s) died before its snapshot was sealed: undone, %s", name, by,
                         "the VM runs on as before" if old_alive else "but its QEMU is gone too")
@@ -76,15 +91,45 @@ def _undo(rundir: RuntimeDir, journal: dict, old_alive: bool) -> None:
             vm.qmp("cont")
 
 
+def _finish_forked(vm: VM, journal: dict, paths: Paths) -> None:
+    """A fork of a VM that runs from a snapshot: undone unless its snapshot is sealed;
+    if it is, the VM's disk switch is finished. The VM then runs if it ran before."""
+    store = Store(Path(journal["store"]))
+    try:
+        snap = store.snapshot_of_fork(journal["fork_id"])
+    finally:
+        store.close()
+    Path(journal["state"]).unlink(missing_ok=True)  # sealed (it has its own name then) or not needed
+    spec = vm.rundir.read_spec()
+    if spec is None or not vm.qemu_alive():
+        log.warning("the fork of VM %s (pid %s) died, and so did the VM", vm.name, journal.get("pid", "?"))
+        return
+    vm = VM(vm.rundir, spec)
+    if snap is not None and journal.get("disk_layer"):
+        from hvkit.qemu import imagevm
+
+        imagevm.switch_disk(vm, journal)
+    if journal.get("was_running" if snap is None else "run_after") and vm.run_state() == "paused":
+        vm.qmp("cont")
+    log.warning("the fork of VM %s (pid %s) died at step %r: %s", vm.name, journal.get("pid", "?"),
+                journal.get("step"), f"finished it, snapshot {snap.name} is sealed" if snap else
+                "undone, the VM runs on as before")
+
+
 def _finish(rundir: RuntimeDir, journal: dict, paths: Paths) -> str:
     from hvkit.forking.forker import restart_from_frozen  # the forker's own restart
 
+    from hvkit.qemu import imagevm
+
     store = Store(Path(journal["store"]))
     try:
-        machine = journal["machine"]
+        if journal.get("disk_layer"):
+            imagevm.freeze_stopped_disk_of(journal)  # idempotent: done again, it does what is left
+        machine = imagevm.machine_after_freeze(journal["machine"], journal)
         with store.lock():
             snap = store.freeze_ram_file(Path(journal["frozen"]), machine["memory"], rundir.name,
                                          Path(journal["state"]), machine, journal["fork_id"])
+        Path(journal["state"]).unlink(missing_ok=True)  # a seal done before the kill keeps it otherwise
         if journal.get("step") != "restarted":
             spec = rundir.read_spec()
             if spec is not None and spec.pid != journal.get("old_pid"):

@@ -148,6 +148,8 @@ def _new_tag() -> str:
 
 def _parse_export(raw: str, tag: str, save_to: Path | None) -> GroundTruth:
     raw = raw[raw.find(f"HVKIT-GT-BEGIN {tag}"):]
-    if save_to is not None:
-        Path(save_to).write_text(raw)
+    if save_to is not None:  # the guest's processes, environments, open files: its owner's alone
+        with os.fdopen(os.open(save_to, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(raw)
     return parse_ground_truth(raw)

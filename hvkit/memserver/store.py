@@ -169,7 +169,8 @@ class Store:
         return self.path / "frames" / f"{fork_id}.ram"
 
     def staged_state(self, fork_id: str) -> Path:
-        """Where a fork saves the VM's device state before its snapshot is sealed."""
+        """Where a fork saves the VM's device state before its snapshot is sealed (the
+        fork's journal names it; hvkit.leftovers removes one whose fork is gone)."""
         return self.path / "snapshots" / f".{fork_id}.state"
 
     def snapshot_of_fork(self, fork_id: str) -> Snapshot | None:
@@ -215,9 +216,7 @@ class Store:
                 return file_id, self.path / "frames" / known
         file_id = max(files, default=0) + 1
         files[file_id] = name or f"{file_id}{suffix}"
-        tmp = self.path / "files.json.tmp"
-        tmp.write_text(json.dumps(files, indent=1))
-        tmp.replace(self.path / "files.json")
+        _replace_private(self.path / "files.json", json.dumps(files, indent=1))
         self._files = files
         return file_id, self.path / "frames" / files[file_id]
 
@@ -232,10 +231,9 @@ class Store:
         after, so a seal cut short can be done again from the same files."""
         final = self.state_file(snap.name)
         final.unlink(missing_ok=True)
+        os.chmod(state, 0o600)  # device state: its owner's alone, whoever wrote it (QEMU does 0600)
         os.link(state, final)
-        tmp = self._snapshot_json(snap.name).with_suffix(".tmp")
-        tmp.write_text(json.dumps(snap.to_json(), indent=1))
-        tmp.replace(self._snapshot_json(snap.name))
+        _replace_private(self._snapshot_json(snap.name), json.dumps(snap.to_json(), indent=1))
         state.unlink(missing_ok=True)
         return snap
 
@@ -250,6 +248,7 @@ class Store:
         if not frozen.exists():
             raise HvkitError(f"the frozen RAM file {frozen} of fork {fork_id} is missing",
                              "nothing can be sealed; the store may have been cleared")
+        os.chmod(frozen, 0o600)  # guest memory: its owner's alone (QEMU made it so already)
         file_id, _ = self._new_file(".ram", name=frozen.name)
         levels = levels_for(size // PAGE)
         span = FANOUT ** (levels - 1)
@@ -262,7 +261,7 @@ class Store:
         return self._seal(snap, state)
 
     def fork_pages(self, parent: Snapshot, pages: np.ndarray, data: np.ndarray, vm: str,
-                   state: Path, machine: dict) -> Snapshot:
+                   state: Path, machine: dict, fork_id: str | None = None) -> Snapshot:
         """A snapshot of a VM that runs from `parent` and has since written `pages`
         (sorted page numbers) with `data` ((n, 4096) bytes): the parent's top-level table
         copied, then tables replicated under the written pages only."""
@@ -275,7 +274,7 @@ class Store:
         counters.tables_replicated = writer.tables_replicated
         counters.runs_split = writer.runs_split
         snap = Snapshot(self._new_name(vm), vm, parent.name, parent.size, parent.levels, root,
-                        time.time(), machine, counters)
+                        time.time(), machine, counters, fork_id)
         return self._seal(snap, state)
 
     def _store_frames(self, data: np.ndarray, counters: Counters) -> np.ndarray:
@@ -313,7 +312,7 @@ class Store:
             dup = (rep != todo) & (data[rep] == data[todo]).all(axis=1)
             new = todo[~dup]
             # 3. the rest goes at the end of the pool
-            with open(pool, "ab") as f:
+            with _open_private(pool, "ab") as f:
                 start = f.tell() // PAGE
                 f.write(np.ascontiguousarray(data[new]).tobytes())
             new_e = np.uint64(frames_entry(pool_id, 0)) + np.arange(start, start + len(new), dtype=np.uint64)
@@ -321,7 +320,7 @@ class Store:
             entries[todo[dup]] = entries[rep[dup]]
             counters.pages_stored += len(new)
             counters.pages_deduplicated += int(dup.sum())
-            with open(self.path / "pool.index", "ab") as f:
+            with _open_private(self.path / "pool.index", "ab") as f:
                 f.write(np.stack([page_hashes(data[new]), new_e], axis=1).astype("<u8").tobytes())
         return entries
 
@@ -341,6 +340,23 @@ class Store:
             raw = np.zeros((0, 2), dtype="<u8")
         order = np.argsort(raw[:, 0], kind="stable")
         return raw[order, 0], raw[order, 1]
+
+
+def _open_private(path: Path, mode: str):
+    """`open(path, mode)`, a file it creates made 0600 (what it holds comes from guest memory)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # one an older hvkit made 0644
+    return os.fdopen(fd, mode)
+
+
+def _replace_private(path: Path, text: str) -> None:
+    """`path` replaced by a file of `text`, 0600, atomically (old or new, never half);
+    the caller holds the store's lock (one writer of the temporary name at a time)."""
+    tmp = path.with_suffix(".tmp")
+    with _open_private(tmp, "w") as f:
+        f.write(text)
+    tmp.replace(path)
 
 
 def is_frames(entries: np.ndarray) -> np.ndarray:

@@ -56,10 +56,27 @@ def create_overlay(base: Path, path: Path, size: int | None = None) -> Path:
                          f"give --disk-size {format_size(base_size)} or more")
     cmd = [_qemu_img(), "create", "-q", "-f", "qcow2", "-u", "-b", str(base), "-F", "qcow2", str(path),
            str(size if size is not None else base_size)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    # disk data: its owner's alone (0600) from the moment it exists (qemu-img makes 0644)
+    out = subprocess.run(cmd, capture_output=True, text=True, umask=0o077)
     if out.returncode != 0:
         path.unlink(missing_ok=True)
         raise _overlay_error(path, out.stderr)
+    os.chmod(path, 0o600)  # a file that was there already keeps its mode otherwise
+    return path
+
+
+def overlay_once(base: Path, path: Path, size: int | None = None) -> Path:
+    """create_overlay, done at most once for `path`: made at a temporary name and
+    renamed when whole, so a `path` that exists is whole (an earlier attempt, cut short
+    after it, made it) and is kept. A temporary file a killed attempt left is made anew."""
+    if path.exists():
+        return path
+    partial = path.with_name(path.name + ".partial")
+    try:
+        create_overlay(base, partial, size)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -126,37 +143,67 @@ def _plain_file_name(name: str) -> str:
         raise HvkitError(f"cannot tell which file QEMU writes the disk to (it says {name[:200]})") from None
 
 
-def freeze_active_layer(qmp, layer: Path) -> tuple[Path, Path]:
-    """Freezes the disk of a paused VM at this moment, without stopping its QEMU; the
-    layer of this moment gets the name `layer`, and QEMU goes on writing to a new,
-    empty overlay beside the old one (QMP blockdev-snapshot-sync onto an existing
-    file). Returns (layer, new overlay).
-
-    The old overlay is hard-linked to `layer`, never moved: until QEMU switches, both
-    names are the file QEMU writes to, so a process killed at any instant leaves QEMU
-    writing to a file that still has its old name (the link is only one name more,
-    which collect_frozen_layers removes). `qmp(command, args)` talks to the VM's QEMU."""
-    active = active_layer(qmp)
-    new = active.with_name(f"disk-{time.time_ns()}.qcow2")
-    size = virtual_size(active)
+def link_layer(active: Path, layer: Path) -> Path:
+    """`layer` made one more name of the overlay `active` (a hard link, never a move or a
+    copy: whatever instant a process dies at, the data keeps the name QEMU opened it by).
+    Done again, a link that is there already is kept."""
     make_private_dir(layer.parent)
     try:
         os.link(active, layer)
+    except FileExistsError:
+        if _inode(active) != _inode(layer):
+            raise HvkitError(f"cannot freeze the disk {active} as {layer}: another file has that name") from None
     except OSError as e:
         raise HvkitError(f"cannot freeze the disk {active} as {layer}: {e.strerror}",
                          "keep HVKIT_RUNTIME on one file system") from None
-    try:
-        create_overlay(layer, new, size)
-        fault_point("disk linked")
-        qmp("blockdev-snapshot-sync", {"device": DRIVE_ID, "snapshot-file": str(new), "format": "qcow2",
-                                       "mode": "existing"})
-    except BaseException:
-        new.unlink(missing_ok=True)
-        layer.unlink(missing_ok=True)  # one name less: QEMU never left `active`
-        raise
-    os.chmod(layer, 0o400)  # nothing writes to it again
-    os.utime(layer)  # its age counts from now (collect_frozen_layers)
-    return layer, new
+    return layer
+
+
+def seal_layer(layer: Path) -> None:
+    """A frozen layer is read-only from now on; its age counts from now (collect_frozen_layers)."""
+    os.chmod(layer, 0o400)
+    os.utime(layer)
+
+
+def freeze_stopped_disk(old: Path, layer: Path, new: Path) -> None:
+    """Freezes the disk of a VM whose QEMU ended (paused first: QEMU flushed the disk
+    when it stopped, so `old` is whole): `old` gets the frozen layer's name `layer`,
+    `new` is an empty overlay over it for the VM's next QEMU, and the VM folder's name
+    of `old` goes. Each step can be done again: a fork's recovery finishes what a
+    killed fork started. No QEMU ever switches disks on the way, so a fork that is
+    undone (before its QEMU ended) leaves the disk chain as it was."""
+    if not layer.exists():
+        link_layer(old, layer)
+    fault_point("disk linked")
+    overlay_once(layer, new, virtual_size(layer))
+    seal_layer(layer)
+    fault_point("disk switched")
+    if old.exists() and old != new and old.parent == new.parent:
+        old.unlink()  # one name less: the layer's name holds the data
+
+
+def switch_running_disk(qmp, old: Path, layer: Path, new: Path) -> None:
+    """Freezes the disk of a paused VM whose QEMU goes on (a VM that runs from a
+    snapshot): `old` (the overlay QEMU writes now) gets the frozen layer's name
+    `layer`, and QEMU goes on writing to a new, empty overlay `new` over it (QMP
+    blockdev-snapshot-sync onto an existing file). Done again (a recovery), it
+    finishes what was not done: QEMU itself says whether it switched already.
+    `qmp(command, args)` talks to the VM's QEMU; the VM stays paused meanwhile."""
+    if active_layer(qmp) != new:
+        link_layer(old, layer)
+        try:
+            overlay_once(layer, new, virtual_size(layer))
+            fault_point("disk linked")
+            qmp("blockdev-snapshot-sync", {"device": DRIVE_ID, "snapshot-file": str(new), "format": "qcow2",
+                                           "mode": "existing"})
+        except HvkitError:
+            new.unlink(missing_ok=True)
+            layer.unlink(missing_ok=True)  # one name less: QEMU never left `old`
+            raise
+    seal_layer(layer)
+    fault_point("disk switched")
+    if old.exists() and old != new and old.parent == new.parent:
+        old.unlink()
 
 
 def backing_file(image: Path) -> Path | None:

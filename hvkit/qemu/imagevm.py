@@ -35,8 +35,9 @@ from hvkit.image import DebianImage, build_debian_image
 from hvkit.memserver.daemon import MemServer
 from hvkit.memserver.store import snapshot_disks
 from hvkit.qemu.agent import GuestAgent, agent_args
-from hvkit.qemu.disk import collect_frozen_layers, create_overlay, drive_args, freeze_active_layer
-from hvkit.qemu.ownership import OWNERS_DIR, fault_point
+from hvkit.qemu.disk import (active_layer, collect_frozen_layers, create_overlay, drive_args, freeze_stopped_disk,
+                             switch_running_disk)
+from hvkit.qemu.ownership import OWNERS_DIR
 from hvkit.qemu.network import DEFAULT_GUEST_IP, NETDEV_ID, free_local_port, new_mac, user_net_args
 from hvkit.qemu.runtime import RuntimeDir, VMSpec
 from hvkit.units import parse_size
@@ -120,19 +121,36 @@ def ssh_command(spec: VMSpec, *command: str) -> list[str]:
 
 # ---- fork (hvkit.forking): each child its own disk, port, MAC, generation id and clock ------------
 
-def freeze_disk(vm: "VM", layer: Path) -> None:
-    """The paused VM's disk as it is now becomes the frozen layer `layer` that its
-    children start from (disk.py); the VM goes on writing to a new overlay on top of
-    it. The VM's spec records both; names of old overlays left in the VM's folder are
-    removed once QEMU switched (nothing reads through them: every layer's backing file
-    is a frozen layer's own name)."""
-    layer, new = freeze_active_layer(vm.qmp, layer)
-    vm.spec.disk, vm.spec.frozen_disk = str(new), str(layer)
+def plan_disk_freeze(vm: "VM", layer: Path) -> dict:
+    """The names a fork of `vm` freezes its disk under, recorded in the fork's journal
+    before anything changes: `old_disk` (the overlay QEMU writes now, as QEMU itself
+    says), `disk_layer` (that overlay's name as the frozen layer, in the store) and
+    `new_disk` (the empty overlay over it that the VM goes on with)."""
+    return {"old_disk": str(active_layer(vm.qmp)), "disk_layer": str(layer),
+            "new_disk": str(vm.rundir.path / f"disk-{time.time_ns()}.qcow2")}
+
+
+def machine_after_freeze(machine: dict, plan: dict) -> dict:
+    """The VM's spec (as a dict) once its disk is frozen as `plan` says: what its
+    snapshot records (children start from `frozen_disk`) and its next QEMU runs."""
+    if not plan.get("disk_layer"):
+        return machine
+    return {**machine, "disk": plan["new_disk"], "frozen_disk": plan["disk_layer"]}
+
+
+def freeze_stopped_disk_of(plan: dict) -> None:
+    """A first fork, once the VM's QEMU ended: its disk frozen as `plan` says (disk.py);
+    done again by a recovery, it finishes what was not done."""
+    freeze_stopped_disk(Path(plan["old_disk"]), Path(plan["disk_layer"]), Path(plan["new_disk"]))
+
+
+def switch_disk(vm: "VM", plan: dict) -> None:
+    """A fork of a VM that runs on in its QEMU (it runs from a snapshot), once the
+    snapshot is sealed and before the VM runs again: QEMU switched to the new overlay
+    over the frozen layer (disk.py), and the VM's spec records both."""
+    switch_running_disk(vm.qmp, Path(plan["old_disk"]), Path(plan["disk_layer"]), Path(plan["new_disk"]))
+    vm.spec.disk, vm.spec.frozen_disk = plan["new_disk"], plan["disk_layer"]
     vm.rundir.write_spec(vm.spec)
-    fault_point("disk switched")
-    for old in vm.rundir.path.glob("disk*.qcow2"):
-        if old != new:
-            old.unlink(missing_ok=True)
 
 
 def prepare_child(rundir: RuntimeDir, spec: VMSpec) -> None:
@@ -245,7 +263,7 @@ def collect_disks(paths: Paths) -> None:
             continue
         for where in (facts, facts.get("machine")):  # a spec, an intent, an intent's machine
             if isinstance(where, dict):
-                needed += [Path(where[k]) for k in ("disk", "frozen_disk", "disk_layer")
+                needed += [Path(where[k]) for k in ("disk", "frozen_disk", "disk_layer", "old_disk", "new_disk")
                            if isinstance(where.get(k), str)]
     for layer in collect_frozen_layers(store / "disks", needed):
         log.info("removed frozen disk layer %s (nothing needs it)", layer)

@@ -9,6 +9,7 @@ QEMU still runs retries).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -57,6 +58,29 @@ def _session(sock: Path, what: str, session: Coroutine) -> Any:
 def qmp(sock: Path, command: str, args: dict | None = None, timeout: float = 10.0) -> Any:
     """The result of QMP `command`; HvkitError if QEMU refuses it, VMDied if it is gone."""
     return _session(sock, command, _execute(sock, command, args, timeout))
+
+
+async def _execute_with_fd(sock: Path, fd: int, fdname: str, command: str, args: dict | None,
+                           timeout: float) -> Any:
+    client = await _connected(sock, timeout)
+    try:
+        client.send_fd_scm(fd)
+        await asyncio.wait_for(client.execute("getfd", {"fdname": fdname}), timeout)
+        try:
+            return await asyncio.wait_for(client.execute(command, args), timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):  # not left open in QEMU if the command failed
+                await asyncio.wait_for(client.execute("closefd", {"fdname": fdname}), 5.0)
+            raise
+    finally:
+        await client.disconnect()
+
+
+def qmp_with_fd(sock: Path, fd: int, fdname: str, command: str, args: dict | None = None,
+                timeout: float = 10.0) -> Any:
+    """Passes file descriptor `fd` to QEMU as `fdname` (getfd) and runs `command`, which
+    names it ("fd:NAME"), in the same session: a monitor's fds are its own."""
+    return _session(sock, command, _execute_with_fd(sock, fd, fdname, command, args, timeout))
 
 
 def libvirt_qmp(uri: str, domain: str, command: str, args: dict | None = None, timeout: float = 10.0) -> Any:
