@@ -61,6 +61,7 @@ from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's
 from hvkit.cli.output import print_table  # noqa: E402
 from hvkit.config import Paths  # noqa: E402
 from hvkit.forking import fork  # noqa: E402
+from hvkit.forking import settle as child_settling  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
 from hvkit.memserver import MemServer  # noqa: E402
 from hvkit.qemu import VM, find_vm, imagevm, list_vms, start_vm  # noqa: E402
@@ -199,22 +200,22 @@ def hvkit_fork_image(parent: VM, n: int, paths: Paths, settle: bool = True) -> t
         list[float], list[float], list[float], list[int], list]:
     """hvkit's fork of a disk guest: (times until each child runs, until its agent
     answers, until it is settled: clock, MAC, lease), pids, children. The agent's time
-    comes from wrapping imagevm.settle_child, which fork calls right after a child runs.
+    comes from wrapping child_settling.settle_child, which fork calls right after a child runs.
     Without `settle`, the children are only waited for (their agent answers): what the
     identity hvkit gives each child costs, in time and host memory, is the difference."""
-    agent, original = {}, imagevm.settle_child
+    agent, original = {}, child_settling.settle_child
 
     def timed_settle(vm: VM, *a, **kw):
         agent_answers(vm.rundir.qga_sock, vm.is_alive)
         agent[vm.name] = time.monotonic()
         return original(vm, *a, **kw) if settle else None
 
-    imagevm.settle_child = timed_settle
+    child_settling.settle_child = timed_settle
     try:
         t0 = time.monotonic()
         report = fork(parent.name, n, paths, stay_paused=True)
     finally:
-        imagevm.settle_child = original
+        child_settling.settle_child = original
     kids = [find_vm(c.name, paths) for c in report.children]
     return ([c.seconds for c in report.children], [agent[c.name] - t0 for c in report.children],
             [c.ready_seconds for c in report.children], [k.pid for k in kids], kids)

@@ -46,12 +46,12 @@ from typing import Callable
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
+from hvkit.forking import disks, settle
 from hvkit.forking.written import written_pages
 from hvkit.leftovers import remove_staged_states
 from hvkit.memserver import MemServer, Snapshot, Store
 from hvkit.memserver.store import disk_layer
 from hvkit.qemu import VM, find_vm, launch_from_snapshot, receive_state
-from hvkit.qemu import imagevm
 from hvkit.qemu.ownership import Ownership, fault_point
 from hvkit.qemu.runtime import check_name
 from hvkit.signals import deferred_signals
@@ -132,7 +132,7 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
             running = time.monotonic() - t0
             first_runs.set()
             if vm.spec.disk:
-                imagevm.settle_child(vm)
+                settle.settle_child(vm)
             owner.clear_intent()
         done = ChildStarted(name, vm.pid or 0, running, time.monotonic() - t0)
         if on_child:
@@ -205,7 +205,7 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     frozen, state = store.frozen_path(fork_id), store.staged_state(fork_id)
     # a disk is frozen only once the fork goes forward (its QEMU ended): an undone fork
     # leaves the VM's disk chain as it was; the names are chosen now, for the journal
-    plan = imagevm.plan_disk_freeze(vm, disk_layer(store.path, fork_id)) if vm.spec.disk else {}
+    plan = disks.plan_disk_freeze(vm, disk_layer(store.path, fork_id)) if vm.spec.disk else {}
     own.write_intent(op="fork", undo="fork", recover=RECOVER, step="pausing", fork_id=fork_id, ram=str(vm.ram_path),
                      frozen=str(frozen), state=str(state), old_pid=vm.pid, was_running=was_running,
                      run_after=run_after, store=str(store.path), machine=asdict(vm.spec), children=names,
@@ -224,8 +224,8 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     if plan:
         # the disk of this moment (QEMU flushed it when it paused): the children's, under
         # the VM's new overlay; a recovery does again what is not done
-        imagevm.freeze_stopped_disk_of(plan)
-    machine = imagevm.machine_after_freeze(asdict(vm.spec), plan)
+        disks.freeze_stopped_disk_of(plan)
+    machine = disks.machine_after_freeze(asdict(vm.spec), plan)
     with store.lock():
         snap = store.freeze_ram_file(frozen, vm.spec.memory, vm.name, state, machine, fork_id)
     own.update_intent(step="sealed", snapshot=snap.name)
@@ -260,7 +260,7 @@ def restart_from_frozen(name: str, snap: Snapshot, frozen: Path, store: Store, p
                                     snap.machine.get("parent"), paths, in_place=True)
     receive_state(again, store.state_file(snap.name), run=run)
     if again.spec.disk and run:
-        imagevm.set_clock(again)
+        settle.set_clock(again)
     return again
 
 
@@ -286,7 +286,7 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
     own = vm.ownership
     fork_id = new_fork_id()
     state = store.staged_state(fork_id)
-    plan = imagevm.plan_disk_freeze(vm, disk_layer(store.path, fork_id)) if vm.spec.disk else {}
+    plan = disks.plan_disk_freeze(vm, disk_layer(store.path, fork_id)) if vm.spec.disk else {}
     own.write_intent(op="fork", undo="fork", recover=RECOVER, kind="forked", step="pausing", fork_id=fork_id, state=str(state),
                      was_running=was_running, run_after=run_after, store=str(store.path),
                      machine=asdict(vm.spec), children=names, **plan)
@@ -300,11 +300,11 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
         with store.lock():
             parent = store.snapshot(vm.spec.snapshot)
             snap = store.fork_pages(parent, pages, data, vm.name, state,
-                                    imagevm.machine_after_freeze(asdict(vm.spec), plan), fork_id)
+                                    disks.machine_after_freeze(asdict(vm.spec), plan), fork_id)
         del data
         own.update_intent(step="sealed", snapshot=snap.name)
         if plan:
-            imagevm.switch_disk(vm, plan)  # before anything runs on the frozen layer
+            disks.switch_disk(vm, plan)  # before anything runs on the frozen layer
         snapshot_seconds = time.monotonic() - t_pause
         report = ForkReport(vm.name, snap.name, len(names), False, len(pages), snapshot_seconds, 0.0, "",
                             asdict(snap.counters))

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
+from hvkit.forking import disks
 from hvkit.memserver import Store
 from hvkit.qemu import VM
 from hvkit.qemu.ownership import Ownership
@@ -106,9 +107,7 @@ def _finish_forked(vm: VM, journal: dict, paths: Paths) -> None:
         return
     vm = VM(vm.rundir, spec)
     if snap is not None and journal.get("disk_layer"):
-        from hvkit.qemu import imagevm
-
-        imagevm.switch_disk(vm, journal)
+        disks.switch_disk(vm, journal)
     if journal.get("was_running" if snap is None else "run_after") and vm.run_state() == "paused":
         vm.qmp("cont")
     log.warning("the fork of VM %s (pid %s) died at step %r: %s", vm.name, journal.get("pid", "?"),
@@ -119,13 +118,11 @@ def _finish_forked(vm: VM, journal: dict, paths: Paths) -> None:
 def _finish(rundir: RuntimeDir, journal: dict, paths: Paths) -> str:
     from hvkit.forking.forker import restart_from_frozen  # the forker's own restart
 
-    from hvkit.qemu import imagevm
-
     store = Store(Path(journal["store"]))
     try:
         if journal.get("disk_layer"):
-            imagevm.freeze_stopped_disk_of(journal)  # idempotent: done again, it does what is left
-        machine = imagevm.machine_after_freeze(journal["machine"], journal)
+            disks.freeze_stopped_disk_of(journal)  # idempotent: done again, it does what is left
+        machine = disks.machine_after_freeze(journal["machine"], journal)
         with store.lock():
             snap = store.freeze_ram_file(Path(journal["frozen"]), machine["memory"], rundir.name,
                                          Path(journal["state"]), machine, journal["fork_id"])
