@@ -148,6 +148,52 @@ def test_isf_second_build_is_cached(isf, guest, paths):
     assert again.cached and again.path == isf.path
 
 
+
+def _btf_members(btf, t, depth: int = 0) -> set[str]:
+    """The member names of BTF struct/union `t`, those of its anonymous members brought up."""
+    names: set[str] = set()
+    for m in t.members:
+        if m.name:
+            names.add(m.name)
+        elif depth < 8:
+            names |= _btf_members(btf, btf.resolve(m.type), depth + 1)
+    return names
+
+
+def test_isf_keeps_every_anonymous_member(table, guest):
+    """A union of anonymous structs (struct page, maple_node, ...) keeps each of them: the
+    anonymous members have names of their own (as dwarf2json gives them), and no named
+    type of the table lacks a member the kernel's BTF gives it (a member reachable
+    through anonymous structs/unions counts, as C and Volatility reach it)."""
+    user_types = table["user_types"]
+    page = flat_members(user_types, "page")
+    assert {"flags", "mapping", "index", "lru", "private", "compound_head", "_refcount"} <= page.keys()
+    assert page["mapping"][0] == 24 * 8 and page["lru"][0] == 8 * 8  # bit offsets, x86-64
+    assert {"parent", "slot"} <= flat_members(user_types, "maple_node").keys()
+    anonymous = [f for f in user_types["page"]["fields"].values() if f.get("anonymous")]
+    assert anonymous and all(f["type"]["name"] in user_types for f in anonymous)
+    btf = btf_of_vmlinux(extract_vmlinux(guest.kernel))
+    lacking = {}
+    for name, entry in user_types.items():
+        if name.startswith("unnamed_"):
+            continue
+        definitions = btf.named(entry["kind"], name)
+        have = flat_members(user_types, name).keys()
+        missing = [sorted(_btf_members(btf, d) - have) for d in definitions]
+        if missing and all(missing):
+            lacking[name] = missing[0]
+    assert lacking == {}
+
+
+def test_isf_has_the_kernels_typedef_names(table):
+    """Typedefs of named structs are types of their own too, as the kernel's code names them."""
+    user_types = table["user_types"]
+    for typedef, struct in [("refcount_t", "refcount_struct"), ("seqcount_t", "seqcount"),
+                            ("gate_desc", "gate_struct"), ("kernel_cap_t", "kernel_cap_struct")]:
+        assert typedef in user_types, typedef
+        if struct in user_types:  # kernel_cap_t names an anonymous struct since 6.3
+            assert user_types[typedef] == user_types[struct], typedef
+
 # --- Volatility on a real guest ----------------------------------------------------------------
 
 def _vol(symbols: Path, raw: Path, cache: Path, plugin: str) -> subprocess.CompletedProcess:

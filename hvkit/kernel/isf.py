@@ -56,7 +56,7 @@ from hvkit.kernel.vmlinux import extract_vmlinux
 log = logging.getLogger(__name__)
 
 ISF_FORMAT = "6.2.0"   # the ISF version written: 6.2 reads anonymous struct/union members
-OUTPUT_FORMAT = b"2"   # what build_isf writes; part of the cache key
+OUTPUT_FORMAT = b"3"   # what build_isf writes; part of the cache key (3: every anonymous member kept)
 INTERFACE = "hvkit_isf.c"
 MAX_DEPTH = 64         # type descriptors nest no deeper (pointer to array of pointer ...)
 MAX_DISAGREEMENTS_PER_TYPE = 4
@@ -118,6 +118,17 @@ def bitfield(unit_size: int, bit_offset: int, bits: int, base: Desc) -> tuple[in
                    "type": base}
 
 
+def anonymous_member_name(fields: dict[str, dict]) -> str:
+    """The name of the next anonymous struct/union member of an aggregate whose members so
+    far are `fields`: unnamed_field_<n>, n counting the anonymous ones (hex), as dwarf2json
+    names them; never the offset, which a union's anonymous structs all share (each would
+    replace the one before: struct page kept only its last)."""
+    count = sum(1 for f in fields.values() if f.get("anonymous"))
+    while f"unnamed_field_{count:x}" in fields:
+        count += 1
+    return f"unnamed_field_{count:x}"
+
+
 @dataclass
 class TypeSet:
     """Types in ISF form, from one source."""
@@ -126,6 +137,8 @@ class TypeSet:
     enums: dict[str, dict] = field(default_factory=dict)
     base_types: dict[str, dict] = field(default_factory=dict)
     variables: dict[str, Desc] = field(default_factory=dict)  # hvkit_v_*/hvkit_p_*/BTF VAR -> type
+    # typedef name -> the user type it names (typedef struct refcount_struct refcount_t;)
+    typedefs: dict[str, str] = field(default_factory=dict)
 
 
 def enum_entry(size: int, values: dict[str, int]) -> dict:
@@ -188,6 +201,8 @@ class DwarfReader:
             if target.tag in _AGGREGATES and "DW_AT_name" not in target.attributes:
                 self._typedef.setdefault(target.offset, name)
                 tags.add(name)
+            elif target.tag in _AGGREGATES[:2] and "DW_AT_declaration" not in target.attributes:
+                self.types.typedefs.setdefault(name, _name(target))
 
     def _visit(self, die) -> None:
         tag = die.tag
@@ -306,7 +321,7 @@ class DwarfReader:
                 entry = {"type": desc, "offset": offset}
             name = _name(member)
             if name is None:
-                name = f"unnamed_field_{offset:x}"
+                name = anonymous_member_name(fields)
                 entry["anonymous"] = True
             fields[name] = entry
         kind = "struct" if die.tag == "DW_TAG_structure_type" else "union"
@@ -358,6 +373,10 @@ class BtfConverter:
                 self.types.base_types.setdefault("pointer", base_type_entry(8, "int", False))
             elif t.kind == "VAR" and t.name:
                 self.types.variables.setdefault(t.name, self.desc(t.type))
+            elif t.kind == "TYPEDEF" and t.name:
+                target = self.btf.resolve(t.id)
+                if target.kind in ("STRUCT", "UNION") and target.name:
+                    self.types.typedefs.setdefault(t.name, self._agg_name(target))
         self.types.base_types.setdefault("void", base_type_entry(0, "void", False))
         return self.types
 
@@ -421,7 +440,7 @@ class BtfConverter:
                 entry = {"type": desc, "offset": m.bit_offset // 8}
             name = m.name
             if not name:
-                name = f"unnamed_field_{m.bit_offset // 8:x}"
+                name = anonymous_member_name(fields)
                 entry["anonymous"] = True
             fields[name] = entry
         self.types.user_types[self._agg_name(t)] = {"kind": t.kind.lower(), "size": t.size, "fields": fields}
@@ -525,9 +544,15 @@ def interface_object(tree: KernelTree, cache: Path) -> Path:
 
 
 def _merge(dwarf: TypeSet, btf: TypeSet) -> dict:
-    """user_types/enums/base_types: the DWARF's, and the BTF's for names the DWARF lacks."""
+    """user_types/enums/base_types: the DWARF's, and the BTF's for names the DWARF lacks;
+    and a typedef of a struct or union (refcount_t, seqcount_t, gate_desc; kernel_cap_t
+    before 6.3) as a user type of its own, the same as the one it names, unless a type
+    has its name (dwarf2json writes typedefs of anonymous types only)."""
     user_types = {**btf.user_types, **dwarf.user_types}
     enums = {**btf.enums, **dwarf.enums}
+    for name, target in {**btf.typedefs, **dwarf.typedefs}.items():
+        if name not in user_types and name not in enums and target in user_types:
+            user_types[name] = user_types[target]
     base_types = {**btf.base_types, **dwarf.base_types}
     for (size, signed), name in _INT_NAMES.items():  # enum bases must exist
         base_types.setdefault(name, base_type_entry(size, "int", signed))
@@ -596,7 +621,7 @@ def make_isf(kernel_file: Path, tree: KernelTree, cache: Path) -> IsfReport:
     report = IsfReport(
         path=path, release=tree.release,
         user_types_dwarf=len(dwarf.user_types),
-        user_types_btf=sum(1 for n in table["user_types"] if n not in dwarf.user_types),
+        user_types_btf=sum(1 for n in btf.user_types if n not in dwarf.user_types),
         enums_dwarf=len(dwarf.enums),
         enums_btf=sum(1 for n in table["enums"] if n not in dwarf.enums),
         base_types=len(table["base_types"]), symbols=len(table["symbols"]), typed_symbols=typed,

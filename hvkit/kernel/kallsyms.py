@@ -7,28 +7,40 @@ by scripts/kallsyms.c:
 
     kallsyms_num_syms, kallsyms_names (length-prefixed runs of token indices),
     kallsyms_markers (offset of every 256th name), kallsyms_token_table (256 NUL-ended
-    strings), kallsyms_token_index (256 u16), kallsyms_offsets (s32 per symbol) and
-    kallsyms_relative_base (u64)
+    strings), kallsyms_token_index (256 u16), kallsyms_offsets (s32 per symbol), and up
+    to 6.x kallsyms_relative_base (u64)
 
-The tables carry no symbols of their own, so they are found by their shape: the token
-table holds the digits "0".."9" as tokens 48..57; kallsyms_num_syms, the names and the
-markers are contiguous in every version (the names decode to printable nm-style lines,
-and markers[1] is where name 256 starts); the offsets sit either before num_syms (up
-to 6.2) or after the token index (6.3+), whichever gives sorted kernel addresses.
-Versions differ in what lies between (6.2 added kallsyms_seqs_of_names), which is why
-nothing here relies on two tables being adjacent except those three.
+The tables carry no symbols of their own, and their order, padding and alignment changed
+between versions and builds (8-aligned for years, 4- or 2-aligned in 7.x builds; 6.2 put
+kallsyms_seqs_of_names between markers and token table; the offsets moved from before
+num_syms to after the token index in 6.3, and became place-relative in 7.x). So no
+position is assumed; each table is found by what it must hold:
+
+- the token table holds the digits "0".."9" as tokens 48..57, and the token index that
+  follows it (after 0..7 bytes of padding) holds the offset of every token;
+- kallsyms_markers is a run of u32 (or u64; at any byte) before the token table: 0, then
+  offsets growing by what 256 names can take; kallsyms_num_syms is a u32 (at any byte)
+  followed, 4..15 bytes on, by exactly that many names, which decode to nm-style lines,
+  end 0..7 bytes before the markers, and put every 256th name where its marker says;
+- the offsets (before num_syms or after the token index, any padding up to 7 bytes,
+  relative to a base or to their own place, per-CPU symbols absolute or not) are the
+  reading whose addresses put the symbols where the image has them: `linux_banner` at
+  the "Linux version " of .rodata, `_text` at the start of .text, `init_task` in .data
+  (whichever of those the caller knows), and every kernel address sorted.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
 from hvkit.errors import HvkitError
 
 _DIGITS = b"".join(bytes([c]) + b"\0" for c in b"0123456789")
+_PAD = range(8)  # bytes of padding a table may follow the previous one by (alignment 1..8)
 
 
 @dataclass(frozen=True)
@@ -40,16 +52,6 @@ class Symbol:
 
 class KallsymsError(HvkitError):
     pass
-
-
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
-
-
-def _aligned_candidates(pos: int) -> list[int]:
-    """Where a table that follows at `pos` may start: scripts/kallsyms.c aligned its tables
-    to 8 bytes for years; newer kernels (7.x) align less. Most aligned first."""
-    return list(dict.fromkeys([_align8(pos), (pos + 3) & ~3, (pos + 1) & ~1]))
 
 
 def _strings_back(data: bytes, pos: int, count: int) -> int:
@@ -77,10 +79,10 @@ def _token_table(data: bytes) -> tuple[int, list[bytes], int]:
             for t in tokens:
                 offsets.append(off)
                 off += len(t) + 1
-            for index_pos in _aligned_candidates(pos):
-                index = struct.unpack_from("<256H", data, index_pos)
-                if list(index) == offsets and all(tokens):
-                    return start, tokens, index_pos
+            if all(tokens):
+                for pad in _PAD:
+                    if list(struct.unpack_from("<256H", data, pos + pad)) == offsets:
+                        return start, tokens, pos + pad
         except (KallsymsError, ValueError, struct.error):
             pass
         hit = data.find(_DIGITS, hit + 1)
@@ -95,48 +97,112 @@ def _name_length(data: bytes, pos: int) -> tuple[int, int]:
     return b, 1
 
 
-def _skip_names(data: bytes, pos: int, count: int) -> int:
-    for _ in range(count):
-        n, h = _name_length(data, pos)
-        if n == 0:
-            raise KallsymsError("empty kallsyms name")
-        pos += h + n
-    return pos
-
-
 _TYPES = set(b"TtDdBbRrVvWwAaUuGgSsNnIi?")
 
 
 def _plausible_name(data: bytes, pos: int, tokens: list[bytes]) -> bool:
     n, h = _name_length(data, pos)
-    if not 1 <= n <= 512:
+    if not 1 <= n <= _MAX_NAME - 2:
         return False
     name = b"".join(tokens[i] for i in data[pos + h : pos + h + n])
     return len(name) >= 2 and name[0] in _TYPES and all(32 < c < 127 for c in name[1:])
 
 
-_SEARCH_WINDOW = 32 << 20
+def _walk(data: bytes, pos: int, count: int) -> int:
+    """Where the `count` names from `pos` end (no checks)."""
+    for _ in range(count):
+        b = data[pos]
+        pos += 2 + ((b & 0x7F) | (data[pos + 1] << 7)) if b & 0x80 else 1 + b
+    return pos
 
 
-def _names_and_markers(data: bytes, table_start: int, tokens: list[bytes]) -> tuple[int, int]:
-    """(start of kallsyms_names, number of symbols): the u32 before the names counts
-    them (8 bytes before them up to 6.x, 4 in 7.x), and the markers that follow the
-    names (8- or 4-aligned) agree with them."""
-    lo = max(8, table_start - _SEARCH_WINDOW) & ~7
-    counts = np.frombuffer(data, dtype="<u4", count=(table_start - lo) // 4, offset=lo)
-    for k in np.flatnonzero((counts >= 256) & (counts < 1 << 22))[::-1]:
-        num, at = int(counts[k]), lo + 4 * int(k)
-        for start in (at + 8, at + 4):
-            if start % 8 or not _plausible_name(data, start, tokens):
+def _walk_names(data: bytes, start: int, count: int, limit: int,
+                tokens: list[bytes]) -> tuple[list[int], int] | None:
+    """(offset from `start` of every 256th name, end of the last name) of `count` names
+    from `start` that end before `limit`; None where that is not a run of names (the
+    first 256 must decode to nm-style lines, none may be empty)."""
+    markers, pos = [], start
+    for i in range(count):
+        if not i & 0xFF:
+            markers.append(pos - start)
+        if i < 256 and not _plausible_name(data, pos, tokens):
+            return None
+        b = data[pos]
+        if b & 0x80:
+            n, pos = (b & 0x7F) | (data[pos + 1] << 7), pos + 2
+        else:
+            n, pos = b, pos + 1
+        if n == 0:
+            return None
+        pos += n
+        if pos > limit:
+            return None
+    return markers, pos
+
+
+_MAX_NAME = 2 + 512  # bytes of one name: a length (two bytes since 6.1), up to KSYM_NAME_LEN tokens
+_MIN_GROUP, _MAX_GROUP = 256 * 2, 256 * _MAX_NAME  # bytes of 256 names
+
+
+def _marker_runs(data: bytes, table_start: int) -> Iterator[tuple[int, list[int]]]:
+    """(position, entries) of every run of u32 or u64 (at any byte) before the token
+    table that could be kallsyms_markers: 0, then offsets growing by what 256 names
+    can take; nearest the token table first."""
+    runs = []
+    for width, dtype in ((4, "<u4"), (8, "<u8")):
+        for phase in range(width):
+            n = (table_start - phase) // width
+            if n < 3:
                 continue
-            try:
-                end = _skip_names(data, start, num)
-                second = _skip_names(data, start, 256) - start
-                if end < table_start and any(struct.unpack_from("<II", data, markers) == (0, second)
-                                             for markers in _aligned_candidates(end)[:2]):
-                    return start, num
-            except (KallsymsError, IndexError, struct.error):
+            v = np.frombuffer(data, dtype=dtype, count=n, offset=phase)
+            step = np.diff(v.astype(np.int64))
+            good = (step >= _MIN_GROUP) & (step <= _MAX_GROUP)
+            for k in np.flatnonzero((v[:-2] == 0) & good[:-1] & good[1:]).tolist():
+                end = k + 2
+                while end < len(good) and good[end]:
+                    end += 1
+                runs.append((phase + width * k, v[k : end + 1].astype(np.int64).tolist()))
+    runs.sort(key=lambda r: -r[0])
+    return iter(runs)
+
+
+def _names_and_markers(data: bytes, table_start: int, tokens: list[bytes]) -> tuple[int, int, int]:
+    """(position of kallsyms_num_syms, start of kallsyms_names, number of symbols): a
+    count (a u32 at any byte) followed, 4..15 bytes on, by that many names which,
+    decoded, end 0..7 bytes before a markers table that holds the offset of every
+    256th of them, before the token table."""
+    for markers_at, run in _marker_runs(data, table_start):
+        for groups in range(len(run), 1, -1):  # the run may have caught a value or two beyond the table
+            last = run[groups - 1]
+            if groups < len(run) - 2:
+                break
+            # names end 0..7 bytes before the markers, one to 256 names after the last marker
+            lo = max(0, markers_at - 7 - last - _MAX_GROUP)
+            hi = markers_at - last - 2
+            if hi - 4 <= lo:
                 continue
+            window = data[max(0, lo - 15) : hi - 4 + 4]
+            base = max(0, lo - 15)
+            for phase in range(4):
+                n = (len(window) - phase) // 4
+                if n <= 0:
+                    continue
+                counts = np.frombuffer(window, dtype="<u4", count=n, offset=phase).astype(np.int64)
+                hits = np.flatnonzero((counts > 256 * (groups - 1)) & (counts <= 256 * groups))
+                for k in hits.tolist():
+                    at, num = base + phase + 4 * k, int(counts[k])
+                    for start in range(max(at + 4, lo), min(at + 16, hi + 1)):
+                        if not _plausible_name(data, start, tokens):
+                            continue
+                        try:
+                            end = _walk(data, start + last, num - 256 * (groups - 1))
+                        except IndexError:
+                            continue
+                        if not markers_at - 7 <= end <= markers_at:
+                            continue
+                        walked = _walk_names(data, start, num, table_start, tokens)
+                        if walked is not None and walked == (run[:groups], end):
+                            return at, start, num
     raise KallsymsError("kallsyms_num_syms and the names were not found before the token table")
 
 
@@ -150,13 +216,53 @@ def _expand(data: bytes, start: int, count: int, tokens: list[bytes]) -> list[by
     return names
 
 
-def _addresses(offsets: np.ndarray, base: int, absolute_percpu: bool) -> np.ndarray:
-    """Symbol addresses from kallsyms_offsets (scripts/kallsyms.c, base-relative mode)."""
-    off = offsets.astype(np.int64)
-    if absolute_percpu:  # non-negative: absolute (per-CPU); negative: base - 1 - offset
-        rel = (np.uint64(base - 1) - off.astype(np.uint64)).astype(np.uint64)
-        return np.where(off >= 0, off.astype(np.uint64), rel)
-    return np.uint64(base) + offsets.view(np.uint32).astype(np.uint64)
+def _is_kernel(address: int) -> bool:
+    return address >> 47 == (1 << 17) - 1
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One reading of kallsyms_offsets: at `offsets`, relative to the u64 at `base`
+    (absolute per-CPU symbols or not), or to their own place (`base` None)."""
+    offsets: int
+    base: int | None
+    absolute_percpu: bool = False
+
+    def addresses(self, data: bytes, num: int, data_va: int | None,
+                  index: np.ndarray | slice = slice(None)) -> np.ndarray:
+        off = np.frombuffer(data, dtype="<i4", count=num, offset=self.offsets)[index].astype(np.int64)
+        if self.base is None:  # place-relative: the offset's own address plus the offset
+            place = np.uint64(data_va + self.offsets) + 4 * np.arange(num, dtype=np.uint64)[index]
+            return place + off.astype(np.uint64)
+        base, = struct.unpack_from("<Q", data, self.base)
+        if self.absolute_percpu:  # non-negative: absolute (per-CPU); negative: base - 1 - offset
+            rel = (np.uint64(base - 1) - off.astype(np.uint64)).astype(np.uint64)
+            return np.where(off >= 0, off.astype(np.uint64), rel)
+        return np.uint64(base) + off.astype(np.uint32).astype(np.uint64)
+
+
+def _layouts(data: bytes, count_at: int, index_pos: int, num: int, absolute_percpu: bool,
+             data_va: int | None) -> Iterator[_Layout]:
+    """Every reading of kallsyms_offsets the image allows: before num_syms (up to 6.2:
+    offsets, relative_base, num_syms) or after the token index (6.3+: token index,
+    offsets, relative_base; 7.x: token index, place-relative offsets), each table 0..7
+    bytes after the one before it; the configured per-CPU mode first."""
+    modes = (absolute_percpu, not absolute_percpu)
+    index_end = index_pos + 512
+    relative = []
+    for base in range(count_at - 8, count_at - 16, -1):
+        relative += [(base - pad - 4 * num, base) for pad in _PAD]
+    for pad in _PAD:
+        off = index_end + pad
+        relative += [(off, off + 4 * num + p) for p in _PAD]
+    for off, base in relative:
+        if off >= 0 and base + 8 <= len(data) and _is_kernel(struct.unpack_from("<Q", data, base)[0]):
+            for mode in modes:
+                yield _Layout(off, base, mode)
+    if data_va is not None:
+        for pad in _PAD:
+            if index_end + pad + 4 * num <= len(data):
+                yield _Layout(index_end + pad, None)
 
 
 def _sorted_kernel_addresses(addresses: np.ndarray, num: int) -> bool:
@@ -166,46 +272,49 @@ def _sorted_kernel_addresses(addresses: np.ndarray, num: int) -> bool:
     return kernel.size > num // 2 and bool(np.all(np.diff(kernel) >= 0))
 
 
-def _offsets_and_base(data: bytes, names_start: int, index_pos: int, num: int,
-                      absolute_percpu: bool, data_va: int | None = None) -> np.ndarray:
-    """Symbol addresses, from kallsyms_offsets and kallsyms_relative_base in the order
-    of up to 6.2 (offsets, base, num_syms, names) or of 6.3+ (token index, offsets, base);
-    or, in 7.x, from place-relative offsets after the token index (each symbol's address
-    is the address of its offset plus the offset; `data_va`: where `data` is mapped)."""
-    candidates = [(names_start - 16 - _align8(4 * num), names_start - 16)]
-    off_pos = _align8(index_pos + 512)
-    candidates.append((off_pos, _align8(off_pos + 4 * num)))
-    for off_pos, base_pos in candidates:
-        if off_pos < 0 or base_pos + 8 > len(data):
-            continue
-        base, = struct.unpack_from("<Q", data, base_pos)
-        if base >> 47 != (1 << 17) - 1:  # not a kernel (upper-half) address
-            continue
-        addresses = _addresses(np.frombuffer(data, dtype="<i4", count=num, offset=off_pos),
-                               base, absolute_percpu)
-        if _sorted_kernel_addresses(addresses, num):
-            return addresses
-    if data_va is not None:  # 7.x: the offsets follow the index with no gap beyond 4-alignment
-        for off_pos in dict.fromkeys([(index_pos + 512 + 3) & ~3, _align8(index_pos + 512)]):
-            if off_pos + 4 * num > len(data):
-                continue
-            offsets = np.frombuffer(data, dtype="<i4", count=num, offset=off_pos).astype(np.int64)
-            places = data_va + off_pos + 4 * np.arange(num, dtype=np.int64).astype(np.uint64)
-            addresses = (places.astype(np.uint64) + offsets.astype(np.uint64)).astype(np.uint64)
+def _addresses(data: bytes, names: list[bytes], count_at: int, index_pos: int, absolute_percpu: bool,
+               data_va: int | None, sections: dict[str, tuple[int, int]]) -> np.ndarray:
+    """The symbols' addresses: from the one reading of kallsyms_offsets that puts the
+    known symbols where the image has them and keeps the kernel's addresses sorted."""
+    num = len(names)
+    where = {}
+    for i, raw in enumerate(names):
+        if raw[1:] in (b"linux_banner", b"_text", b"init_task") and raw[1:] not in where:
+            where[raw[1:]] = i
+    checks = []
+    if data_va is not None and b"linux_banner" in where:
+        def banner(a: int) -> bool:
+            return 0 <= a - data_va < len(data) and data.startswith(b"Linux version ", a - data_va)
+        checks.append((where[b"linux_banner"], banner))
+    if ".text" in sections and b"_text" in where:
+        checks.append((where[b"_text"], lambda a: a == sections[".text"][0]))
+    if ".data" in sections and b"init_task" in where:
+        checks.append((where[b"init_task"], lambda a: sections[".data"][0] <= a < sections[".data"][1]))
+    if not checks:
+        raise KallsymsError("kallsyms has none of linux_banner, _text and init_task to check its addresses by")
+    at = np.array([i for i, _ in checks])
+    for layout in _layouts(data, count_at, index_pos, num, absolute_percpu, data_va):
+        known = layout.addresses(data, num, data_va, at).tolist()
+        if all(ok(a) for (_, ok), a in zip(checks, known)):
+            addresses = layout.addresses(data, num, data_va)
             if _sorted_kernel_addresses(addresses, num):
                 return addresses
-    raise KallsymsError("kallsyms_offsets and kallsyms_relative_base not found",
+    raise KallsymsError("kallsyms_offsets not found (no reading puts linux_banner, _text and "
+                        "init_task where the image has them)",
                         "kernels without CONFIG_KALLSYMS_BASE_RELATIVE are not supported")
 
 
-def read_kallsyms(rodata: bytes, absolute_percpu: bool = True, rodata_va: int | None = None) -> list[Symbol]:
+def read_kallsyms(rodata: bytes, absolute_percpu: bool = True, rodata_va: int | None = None,
+                  sections: dict[str, tuple[int, int]] | None = None) -> list[Symbol]:
     """Every symbol of the kernel whose .rodata is `rodata` (mapped at `rodata_va`), in
-    kallsyms order."""
+    kallsyms order. `sections`: (start, end) addresses of the image's .text and .data,
+    which the symbols _text and init_task must agree with; `absolute_percpu`
+    (CONFIG_KALLSYMS_ABSOLUTE_PERCPU) is tried first, the other mode too."""
     try:
         table_start, tokens, index_pos = _token_table(rodata)
-        names_start, num = _names_and_markers(rodata, table_start, tokens)
+        count_at, names_start, num = _names_and_markers(rodata, table_start, tokens)
         raw = _expand(rodata, names_start, num, tokens)
-        addresses = _offsets_and_base(rodata, names_start, index_pos, num, absolute_percpu, rodata_va)
+        addresses = _addresses(rodata, raw, count_at, index_pos, absolute_percpu, rodata_va, sections or {})
     except (struct.error, IndexError) as e:
         raise KallsymsError(f"the kallsyms tables are damaged ({e})") from None
     return [Symbol(r[1:].decode("ascii", "replace"), int(a), chr(r[0]))

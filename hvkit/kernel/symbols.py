@@ -56,8 +56,10 @@ def _from_vmlinux(data: bytes, release: str, absolute_percpu: bool) -> KernelSym
     rodata = elf.get_section_by_name(".rodata")
     if rodata is None:
         raise HvkitError("the kernel ELF has no .rodata section")
+    sections = {name: (s["sh_addr"], s["sh_addr"] + s["sh_size"])
+                for name in (".text", ".data") if (s := elf.get_section_by_name(name)) is not None}
     addresses: dict[str, int] = {}
-    for sym in read_kallsyms(rodata.data(), absolute_percpu, rodata["sh_addr"]):
+    for sym in read_kallsyms(rodata.data(), absolute_percpu, rodata["sh_addr"], sections):
         addresses.setdefault(sym.name, sym.address)
     banner = _elf_bytes_at(elf, addresses["linux_banner"], 512).split(b"\0", 1)[0]
     if not banner.startswith(b"Linux version "):
