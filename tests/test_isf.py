@@ -188,11 +188,12 @@ def test_isf_keeps_every_anonymous_member(table, guest):
 def test_isf_has_the_kernels_typedef_names(table):
     """Typedefs of named structs are types of their own too, as the kernel's code names them."""
     user_types = table["user_types"]
-    for typedef, struct in [("refcount_t", "refcount_struct"), ("seqcount_t", "seqcount"),
-                            ("gate_desc", "gate_struct"), ("kernel_cap_t", "kernel_cap_struct")]:
+    for typedef, named in [("refcount_t", "refcount_struct"), ("seqcount_t", "seqcount"),
+                           ("gate_desc", "gate_struct"), ("kernel_cap_t", "kernel_cap_struct")]:
         assert typedef in user_types, typedef
-        if struct in user_types:  # kernel_cap_t names an anonymous struct since 6.3
-            assert user_types[typedef] == user_types[struct], typedef
+        if named in user_types:  # kernel_cap_t names an anonymous struct since 6.3
+            assert user_types[typedef] == user_types[named], typedef
+
 
 # --- Volatility on a real guest ----------------------------------------------------------------
 
