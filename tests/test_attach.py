@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hvkit.qemu import VM, find_vm, qemu_binary
+from hvkit.qemu.adopt import kernel_from_memory
 from hvkit.qemu.probe import fetch_debian_kernel
 from hvkit.sharing import share_once
 from hvkit.guest.control import frozen_ground_truth
@@ -106,7 +107,7 @@ def test_a_plain_qemu_is_attached_and_read_as_it_is(plain, paths, guest):
 
     # the kernel from guest memory alone (QEMU without -kernel): its release, then Debian's package
     assert fetch_debian_kernel(guest.release, paths) == Path(guest.kernel)
-    assert vm._kernel_from_memory(paths).resolve() == Path(guest.kernel).resolve()
+    assert kernel_from_memory(vm, paths).resolve() == Path(guest.kernel).resolve()
 
     assert run_cli("vm", "detach", "plain").returncode == 0
     assert plain.proc.poll() is None, "detaching stopped the QEMU"

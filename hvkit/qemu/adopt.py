@@ -70,7 +70,7 @@ def _adopt_as(name: str, facts: QemuFacts, origin: str, transport: dict,
         vm = VM(rundir, spec)
         try:
             if kernel or not spec.kernel or not Path(spec.kernel).is_file():
-                spec.kernel = str(Path(kernel).resolve()) if kernel else str(_kernel_from_memory(vm, paths))
+                spec.kernel = str(Path(kernel).resolve()) if kernel else str(kernel_from_memory(vm, paths))
             spec.kernel_release = read_kernel_image(spec.kernel).release
             rundir.write_spec(spec)
         except BaseException:
@@ -81,7 +81,7 @@ def _adopt_as(name: str, facts: QemuFacts, origin: str, transport: dict,
     return vm
 
 
-def _kernel_from_memory(vm: VM, paths: Paths) -> Path:
+def kernel_from_memory(vm: VM, paths: Paths) -> Path:
     """The guest's kernel file when QEMU was not given one: the release its memory
     runs, fetched from Debian's archive."""
     candidates = vm.memory_candidates()
