@@ -139,7 +139,8 @@ def demo(memory: str, as_json: bool) -> None:
         step("share its free pages with the host", give_back)
 
         server = MemServer.of(paths)
-        server_was_there = server.store_path.exists()
+        server_ran = server.pid() is not None  # a server the demo did not start stays
+        store_was_there = server.store_path.exists()  # and so do snapshots it did not make
 
         def fork_it() -> str:
             beat = _last_heartbeat(machine)
@@ -166,8 +167,9 @@ def demo(memory: str, as_json: bool) -> None:
                 one.stop()
                 left += [str(folder)] if folder.exists() else []
                 left += [f"pid {pid}"] if one.is_alive() else []
-            if not server_was_there:  # the demo started the memory server: it goes too
+            if not server_ran:  # the demo started the memory server: it goes too
                 server.stop()
+            if not store_was_there:
                 shutil.rmtree(server.root, ignore_errors=True)
             return "stopped, nothing left behind" if not left else f"left behind: {', '.join(left)}"
 
