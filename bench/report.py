@@ -95,6 +95,13 @@ def load(results: Path, bench: str) -> dict:
     return json.loads(path.read_text())
 
 
+def load_part(results: Path, part: str, bench: str) -> dict:
+    """The results of `part` of a bench when they come from a run of their own
+    (`bench/BENCH.py ... --json docs/results/PART.json`: those parts take minutes per
+    arm under TCG), else the bench's whole run."""
+    return load(results, part if (results / f"{part}.json").exists() else bench)
+
+
 # ---------------------------------------------------------------- renderers
 
 def render_fork(results: Path, docs: Path) -> str:
@@ -137,9 +144,7 @@ def render_fork(results: Path, docs: Path) -> str:
 
 
 def render_fork_image(results: Path, docs: Path) -> str:
-    # the image guest's rows may come from a run of their own (`bench/fork.py --sizes ''
-    # --json docs/results/fork-image.json`): it takes minutes per method under TCG
-    data = load(results, "fork-image" if (results / "fork-image.json").exists() else "fork")
+    data = load_part(results, "fork-image", "fork")  # `bench/fork.py --sizes '' --json ...`
     rows = data.get("image_rows") or []
     if not rows:
         return ("*The committed run did not fork the Debian image guest (`--no-image-guest`: it boots a "
@@ -183,9 +188,7 @@ def render_share(results: Path, docs: Path) -> str:
 
 
 def render_share_cache(results: Path, docs: Path) -> str:
-    # like fork's image rows, these may come from a run of their own (`bench/share.py --arms ''
-    # --json docs/results/share-page-cache.json`)
-    data = load(results, "share-page-cache" if (results / "share-page-cache.json").exists() else "share")
+    data = load_part(results, "share-page-cache", "share")  # `bench/share.py --arms '' --json ...`
     rows = data.get("page_cache") or []
     if not rows:
         return ("*The committed run did not include the page-cache guest (`--no-page-cache`: a 1 GiB Debian "
