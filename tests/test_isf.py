@@ -195,6 +195,52 @@ def test_isf_has_the_kernels_typedef_names(table):
             assert user_types[typedef] == user_types[named], typedef
 
 
+def _named_enums_of(obj: Path) -> list[str]:
+    """The enums the compiled interface declares with a name of their own (read with
+    pyelftools here, not with hvkit's reader)."""
+    from elftools.elf.elffile import ELFFile
+
+    names = set()
+    with obj.open("rb") as f:
+        for cu in ELFFile(f).get_dwarf_info().iter_CUs():
+            for die in cu.iter_DIEs():
+                if (die.tag == "DW_TAG_enumeration_type" and "DW_AT_name" in die.attributes
+                        and "DW_AT_declaration" not in die.attributes):
+                    names.add(die.attributes["DW_AT_name"].value.decode())
+    return sorted(names)
+
+
+def test_isf_signedness_is_the_compilers(table, guest, paths, tmp_path):
+    """Whether each named enum and _Bool is signed, as the compiler itself evaluates it
+    against the kernel's headers (`(enum X)-1 < 0`, compiled by the kernel's build system
+    into an array read back from the object), is what the table's base types say. (dwarf2json
+    differs on two counts: it reads enum constants as int64, so an enum holding 1 << 63 comes
+    out signed, and it writes _Bool as signed.)"""
+    from elftools.elf.elffile import ELFFile
+
+    from hvkit.kernel.compile import compile_interface
+    from hvkit.kernel.isf import _interface_source, interface_object
+
+    tree = debian_tree(guest.release, paths.cache)
+    enums = [n for n in _named_enums_of(interface_object(tree, paths.cache)) if n in table["enums"]]
+    assert len(enums) > 500
+    probes = [f"(enum {n})-1 < 0" for n in enums] + ["(_Bool)-1 < 0"]
+    source = _interface_source() + ("\nconst unsigned char hvkit_signed[] __attribute__((used)) = {\n"
+                                    + ",\n".join(probes) + "\n};\n").encode()
+    obj = compile_interface(tree, tmp_path, source, "hvkit_signed.c", flags=("-O0",))
+    with obj.open("rb") as f:
+        elf = ELFFile(f)
+        (sym,) = [s for s in elf.get_section_by_name(".symtab").iter_symbols() if s.name == "hvkit_signed"]
+        section = elf.get_section(sym["st_shndx"])
+        compiled = list(section.data()[sym["st_value"] : sym["st_value"] + len(probes)])
+    bases = table["base_types"]
+    said = [bases[table["enums"][n]["base"]]["signed"] for n in enums] + [bases["_Bool"]["signed"]]
+    wrong = [(p, bool(c), s) for p, c, s in zip(probes, compiled, said) if bool(c) != s]
+    assert wrong == []
+    assert 0 < sum(compiled) < len(enums)  # both kinds are there
+    assert not bases["_Bool"]["signed"] and any(table["enums"][n]["size"] == 8 for n in enums)
+
+
 # --- Volatility on a real guest ----------------------------------------------------------------
 
 def _vol(symbols: Path, raw: Path, cache: Path, plugin: str) -> subprocess.CompletedProcess:

@@ -56,7 +56,7 @@ from hvkit.kernel.vmlinux import extract_vmlinux
 log = logging.getLogger(__name__)
 
 ISF_FORMAT = "6.2.0"   # the ISF version written: 6.2 reads anonymous struct/union members
-OUTPUT_FORMAT = b"3"   # what build_isf writes; part of the cache key (3: every anonymous member kept)
+OUTPUT_FORMAT = b"4"   # what build_isf writes; part of the cache key (3: every anonymous member kept, 4: the kallsyms tables)
 INTERFACE = "hvkit_isf.c"
 MAX_DEPTH = 64         # type descriptors nest no deeper (pointer to array of pointer ...)
 MAX_DISAGREEMENTS_PER_TYPE = 4
@@ -75,7 +75,7 @@ class IsfReport:
     enums_btf: int
     base_types: int
     symbols: int
-    typed_symbols: dict[str, int]   # source of the type ("header", "btf", "private", "void") -> count
+    typed_symbols: dict[str, int]   # source of the type ("header", "btf", "private", "kallsyms", "void") -> count
     checked: int                    # structs/unions both sources have, compared
     disagreements: list[str] = field(default_factory=list)
     seconds: float = 0.0            # time to build (0 when read from the cache)
@@ -141,9 +141,13 @@ class TypeSet:
     typedefs: dict[str, str] = field(default_factory=dict)
 
 
-def enum_entry(size: int, values: dict[str, int]) -> dict:
-    signed = any(v < 0 for v in values.values())
-    return {"size": size, "base": _INT_NAMES.get((size, signed), "int"), "constants": values}
+def enum_entry(size: int, values: dict[str, int], signed: bool | None = None, base: str | None = None) -> dict:
+    """An ISF enum. `signed`/`base`: the compiler's underlying type where the source says it
+    (DWARF's DW_AT_type, BTF's kind flag); else signed when a value is negative, which is
+    what GCC picks for C enums (unsigned unless a value is negative)."""
+    if signed is None:
+        signed = any(v < 0 for v in values.values())
+    return {"size": size, "base": base or _INT_NAMES.get((size, signed), "int"), "constants": values}
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,6 +155,7 @@ def enum_entry(size: int, values: dict[str, int]) -> dict:
 
 _DW_ATE = {0x2: "bool", 0x4: "float", 0x5: "int", 0x6: "char", 0x7: "int", 0x8: "char", 0x10: "int"}
 _DW_SIGNED = {0x5, 0x6, 0xD}
+_DATA_FORMS = {"DW_FORM_data1": 1, "DW_FORM_data2": 2, "DW_FORM_data4": 4, "DW_FORM_data8": 8}
 _AGGREGATES = ("DW_TAG_structure_type", "DW_TAG_union_type", "DW_TAG_enumeration_type")
 _DW_PASS = ("DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type", "DW_TAG_restrict_type",
             "DW_TAG_atomic_type")
@@ -211,10 +216,7 @@ class DwarfReader:
                 self.types.user_types.setdefault(self._agg_name(die), self._aggregate(die))
         elif tag == "DW_TAG_enumeration_type":
             if "DW_AT_declaration" not in die.attributes:
-                values = {_name(c) or "": c.attributes["DW_AT_const_value"].value
-                          for c in die.iter_children() if c.tag == "DW_TAG_enumerator"}
-                self.types.enums.setdefault(self._agg_name(die),
-                                            enum_entry(_int_attr(die, "DW_AT_byte_size") or 4, values))
+                self.types.enums.setdefault(self._agg_name(die), self._enum(die))
         elif tag == "DW_TAG_base_type":
             self._base(die)
         elif tag == "DW_TAG_pointer_type":
@@ -230,6 +232,31 @@ class DwarfReader:
                     self.types.variables[name] = desc["subtype"]
             else:  # a header's extern declaration (kept by -fno-eliminate-unused-debug-symbols)
                 self.types.variables.setdefault(name, desc)
+
+    def _enum(self, die) -> dict:
+        """An enum with the underlying type the compiler gave it (DW_AT_type, which GCC writes
+        for DWARF 3 and later). A DW_FORM_dataN carries no sign: GCC writes negative values as
+        sdata and others in the smallest dataN (128 of an int enum as data1 0x80), so only a
+        dataN as wide as a signed type is read as negative (-1 of an int enum as data4)."""
+        size = _int_attr(die, "DW_AT_byte_size") or 4
+        base, signed = None, None
+        if "DW_AT_type" in die.attributes:
+            under = die.get_DIE_from_attribute("DW_AT_type")
+            while under.tag in _DW_PASS and "DW_AT_type" in under.attributes:
+                under = under.get_DIE_from_attribute("DW_AT_type")
+            if under.tag == "DW_TAG_base_type":
+                base = self._base(under)["name"]
+                signed = (_int_attr(under, "DW_AT_encoding") or 0x5) in _DW_SIGNED
+        values = {}
+        for c in die.iter_children():
+            if c.tag == "DW_TAG_enumerator":
+                attr = c.attributes["DW_AT_const_value"]
+                value = attr.value
+                width = _DATA_FORMS.get(attr.form)
+                if signed and width == size and value >= 1 << (8 * width - 1):
+                    value -= 1 << (8 * width)
+                values[_name(c) or ""] = value
+        return enum_entry(size, values, signed, base)
 
     def _base(self, die) -> Desc:
         name = _name(die) or "void"
@@ -366,7 +393,8 @@ class BtfConverter:
             elif t.kind in ("ENUM", "ENUM64"):
                 name = self._agg_name(t)
                 if name not in self.types.enums:
-                    self.types.enums[name] = enum_entry(t.size, dict(t.values))
+                    # the kind flag says signed (pahole 1.24+); older BTF leaves it unset
+                    self.types.enums[name] = enum_entry(t.size, dict(t.values), t.signed or None)
             elif t.kind in ("INT", "FLOAT"):
                 self.desc(t.id)
             elif t.kind == "PTR":
@@ -559,11 +587,22 @@ def _merge(dwarf: TypeSet, btf: TypeSet) -> dict:
     return {"user_types": user_types, "enums": enums, "base_types": base_types}
 
 
-def _symbols(addresses: dict[str, int], banner: str, dwarf: TypeSet,
-             btf: TypeSet) -> tuple[dict[str, dict], dict[str, int]]:
+def _kallsyms_table_type(ctype: str, count: int | None) -> Desc:
+    """The type of a kallsyms table as kernel/kallsyms_internal.h declares it (that header
+    is not among the ones Debian ships, and the tables are assembly: no DWARF or BTF has them)."""
+    base = {"kind": "base", "name": ctype}
+    return base if count is None else {"kind": "array", "count": count, "subtype": base}
+
+
+def _symbols(addresses: dict[str, int], banner: str, dwarf: TypeSet, btf: TypeSet,
+             tables: dict[str, tuple[str, int | None]]) -> tuple[dict[str, dict], dict[str, int]]:
     symbols: dict[str, dict] = {name: {"address": address} for name, address in addresses.items()}
-    sources = {"header": 0, "btf": 0, "private": 0, "void": 0}
+    sources = {"header": 0, "btf": 0, "private": 0, "kallsyms": 0, "void": 0}
     for name, entry in symbols.items():
+        if name in tables:
+            entry["type"] = _kallsyms_table_type(*tables[name])
+            sources["kallsyms"] += 1
+            continue
         desc, source = dwarf.variables.get(f"hvkit_v_{name}") or dwarf.variables.get(name), "header"
         if desc is None:
             desc, source = btf.variables.get(name), "btf"
@@ -616,7 +655,7 @@ def make_isf(kernel_file: Path, tree: KernelTree, cache: Path) -> IsfReport:
     btf, alternatives = _btf_types(kernel_file, image.format, tree.release)
     checked, disagreements = cross_check(dwarf, btf, alternatives)
     table = {"metadata": _metadata(kernel_file, obj_digest), **_merge(dwarf, btf)}
-    table["symbols"], typed = _symbols(symbols.addresses, symbols.banner, dwarf, btf)
+    table["symbols"], typed = _symbols(symbols.addresses, symbols.banner, dwarf, btf, symbols.tables)
     _write(path, table)
     report = IsfReport(
         path=path, release=tree.release,
