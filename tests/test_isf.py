@@ -390,7 +390,7 @@ def _check_pages_and_hidden_modules(raw: Path, symbols: Path, cache: Path, kerne
     assert [row.get("Module Name") or row.get("Name") for row in hidden] == ["qemu_fw_cfg"], hidden
 
 
-@pytest.mark.timeout(1200)  # 31 Volatility runs: ~2 min idle, over 5 on a host loaded 5x
+@pytest.mark.timeout(1800)  # 41 Volatility runs: ~3 min idle, over 20 on a host loaded 10x
 def test_volatility_runs_on_the_default_guest(guest, isf, paths, tmp_path):
     from hvkit.qemu import start_vm
 
