@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
 
 from hvkit.kernel.headers import debian_tree  # noqa: E402
+from hvkit.cli.forensics import REPLACED_PLUGINS, volatility_plugin_dir  # noqa: E402
 from hvkit.kernel.isf import make_isf, volatility_symbol_dir  # noqa: E402
 
 PLUGINS = [
@@ -67,9 +68,12 @@ class PluginRun:
 
 
 def run_plugin(vol: Path, symbols: Path, raw: Path, cache: Path, plugin: str) -> PluginRun:
+    """One plugin as `hvkit vol` runs it (hvkit's plugin directory given; hidden_modules as
+    hvkit's version of it, see hvkit/forensics/volplugins)."""
     start = time.monotonic()
     proc = subprocess.run([str(vol), "-q", "-r", "json", "--offline", "--cache-path", str(cache),
-                           "-s", str(symbols), "-f", str(raw), plugin],
+                           "-p", str(volatility_plugin_dir()), "-s", str(symbols), "-f", str(raw),
+                           REPLACED_PLUGINS.get(plugin, plugin)],
                           capture_output=True, text=True, timeout=1800)
     seconds = round(time.monotonic() - start, 1)
     error_lines = [line for line in (proc.stderr + "\n" + proc.stdout[-2000:]).splitlines()

@@ -5,6 +5,7 @@ hostile input and on the real kernel, the table against Volatility's own schema,
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
 import json
 import lzma
@@ -25,10 +26,9 @@ from hvkit.kernel.vmlinux import extract_vmlinux
 from hvkit.guest.control import ground_truth
 
 # plugins that must run clean on the default guest (a busybox system: no bash, no network
-# sockets beyond the kernel's own, no framebuffer). Not here: linux.kallsyms and
-# linux.pscallstack (need the kallsyms_* tables' own symbols, which 6.1's kallsyms lacks),
-# linux.sockscan (Volatility 2.28 dereferences None on a stale scan hit) and
-# linux.malware.hidden_modules (it refuses every table whose producer is not dwarf2json).
+# sockets beyond the kernel's own, no framebuffer). Not here: linux.sockscan (Volatility 2.28
+# dereferences None on a stale scan hit); linux.malware.hidden_modules runs as hvkit's
+# version of it (see _check_pages_and_hidden_modules).
 PLUGINS = [
     "linux.pslist.PsList", "linux.pstree.PsTree", "linux.psaux.PsAux", "linux.psscan.PsScan",
     "linux.pidhashtable.PIDHashTable", "linux.kthreads.Kthreads", "linux.envars.Envars",
@@ -41,12 +41,13 @@ PLUGINS = [
     "linux.malware.check_afinfo.Check_afinfo", "linux.malware.tty_check.Tty_Check",
     "linux.malware.keyboard_notifiers.Keyboard_notifiers", "linux.malware.malfind.Malfind",
     "linux.malware.netfilter.Netfilter", "linux.tracing.tracepoints.CheckTracepoints",
+    "linux.kallsyms.Kallsyms", "linux.pscallstack.PsCallStack",
 ]
 LISTEN_PORT = 7777  # the guest listens here (hvkit.listen): something for sockstat to find
 
-# 6.12: the same, less the slowest scanners (CI time), plus what 6.1's kallsyms cannot give
+# 6.12: the same, less the slowest scanners (CI time)
 PLUGINS_612 = [p for p in PLUGINS if p not in ("linux.psscan.PsScan", "linux.malware.malfind.Malfind",
-                                               "linux.elfs.Elfs")] + ["linux.kallsyms.Kallsyms"]
+                                               "linux.elfs.Elfs")]
 
 
 # --- BTF on hostile input ------------------------------------------------------------------
@@ -195,12 +196,62 @@ def test_isf_has_the_kernels_typedef_names(table):
             assert user_types[typedef] == user_types[named], typedef
 
 
+def _named_enums_of(obj: Path) -> list[str]:
+    """The enums the compiled interface declares with a name of their own (read with
+    pyelftools here, not with hvkit's reader)."""
+    from elftools.elf.elffile import ELFFile
+
+    names = set()
+    with obj.open("rb") as f:
+        for cu in ELFFile(f).get_dwarf_info().iter_CUs():
+            for die in cu.iter_DIEs():
+                if (die.tag == "DW_TAG_enumeration_type" and "DW_AT_name" in die.attributes
+                        and "DW_AT_declaration" not in die.attributes):
+                    names.add(die.attributes["DW_AT_name"].value.decode())
+    return sorted(names)
+
+
+def test_isf_signedness_is_the_compilers(table, guest, paths, tmp_path):
+    """Whether each named enum and _Bool is signed, as the compiler itself evaluates it
+    against the kernel's headers (`(enum X)-1 < 0`, compiled by the kernel's build system
+    into an array read back from the object), is what the table's base types say. (dwarf2json
+    differs on two counts: it reads enum constants as int64, so an enum holding 1 << 63 comes
+    out signed, and it writes _Bool as signed.)"""
+    from elftools.elf.elffile import ELFFile
+
+    from hvkit.kernel.compile import compile_interface
+    from hvkit.kernel.isf import _interface_source, interface_object
+
+    tree = debian_tree(guest.release, paths.cache)
+    enums = [n for n in _named_enums_of(interface_object(tree, paths.cache)) if n in table["enums"]]
+    assert len(enums) > 500
+    probes = [f"(enum {n})-1 < 0" for n in enums] + ["(_Bool)-1 < 0"]
+    source = _interface_source() + ("\nconst unsigned char hvkit_signed[] __attribute__((used)) = {\n"
+                                    + ",\n".join(probes) + "\n};\n").encode()
+    obj = compile_interface(tree, tmp_path, source, "hvkit_signed.c", flags=("-O0",))
+    with obj.open("rb") as f:
+        elf = ELFFile(f)
+        (sym,) = [s for s in elf.get_section_by_name(".symtab").iter_symbols() if s.name == "hvkit_signed"]
+        section = elf.get_section(sym["st_shndx"])
+        compiled = list(section.data()[sym["st_value"] : sym["st_value"] + len(probes)])
+    bases = table["base_types"]
+    said = [bases[table["enums"][n]["base"]]["signed"] for n in enums] + [bases["_Bool"]["signed"]]
+    wrong = [(p, bool(c), s) for p, c, s in zip(probes, compiled, said) if bool(c) != s]
+    assert wrong == []
+    assert 0 < sum(compiled) < len(enums)  # both kinds are there
+    assert not bases["_Bool"]["signed"] and any(table["enums"][n]["size"] == 8 for n in enums)
+
+
 # --- Volatility on a real guest ----------------------------------------------------------------
 
-def _vol(symbols: Path, raw: Path, cache: Path, plugin: str) -> subprocess.CompletedProcess:
+def _vol(symbols: Path, raw: Path, cache: Path, plugin: str, *args: str,
+         out: Path | None = None) -> subprocess.CompletedProcess:
+    from hvkit.cli.forensics import volatility_plugin_dir
+
     vol = Path(sys.executable).with_name("vol")
     return subprocess.run([str(vol), "-q", "-r", "json", "--offline", "--cache-path", str(cache),
-                           "-s", str(symbols), "-f", str(raw), plugin],
+                           "-p", str(volatility_plugin_dir()), *(["-o", str(out)] if out else []),
+                           "-s", str(symbols), "-f", str(raw), plugin, *args],
                           capture_output=True, text=True, timeout=900)
 
 
@@ -264,15 +315,90 @@ def _check_guest(vm, isf, tmp_path, plugins, release: str) -> None:
     listening = [row for row in _rows(runs["linux.sockstat.Sockstat"])
                  if str(row.get("Source Port")) == str(LISTEN_PORT) and row.get("State") == "LISTEN"]
     assert listening, "the guest's listening socket"
+    _check_kallsyms(runs, isf)
 
 
-@pytest.mark.timeout(1200)  # 31 Volatility runs: ~2 min idle, over 5 on a host loaded 5x
+def _check_kallsyms(runs: dict, isf) -> None:
+    """linux.kallsyms reads the kernel's own kallsyms through the tables hvkit located: every
+    core symbol, each at hvkit's address plus one KASLR slide; linux.pscallstack names the
+    functions the tasks sleep in."""
+    with lzma.open(isf.path, "rt") as f:
+        symbols = json.load(f)["symbols"]
+    core = [row for row in _rows(runs["linux.kallsyms.Kallsyms"]) if row["ModuleName"] == "kernel"]
+    assert len(core) == symbols["kallsyms_offsets"]["type"]["count"]  # kallsyms_num_syms
+    once = {n for n, c in collections.Counter(row["SymbolName"] for row in core).items() if c == 1}
+    mask = (1 << 48) - 1  # Volatility prints addresses masked to the layer's 48 bits
+    slides = {(row["Addr"] - symbols[row["SymbolName"]]["address"]) & mask for row in core
+              if row["SymbolName"] in once and row["Type"] not in "Aa"}  # absolute (per-CPU) ones do not move
+    assert len(slides) == 1, f"{len(slides)} different offsets between Volatility's and hvkit's addresses"
+    frames = {row["Name"] for row in _rows(runs["linux.pscallstack.PsCallStack"])}
+    assert {"schedule", "__schedule"} <= frames
+
+
+def _hide_module(raw: Path, kernel: Path, table: dict, name: str, paths) -> None:
+    """Unlink module `name` from the kernel's module list in the RAM copy `raw`, as a rootkit
+    hiding itself does (list_del of its struct module's `list`): lsmod no longer sees it."""
+    from hvkit.introspect.source import open_guest
+
+    module = table["user_types"]["module"]["fields"]
+    at_list, at_name = module["list"]["offset"], module["name"]["offset"]
+    with open_guest(str(raw), kernel=kernel, paths=paths) as g:
+        ks, mem = g.kernel, g.memory
+        head = ks.symbol_va("modules")
+        entry = ks.read_u64(head)
+        while entry != head:
+            if ks.read(entry - at_list + at_name, 56).split(b"\0")[0] == name.encode():
+                break
+            entry = ks.read_u64(entry)
+        else:
+            pytest.fail(f"module {name} is not in the guest's module list")
+        nxt, prev = ks.read_u64(entry), ks.read_u64(entry + 8)
+        writes = [(ks.va_to_pa(prev), nxt), (ks.va_to_pa(nxt + 8), prev)]  # prev->next, next->prev
+        ranges = mem.ranges
+    with raw.open("r+b") as f:
+        for pa, value in writes:
+            (r,) = [r for r in ranges if r.gpa <= pa < r.end]
+            f.seek(r.offset + pa - r.gpa)
+            f.write(struct.pack("<Q", value))
+
+
+def _check_pages_and_hidden_modules(raw: Path, symbols: Path, cache: Path, kernel: Path, isf, paths,
+                                    tmp_path: Path) -> None:
+    """Plugins that read struct page fields and module memory, against what the guest holds:
+    linux.pagecache.InodePages rebuilds files of the guest's root file system from its page cache
+    (struct page's mapping and index) byte for byte as the host put them there; after a module is
+    unlinked from the module list in the copy, lsmod misses it and linux.malware.hidden_modules
+    (hvkit's version, `hvkit vol` runs it for that name) finds it; on the untouched copy, none."""
+    from hvkit.guest.build import BUSYBOX_PACKAGE, _guest_file
+
+    out = tmp_path / "pages"
+    out.mkdir()
+    busybox = paths.cache / "guest" / BUSYBOX_PACKAGE / "bin" / "busybox"  # the guest's (build.py)
+    for path, original in (("/init", _guest_file("init")), ("/bin/busybox", busybox.read_bytes())):
+        rows = _rows(_vol(symbols, raw, cache, "linux.pagecache.InodePages", "--find", path, "--dump", out=out))
+        assert sorted(row["Index"] for row in rows) == list(range(-(-len(original) // 4096))), path
+        (dumped,) = {row["Output File"] for row in rows}
+        assert (out / dumped).read_bytes() == original, path
+    own = _vol(symbols, raw, cache, "linux.malware.hidden_modules")  # Volatility's, as it is
+    assert (own.returncode == 0 and json.loads(own.stdout) == []) or "dwarf2json" in own.stderr
+    assert _rows(_vol(symbols, raw, cache, "hvkit.hidden_modules.Hidden_modules")) == []
+    with lzma.open(isf.path, "rt") as f:
+        table = json.load(f)
+    _hide_module(raw, kernel, table, "qemu_fw_cfg", paths)
+    assert "qemu_fw_cfg" not in {row["Module Name"] for row in _rows(_vol(symbols, raw, cache, "linux.lsmod.Lsmod"))}
+    hidden = _rows(_vol(symbols, raw, cache, "hvkit.hidden_modules.Hidden_modules"))
+    assert [row.get("Module Name") or row.get("Name") for row in hidden] == ["qemu_fw_cfg"], hidden
+
+
+@pytest.mark.timeout(1800)  # 41 Volatility runs: ~3 min idle, over 20 on a host loaded 10x
 def test_volatility_runs_on_the_default_guest(guest, isf, paths, tmp_path):
     from hvkit.qemu import start_vm
 
     with start_vm("isf", memory="256M", workload="hold:32", append=f"hvkit.listen={LISTEN_PORT}",
                   paths=paths) as vm:
         _check_guest(vm, isf, tmp_path, PLUGINS, guest.release)
+    _check_pages_and_hidden_modules(tmp_path / "ram.raw", tmp_path / "symbols", tmp_path / "volcache",
+                                    guest.kernel, isf, paths, tmp_path)
 
 
 @pytest.mark.slow

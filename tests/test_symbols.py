@@ -86,6 +86,21 @@ def _kernel_file_only(paths, name: str):
     return found[0]
 
 
+def _kallsyms_of(kernel):
+    """What the reader finds in the kernel file's kallsyms, and the .rodata's address."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    from hvkit.kernel.kallsyms import read_kallsyms
+
+    elf = ELFFile(io.BytesIO(extract_vmlinux(kernel)))
+    rodata = elf.get_section_by_name(".rodata")
+    sections = {n: (s["sh_addr"], s["sh_addr"] + s["sh_size"])
+                for n in (".text", ".data") if (s := elf.get_section_by_name(n)) is not None}
+    return read_kallsyms(rodata.data(), True, rodata["sh_addr"], sections), rodata["sh_addr"]
+
+
 def _assert_symbols_agree_with_the_image(kernel, symbols):
     """The symbols put the banner, _text and init_task where the kernel's ELF has them."""
     import io
@@ -111,8 +126,36 @@ def test_symbol_counts_as_before(package, count, paths, tmp_path):
     a cache of the test's own)."""
     kernel = _kernel_file_only(paths, package)
     symbols = load_symbols(kernel, tmp_path)
-    assert len(symbols.addresses) == count
+    kallsyms, _ = _kallsyms_of(kernel)
+    assert len({s.name for s in kallsyms.symbols}) == count
+    # and the kallsyms tables themselves, which 6.1's kallsyms does not list
+    assert set(symbols.addresses) == {s.name for s in kallsyms.symbols} | set(symbols.tables)
     _assert_symbols_agree_with_the_image(kernel, symbols)
+
+
+TABLES = ["kallsyms_num_syms", "kallsyms_names", "kallsyms_markers", "kallsyms_token_table",
+          "kallsyms_token_index", "kallsyms_offsets", "kallsyms_seqs_of_names"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [p for p, _ in PINNED] + FLAVOURS,
+                         ids=["6.1", "6.12", "7.2-cloud", "sid-generic", "sid-rt", "sid-cloud"])
+def test_kallsyms_tables_are_where_the_kernel_says(name, paths):
+    """Where the reader found each kallsyms table (it looks for what they hold, never at a
+    fixed place) is where the kernel's own kallsyms puts them, on kernels that list them
+    (6.12 and later; 6.1 does not list them, and they are found all the same). Volatility's
+    linux.kallsyms looks them up by these names."""
+    kernel = _kernel_file_only(paths, name)
+    kallsyms, rodata_va = _kallsyms_of(kernel)
+    found = {n: address for n, (address, _, _) in kallsyms.tables.symbols(rodata_va).items()}
+    assert set(TABLES) <= set(found), f"not found: {set(TABLES) - set(found)}"
+    listed = {s.name: s.address for s in kallsyms.symbols if s.name in found}
+    for table, address in listed.items():
+        assert found[table] == address, f"{table}: found at {found[table]:#x}, kallsyms says {address:#x}"
+    if name.startswith("linux-image-6.1."):
+        assert not listed and "kallsyms_relative_base" in found
+    else:
+        assert set(TABLES) <= set(listed)
 
 
 @pytest.mark.slow

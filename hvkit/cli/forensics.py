@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
@@ -97,6 +98,17 @@ def isf(kernel: str, headers: Path | None, output: Path | None, as_json: bool) -
         f"{report.checked} types in both checked, {len(report.disagreements)} disagree")
     for line in report.disagreements[:10]:
         console().print(f"  [yellow]differs[/]: {line}")
+
+
+# plugins hvkit runs in its own version (hvkit/forensics/volplugins; see the reason there)
+REPLACED_PLUGINS = {name: "hvkit.hidden_modules.Hidden_modules" for name in (
+    "linux.malware.hidden_modules", "linux.malware.hidden_modules.Hidden_modules",
+    "linux.hidden_modules", "linux.hidden_modules.Hidden_modules")}
+
+
+def volatility_plugin_dir() -> Path:
+    """hvkit's own Volatility plugins, for `vol -p`."""
+    return Path(str(resources.files("hvkit.forensics").joinpath("volplugins")))
 
 
 def _volatility() -> Path:
@@ -247,8 +259,13 @@ def vol(source: str, plugin: str, args: tuple[str, ...], kernel: Path | None, he
             memory_image(source, paths) as (image, fds):
         symbols = volatility_symbol_dir(report.path, Path(tmp) / "symbols")
         (Path(tmp) / "cache").mkdir()
+        if plugin in REPLACED_PLUGINS:
+            click.echo(f"hvkit: running {plugin} as {REPLACED_PLUGINS[plugin]}: the same plugin with the "
+                       "table check it means (docs/forensics.md)", err=True)
+            plugin = REPLACED_PLUGINS[plugin]
         cmd = [str(program), "-q", "--offline", "--cache-path", str(Path(tmp) / "cache"),
-               "-s", str(symbols), "-f", str(image), *(["-r", "json"] if as_json else []), plugin, *args]
+               "-p", str(volatility_plugin_dir()), "-s", str(symbols), "-f", str(image),
+               *(["-r", "json"] if as_json else []), plugin, *args]
         code = subprocess.run(cmd, pass_fds=fds).returncode
     sys.exit(code)
 

@@ -144,8 +144,8 @@ _MAX_NAME = 2 + 512  # bytes of one name: a length (two bytes since 6.1), up to 
 _MIN_GROUP, _MAX_GROUP = 256 * 2, 256 * _MAX_NAME  # bytes of 256 names
 
 
-def _marker_runs(data: bytes, table_start: int) -> Iterator[tuple[int, list[int]]]:
-    """(position, entries) of every run of u32 or u64 (at any byte) before the token
+def _marker_runs(data: bytes, table_start: int) -> Iterator[tuple[int, int, list[int]]]:
+    """(position, width, entries) of every run of u32 or u64 (at any byte) before the token
     table that could be kallsyms_markers: 0, then offsets growing by what 256 names
     can take; nearest the token table first."""
     runs = []
@@ -161,17 +161,27 @@ def _marker_runs(data: bytes, table_start: int) -> Iterator[tuple[int, list[int]
                 end = k + 2
                 while end < len(good) and good[end]:
                     end += 1
-                runs.append((phase + width * k, v[k : end + 1].astype(np.int64).tolist()))
+                runs.append((phase + width * k, width, v[k : end + 1].astype(np.int64).tolist()))
     runs.sort(key=lambda r: -r[0])
     return iter(runs)
 
 
-def _names_and_markers(data: bytes, table_start: int, tokens: list[bytes]) -> tuple[int, int, int]:
-    """(position of kallsyms_num_syms, start of kallsyms_names, number of symbols): a
+@dataclass(frozen=True)
+class _Names:
+    count_at: int  # kallsyms_num_syms
+    start: int  # kallsyms_names
+    num: int
+    markers_at: int  # kallsyms_markers
+    marker_width: int  # 4 (since 4.20) or 8
+    groups: int  # entries of kallsyms_markers
+
+
+def _names_and_markers(data: bytes, table_start: int, tokens: list[bytes]) -> _Names:
+    """Where kallsyms_num_syms, kallsyms_names and kallsyms_markers are: a
     count (a u32 at any byte) followed, 4..15 bytes on, by that many names which,
     decoded, end 0..7 bytes before a markers table that holds the offset of every
     256th of them, before the token table."""
-    for markers_at, run in _marker_runs(data, table_start):
+    for markers_at, width, run in _marker_runs(data, table_start):
         for groups in range(len(run), 1, -1):  # the run may have caught a value or two beyond the table
             last = run[groups - 1]
             if groups < len(run) - 2:
@@ -202,7 +212,7 @@ def _names_and_markers(data: bytes, table_start: int, tokens: list[bytes]) -> tu
                             continue
                         walked = _walk_names(data, start, num, table_start, tokens)
                         if walked is not None and walked == (run[:groups], end):
-                            return at, start, num
+                            return _Names(at, start, num, markers_at, width, groups)
     raise KallsymsError("kallsyms_num_syms and the names were not found before the token table")
 
 
@@ -273,8 +283,8 @@ def _sorted_kernel_addresses(addresses: np.ndarray, num: int) -> bool:
 
 
 def _addresses(data: bytes, names: list[bytes], count_at: int, index_pos: int, absolute_percpu: bool,
-               data_va: int | None, sections: dict[str, tuple[int, int]]) -> np.ndarray:
-    """The symbols' addresses: from the one reading of kallsyms_offsets that puts the
+               data_va: int | None, sections: dict[str, tuple[int, int]]) -> tuple[np.ndarray, _Layout]:
+    """The symbols' addresses, and the layout they were read with: from the one reading of kallsyms_offsets that puts the
     known symbols where the image has them and keeps the kernel's addresses sorted."""
     num = len(names)
     where = {}
@@ -298,24 +308,94 @@ def _addresses(data: bytes, names: list[bytes], count_at: int, index_pos: int, a
         if all(ok(a) for (_, ok), a in zip(checks, known)):
             addresses = layout.addresses(data, num, data_va)
             if _sorted_kernel_addresses(addresses, num):
-                return addresses
+                return addresses, layout
     raise KallsymsError("kallsyms_offsets not found (no reading puts linux_banner, _text and "
                         "init_task where the image has them)",
                         "kernels without CONFIG_KALLSYMS_BASE_RELATIVE are not supported")
 
 
+def _seqs_of_names(data: bytes, names: list[bytes], after: list[int]) -> int | None:
+    """Where kallsyms_seqs_of_names is (6.2+): 3 big-endian bytes per symbol, the symbol
+    indices in the order of their names, 0..7 bytes after one of the tables `after` it may
+    follow (the markers up to 6.3, the offsets or relative_base since); None if absent."""
+    num = len(names)
+    order = None
+    for end in after:
+        for pad in _PAD:
+            at = end + pad
+            if at + 3 * num > len(data):
+                continue
+            raw = np.frombuffer(data, dtype=np.uint8, count=3 * num, offset=at).reshape(num, 3).astype(np.int64)
+            seqs = (raw[:, 0] << 16) | (raw[:, 1] << 8) | raw[:, 2]
+            if seqs.max() >= num or np.bincount(seqs, minlength=num).max() != 1:
+                continue
+            if order is None:
+                order = [n[1:] for n in names]  # without the type letter, as the kernel sorts them
+            if all(order[a] <= order[b] for a, b in zip(seqs[:-1].tolist(), seqs[1:].tolist())):
+                return at
+    return None
+
+
+@dataclass(frozen=True)
+class KallsymsTables:
+    """Where each kallsyms table starts, as byte offsets into .rodata (None: this kernel
+    has no such table). kallsyms lists none of them, though tools that read kallsyms
+    from memory (Volatility's linux.kallsyms) look them up by name."""
+    num_syms: int
+    names: int
+    markers: int
+    token_table: int
+    token_index: int
+    offsets: int
+    relative_base: int | None
+    seqs_of_names: int | None
+    count: int  # symbols
+    marker_width: int  # bytes of kallsyms_num_syms and of each marker (4 since 4.20)
+    markers_count: int
+
+    def symbols(self, rodata_va: int) -> dict[str, tuple[int, str, int | None]]:
+        """The tables by their kernel names: (link-time address, C type of an element, number
+        of elements or None for a scalar), the types as kernel/kallsyms_internal.h declares them."""
+        width = "unsigned int" if self.marker_width == 4 else "long unsigned int"
+        where = {"kallsyms_num_syms": (self.num_syms, width, None),
+                 "kallsyms_names": (self.names, "unsigned char", self.markers - self.names),
+                 "kallsyms_markers": (self.markers, width, self.markers_count),
+                 "kallsyms_token_table": (self.token_table, "char", self.token_index - self.token_table),
+                 "kallsyms_token_index": (self.token_index, "short unsigned int", 256),
+                 "kallsyms_offsets": (self.offsets, "int", self.count),
+                 "kallsyms_relative_base": (self.relative_base, "long unsigned int", None),
+                 "kallsyms_seqs_of_names": (self.seqs_of_names, "unsigned char", 3 * self.count)}
+        return {name: (rodata_va + at, ctype, count) for name, (at, ctype, count) in where.items()
+                if at is not None}
+
+
+@dataclass(frozen=True)
+class Kallsyms:
+    symbols: list[Symbol]  # in kallsyms order
+    tables: KallsymsTables
+
+
 def read_kallsyms(rodata: bytes, absolute_percpu: bool = True, rodata_va: int | None = None,
-                  sections: dict[str, tuple[int, int]] | None = None) -> list[Symbol]:
+                  sections: dict[str, tuple[int, int]] | None = None) -> Kallsyms:
     """Every symbol of the kernel whose .rodata is `rodata` (mapped at `rodata_va`), in
-    kallsyms order. `sections`: (start, end) addresses of the image's .text and .data,
-    which the symbols _text and init_task must agree with; `absolute_percpu`
-    (CONFIG_KALLSYMS_ABSOLUTE_PERCPU) is tried first, the other mode too."""
+    kallsyms order, and where its tables are. `sections`: (start, end) addresses of the
+    image's .text and .data, which the symbols _text and init_task must agree with;
+    `absolute_percpu` (CONFIG_KALLSYMS_ABSOLUTE_PERCPU) is tried first, the other mode too."""
     try:
         table_start, tokens, index_pos = _token_table(rodata)
-        count_at, names_start, num = _names_and_markers(rodata, table_start, tokens)
-        raw = _expand(rodata, names_start, num, tokens)
-        addresses = _addresses(rodata, raw, count_at, index_pos, absolute_percpu, rodata_va, sections or {})
+        found = _names_and_markers(rodata, table_start, tokens)
+        raw = _expand(rodata, found.start, found.num, tokens)
+        addresses, layout = _addresses(rodata, raw, found.count_at, index_pos, absolute_percpu,
+                                       rodata_va, sections or {})
     except (struct.error, IndexError) as e:
         raise KallsymsError(f"the kallsyms tables are damaged ({e})") from None
-    return [Symbol(r[1:].decode("ascii", "replace"), int(a), chr(r[0]))
-            for r, a in zip(raw, addresses.tolist())]
+    offsets_end = layout.offsets + 4 * found.num
+    seqs = _seqs_of_names(rodata, raw, [found.markers_at + found.marker_width * found.groups, offsets_end]
+                          + ([layout.base + 8] if layout.base is not None else []))
+    tables = KallsymsTables(
+        num_syms=found.count_at, names=found.start, markers=found.markers_at, token_table=table_start,
+        token_index=index_pos, offsets=layout.offsets, relative_base=layout.base, seqs_of_names=seqs,
+        count=found.num, marker_width=found.marker_width, markers_count=found.groups)
+    symbols = [Symbol(r[1:].decode("ascii", "replace"), int(a), chr(r[0]))
+               for r, a in zip(raw, addresses.tolist())]
+    return Kallsyms(symbols, tables)

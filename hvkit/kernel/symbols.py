@@ -32,6 +32,9 @@ class KernelSymbols:
     addresses: dict[str, int]
     banner: str  # the text at linux_banner, e.g. "Linux version 6.1.0-56-cloud-amd64 (...) ...\n"
     private: dict[str, dict[str, int]] = field(default_factory=dict)  # private.WANTED, from BTF
+    # the kallsyms tables themselves (not listed in kallsyms): name -> (C type of an element,
+    # elements or None for a scalar); their addresses are in `addresses`
+    tables: dict[str, tuple[str, int | None]] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> int:
         try:
@@ -59,12 +62,17 @@ def _from_vmlinux(data: bytes, release: str, absolute_percpu: bool) -> KernelSym
     sections = {name: (s["sh_addr"], s["sh_addr"] + s["sh_size"])
                 for name in (".text", ".data") if (s := elf.get_section_by_name(name)) is not None}
     addresses: dict[str, int] = {}
-    for sym in read_kallsyms(rodata.data(), absolute_percpu, rodata["sh_addr"], sections):
+    kallsyms = read_kallsyms(rodata.data(), absolute_percpu, rodata["sh_addr"], sections)
+    for sym in kallsyms.symbols:
         addresses.setdefault(sym.name, sym.address)
+    tables = {}
+    for name, (address, ctype, count) in kallsyms.tables.symbols(rodata["sh_addr"]).items():
+        if addresses.setdefault(name, address) == address:  # a kernel that lists them agrees
+            tables[name] = (ctype, count)
     banner = _elf_bytes_at(elf, addresses["linux_banner"], 512).split(b"\0", 1)[0]
     if not banner.startswith(b"Linux version "):
         raise HvkitError("kallsyms gave a linux_banner that is not the banner; the tables are misread")
-    return KernelSymbols(release, addresses, banner.decode("ascii", "replace"), private_layouts(data))
+    return KernelSymbols(release, addresses, banner.decode("ascii", "replace"), private_layouts(data), tables)
 
 
 def _absolute_percpu(config: Path | None) -> bool:
@@ -74,7 +82,7 @@ def _absolute_percpu(config: Path | None) -> bool:
     return re.search(r"^CONFIG_KALLSYMS_ABSOLUTE_PERCPU=y", config.read_text(), re.M) is not None
 
 
-SYMBOLS_FORMAT = 2  # what a cached file holds (2: private structures too); part of its name
+SYMBOLS_FORMAT = 3  # what a cached file holds (2: private structures too, 3: the kallsyms tables); part of its name
 
 
 def load_symbols(kernel: str | Path, cache: Path, config: Path | None = None) -> KernelSymbols:
@@ -85,12 +93,14 @@ def load_symbols(kernel: str | Path, cache: Path, config: Path | None = None) ->
     cached = cache / "symbols" / f"{image.release}-{digest}-{SYMBOLS_FORMAT}.json"
     if cached.exists():
         data = json.loads(cached.read_text())
-        return KernelSymbols(data["release"], data["addresses"], data["banner"], data["private"])
+        return KernelSymbols(data["release"], data["addresses"], data["banner"], data["private"],
+                             {name: tuple(t) for name, t in data["tables"].items()})
     elf = extract_vmlinux(kernel) if image.format == "bzImage" else kernel.read_bytes()
     symbols = _from_vmlinux(elf, image.release, _absolute_percpu(config))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps({"release": symbols.release, "banner": symbols.banner,
-                               "addresses": symbols.addresses, "private": symbols.private}))
+                               "addresses": symbols.addresses, "private": symbols.private,
+                               "tables": symbols.tables}))
     tmp.replace(cached)
     return symbols
