@@ -1,0 +1,145 @@
+"""Guest RAM private to QEMU (a forked VM's private mapping of its memory-server snapshot,
+anonymous RAM): which of its pages QEMU holds, and dropping them with an madvise run
+inside QEMU (inject.py). No hole can be punched for them: no file holds them.
+
+What a dropped page reads as depends on the mapping, and decides which guests may share:
+- anonymous memory: zeros, as a hole of a RAM file;
+- a private mapping of a file (the snapshot): *the file's page* again, not zeros. A guest
+  kernel that counts on free pages being zero (init_on_free: it then skips zeroing
+  __GFP_ZERO allocations) would get the snapshot's old data: such a guest is refused.
+Only the pages QEMU holds privately are counted and dropped (present or swapped, not a
+page of the file itself: those are the page cache's, shared with every other child).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hvkit.introspect import KernelSpace
+from hvkit.memory import PAGE_SIZE
+from hvkit.memory.process import Mapping, ProcessMemory, process_mappings
+from hvkit.sharing.freepages import ShareRefused
+from hvkit.sharing.inject import Injector, InjectionError, ptrace_scope
+
+PRESENT, SWAPPED, FILE_OR_SHARED = 1 << 63, 1 << 62, 1 << 61
+MADVISE_CHUNK = 64 << 20  # bytes per injected madvise at most: the deadline is checked between calls
+
+
+def check_may_trace(name: str) -> None:
+    """Refuses at once, with what to do, where no ptrace attach can succeed."""
+    scope = ptrace_scope()
+    if scope == 3:
+        raise ShareRefused(f"VM {name!r} keeps its RAM inside QEMU, and dropping it needs ptrace, which this "
+                           "kernel forbids (kernel.yama.ptrace_scope=3, kept until reboot)",
+                           "give it RAM in a shared file ('hvkit vm start' does)")
+    if scope in (1, 2) and os.geteuid() != 0:
+        raise ShareRefused(f"VM {name!r} keeps its RAM inside QEMU, and dropping it needs ptrace, which "
+                           f"kernel.yama.ptrace_scope={scope} allows only to root", "run hvkit as root")
+
+
+def init_on_free(ks: KernelSpace) -> bool:
+    """Does the guest kernel zero pages when it frees them (init_on_free=1)? The static
+    key's count (an atomic_t, first in the struct) says so."""
+    if "init_on_free" not in ks.symbols:
+        return False
+    return struct.unpack("<i", ks.read(ks.symbol_va("init_on_free"), 4))[0] > 0
+
+
+@dataclass
+class PrivateRam:
+    """The mapping of guest RAM inside QEMU process `memory.pid`, for sharing."""
+
+    memory: ProcessMemory
+    mapping: Mapping
+
+    @classmethod
+    def of(cls, memory: ProcessMemory) -> "PrivateRam":
+        found = [m for m in process_mappings(memory.pid) if m.start <= memory.host_start < m.end]
+        if not found:
+            raise ShareRefused(f"QEMU process {memory.pid} no longer maps guest RAM at {memory.host_start:#x}")
+        ram = cls(memory, found[0])
+        page = ram.kernel_page_size()
+        if ram.mapping.path.startswith("/anon_hugepage") or page != 4:
+            raise ShareRefused(f"the RAM of QEMU process {memory.pid} is on huge pages ({page} KiB)",
+                               "a huge page cannot be given back for one free 4 KiB page")
+        return ram
+
+    @property
+    def anonymous(self) -> bool:
+        """Anonymous memory (a dropped page reads as zeros), not a private file mapping."""
+        return self.mapping.path == ""
+
+    def kernel_page_size(self) -> int:
+        """KiB per page of the mapping, from /proc/<pid>/smaps."""
+        text = Path(f"/proc/{self.memory.pid}/smaps").read_text()
+        head = f"{self.mapping.start:x}-{self.mapping.end:x} "
+        at = text.find(head)
+        found = re.search(r"^KernelPageSize:\s+(\d+) kB", text[at:], re.M) if at >= 0 else None
+        return int(found.group(1)) if found else 4
+
+    def check_guest(self, ks: KernelSpace) -> None:
+        """Refuses a guest that would read a dropped page wrongly (see the module)."""
+        if not self.anonymous and init_on_free(ks):
+            raise ShareRefused("the guest zeroes its free pages (init_on_free=1) and its RAM is a private "
+                               f"mapping of {self.mapping.path}: a dropped page would read as that file's "
+                               "old page, not zeros", "boot it without init_on_free")
+
+    def backed(self, pages: int) -> np.ndarray:
+        """Per page frame below `pages`: does QEMU hold a page of its own for it (present
+        or swapped, and not the file's page)? From /proc/<pid>/pagemap."""
+        out = np.zeros(pages, bool)
+        fd = os.open(f"/proc/{self.memory.pid}/pagemap", os.O_RDONLY)
+        try:
+            for r in self.memory.ranges:
+                first, end = r.gpa // PAGE_SIZE, min(r.end // PAGE_SIZE, pages)
+                if end <= first:
+                    continue
+                raw = os.pread(fd, (end - first) * 8, r.offset // PAGE_SIZE * 8)
+                entry = np.frombuffer(raw, dtype="<u8")
+                held = (entry & np.uint64(PRESENT | SWAPPED)) != 0
+                own = (entry & np.uint64(FILE_OR_SHARED)) == 0
+                out[first : first + entry.size] = held & own
+        finally:
+            os.close(fd)
+        return out
+
+    def host_ranges(self, pfns: np.ndarray, counts: np.ndarray) -> list[tuple[int, int]]:
+        """(host address, bytes) in QEMU of the page runs [pfns[i], pfns[i] + counts[i]),
+        split where guest RAM is split, in pieces of at most MADVISE_CHUNK."""
+        out = []
+        for r in self.memory.ranges:
+            first, end = r.gpa // PAGE_SIZE, r.end // PAGE_SIZE
+            lo, hi = np.maximum(pfns, first), np.minimum(pfns + counts, end)
+            keep = hi > lo
+            addresses = (lo[keep] - first) * PAGE_SIZE + r.offset
+            for address, length in zip(addresses.tolist(), ((hi[keep] - lo[keep]) * PAGE_SIZE).tolist()):
+                out += [(at, min(MADVISE_CHUNK, address + length - at))
+                        for at in range(address, address + length, MADVISE_CHUNK)]
+        return out
+
+    def discard(self, pfns: np.ndarray, counts: np.ndarray, deadline: float | None = None) -> int:
+        """Drops QEMU's pages of the runs (as RamFileMemory.discard punches holes): one
+        madvise per run injected into QEMU's main thread, none once time.monotonic()
+        passes `deadline`. Returns the pages dropped."""
+        ranges = self.host_ranges(pfns, counts)
+        if not ranges:
+            return 0
+        done = 0
+        with Injector(self.memory.pid) as injector:
+            injector.seize(deadline)
+            for address, length in ranges:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                result = injector.madvise(address, length)
+                if result != 0:
+                    raise InjectionError(f"madvise inside QEMU process {self.memory.pid} failed: "
+                                         f"{os.strerror(-result)}")
+                done += length // PAGE_SIZE
+        return done
