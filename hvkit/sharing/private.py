@@ -28,8 +28,27 @@ from hvkit.memory.process import Mapping, ProcessMemory, process_mappings
 from hvkit.sharing.freepages import ShareRefused
 from hvkit.sharing.inject import Injector, InjectionError, ptrace_scope
 
-PRESENT, SWAPPED, FILE_OR_SHARED = 1 << 63, 1 << 62, 1 << 61
+PRESENT, SWAPPED, FILE_OR_SHARED = 1 << 63, 1 << 62, 1 << 61  # bits of a /proc/<pid>/pagemap entry
+PFN_MASK = (1 << 55) - 1
+KPF_THP = 1 << 22  # /proc/kpageflags: part of a transparent huge page
+HUGE_PAGES = 512  # 4 KiB pages per 2 MiB huge page
 MADVISE_CHUNK = 64 << 20  # bytes per injected madvise at most: the deadline is checked between calls
+
+
+def _own(entries: np.ndarray) -> np.ndarray:
+    """Pagemap entries of pages the process holds itself: present or swapped, and not a
+    page of the file it maps (the page cache's, shared with others)."""
+    held = (entries & np.uint64(PRESENT | SWAPPED)) != 0
+    return held & ((entries & np.uint64(FILE_OR_SHARED)) == 0)
+
+
+def _is_huge(kpageflags: int, pfn: int) -> bool:
+    """Is host page frame `pfn` part of a transparent huge page (/proc/kpageflags, root)?
+    Unknown (no frame number: not root) counts as huge: then only whole blocks go."""
+    if pfn == 0:
+        return True
+    raw = os.pread(kpageflags, 8, pfn * 8)
+    return len(raw) < 8 or bool(struct.unpack("<Q", raw)[0] & KPF_THP)
 
 
 def check_may_trace(name: str) -> None:
@@ -91,10 +110,11 @@ class PrivateRam:
                                f"mapping of {self.mapping.path}: a dropped page would read as that file's "
                                "old page, not zeros", "boot it without init_on_free")
 
-    def backed(self, pages: int) -> np.ndarray:
-        """Per page frame below `pages`: does QEMU hold a page of its own for it (present
-        or swapped, and not the file's page)? From /proc/<pid>/pagemap."""
-        out = np.zeros(pages, bool)
+    def page_map(self, pages: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per page frame below `pages`: its /proc/<pid>/pagemap entry (0 where no RAM
+        is) and its host-virtual page number in QEMU (-1 where no RAM is)."""
+        entries = np.zeros(pages, np.uint64)
+        vpn = np.full(pages, -1, np.int64)
         fd = os.open(f"/proc/{self.memory.pid}/pagemap", os.O_RDONLY)
         try:
             for r in self.memory.ranges:
@@ -103,11 +123,40 @@ class PrivateRam:
                     continue
                 raw = os.pread(fd, (end - first) * 8, r.offset // PAGE_SIZE * 8)
                 entry = np.frombuffer(raw, dtype="<u8")
-                held = (entry & np.uint64(PRESENT | SWAPPED)) != 0
-                own = (entry & np.uint64(FILE_OR_SHARED)) == 0
-                out[first : first + entry.size] = held & own
+                entries[first : first + entry.size] = entry
+                vpn[first : first + entry.size] = r.offset // PAGE_SIZE + np.arange(entry.size)
         finally:
             os.close(fd)
+        return entries, vpn
+
+    def backed(self, pages: int) -> np.ndarray:
+        """Per page frame below `pages`: does QEMU hold a page of its own for it (present
+        or swapped, and not the file's page)? Pages of a transparent huge page count
+        only where all of its pages QEMU holds can go (see `whole_huge_pages`)."""
+        entries, _ = self.page_map(pages)
+        return _own(entries)
+
+    def droppable(self, release: np.ndarray) -> np.ndarray:
+        """`release` without the pages of transparent huge pages that would only be
+        split, not freed: dropping part of a huge page unmaps it, but the kernel frees
+        its memory only when it splits the page later, under memory pressure (so the
+        host would gain nothing now). A 2 MiB block QEMU holds as a huge page goes as a
+        whole, when every page of it that QEMU holds is free, or not at all."""
+        entries, vpn = self.page_map(release.size)
+        held = _own(entries)
+        release = release & held
+        block = np.where(vpn >= 0, vpn // HUGE_PAGES, -1)
+        partial = np.unique(block[release])
+        partial = partial[partial >= 0]
+        out = release.copy()
+        with open("/proc/kpageflags", "rb", buffering=0) as flags:
+            for b in partial.tolist():
+                pages = np.flatnonzero(block == b)
+                if (release[pages] == held[pages]).all():
+                    continue  # all of it goes: a huge page there is freed whole
+                present = pages[(entries[pages] & np.uint64(PRESENT)) != 0]
+                if present.size and _is_huge(flags.fileno(), int(entries[present[0]]) & PFN_MASK):
+                    out[pages] = False
         return out
 
     def host_ranges(self, pfns: np.ndarray, counts: np.ndarray) -> list[tuple[int, int]]:

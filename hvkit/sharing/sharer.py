@@ -136,6 +136,8 @@ class Sharer:
                 ram = PrivateRam.of(guest.memory)
                 ram.check_guest(guest.kernel)
             free, release = free_pages_to_release(guest, ram)
+            if isinstance(ram, PrivateRam):
+                release = ram.droppable(release)
             starts, lengths = runs_of(release)
             punched = 0
             if not dry_run and starts.size:
