@@ -60,6 +60,18 @@ class InjectionError(HvkitError):
     """The system call could not be run inside QEMU; the message says why."""
 
 
+def probe_trace(pid: int) -> None:
+    """Raises InjectionError (with what to do) unless this process may trace QEMU
+    process `pid`: seizes its main thread, stops it a moment and lets it go, changing
+    nothing (a kill meanwhile detaches it as it was)."""
+    injector = Injector(pid)
+    try:
+        injector.attach()
+        injector._stop()
+    finally:
+        injector.release()
+
+
 class UserRegs(ctypes.Structure):
     """struct user_regs_struct of x86-64 (<sys/user.h>), in its order."""
 
@@ -194,16 +206,20 @@ class Injector:
 
     # -- the steps ------------------------------------------------------------------------
 
-    def seize(self, deadline: float | None = None) -> None:
-        """Steps 1 and 2: the thread stopped in its poll, its registers saved."""
+    def attach(self) -> None:
+        """PTRACE_SEIZE (the thread runs on until interrupted)."""
         try:
             self._ptrace(PTRACE_SEIZE, 0, PTRACE_O_TRACESYSGOOD)
         except OSError as e:
             if e.errno == 3:  # ESRCH
                 raise InjectionError(f"QEMU process {self.pid} is gone") from None
-            raise InjectionError(f"may not trace QEMU process {self.pid} ({e.strerror}), which dropping its "
-                                 "private guest RAM needs", _denied_hint(self.pid)) from None
+            raise InjectionError(f"may not trace QEMU process {self.pid} ({e.strerror})",
+                                 _denied_hint(self.pid)) from None
         self._seized = True
+
+    def seize(self, deadline: float | None = None) -> None:
+        """Steps 1 and 2: the thread stopped in its poll, its registers saved."""
+        self.attach()
         for _ in range(STOP_TRIES):
             self._stop()
             regs = self._regs()

@@ -26,7 +26,7 @@ from hvkit.introspect import KernelSpace
 from hvkit.memory import PAGE_SIZE
 from hvkit.memory.process import Mapping, ProcessMemory, process_mappings
 from hvkit.sharing.freepages import ShareRefused
-from hvkit.sharing.inject import Injector, InjectionError, ptrace_scope
+from hvkit.sharing.inject import Injector, InjectionError, probe_trace, ptrace_scope
 
 PRESENT, SWAPPED, FILE_OR_SHARED = 1 << 63, 1 << 62, 1 << 61  # bits of a /proc/<pid>/pagemap entry
 PFN_MASK = (1 << 55) - 1
@@ -51,8 +51,9 @@ def _is_huge(kpageflags: int, pfn: int) -> bool:
     return len(raw) < 8 or bool(struct.unpack("<Q", raw)[0] & KPF_THP)
 
 
-def check_may_trace(name: str) -> None:
-    """Refuses at once, with what to do, where no ptrace attach can succeed."""
+def check_may_trace(name: str, pid: int | None) -> None:
+    """Refuses at once, with what to do, where hvkit may not ptrace QEMU: Yama's scope
+    read first, then an attach tried (and let go at once)."""
     scope = ptrace_scope()
     if scope == 3:
         raise ShareRefused(f"VM {name!r} keeps its RAM inside QEMU, and dropping it needs ptrace, which this "
@@ -61,6 +62,12 @@ def check_may_trace(name: str) -> None:
     if scope in (1, 2) and os.geteuid() != 0:
         raise ShareRefused(f"VM {name!r} keeps its RAM inside QEMU, and dropping it needs ptrace, which "
                            f"kernel.yama.ptrace_scope={scope} allows only to root", "run hvkit as root")
+    if pid is not None:
+        try:
+            probe_trace(pid)
+        except InjectionError as e:
+            raise ShareRefused(f"VM {name!r} keeps its RAM inside QEMU, and dropping it needs ptrace: {e.message}",
+                               e.hint) from None
 
 
 def init_on_free(ks: KernelSpace) -> bool:

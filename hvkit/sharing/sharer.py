@@ -72,7 +72,7 @@ def check_vm_ram(vm: VM) -> None:
     QEMU (a forked VM's snapshot, anonymous memory) where this user may not ptrace it
     (private.py checks its mapping once the VM is paused)."""
     if vm.spec.ram in PRIVATE_RAM:
-        check_may_trace(vm.name)
+        check_may_trace(vm.name, vm.pid)
         return
     if vm.spec.ram != "file":
         raise ShareRefused(f"VM {vm.name!r} has RAM of a kind hvkit does not know ({vm.spec.ram!r})",
