@@ -107,6 +107,7 @@ class Sharer:
             check_vm_ram(self.vm)
             self.checked_pid = self.vm.pid
             self.knowledge = load_kernel_knowledge(Path(self.vm.spec.kernel), None, self.paths)
+        self.vm.reload_spec()  # a fork restarts its VM in a new QEMU, its RAM then private
         before = self.vm.host_memory()
         first: dict = {}
         given, pauses, longest = 0, 0, 0.0
