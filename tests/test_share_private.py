@@ -40,10 +40,10 @@ STEPS = ["share:seized", "share:injected", "share:entered", "share:dropped", "sh
 
 
 def touch_free_memory(vm: VM) -> None:
-    """Has the guest allocate all but 16 MiB of its free memory and free it again: QEMU
+    """Has the guest allocate all but 12 MiB of its free memory and free it again: QEMU
     then holds pages of its own (a child: copies of the snapshot's) for what is free."""
     truth, _ = frozen_ground_truth(vm, lambda: None)
-    mib = truth.meminfo["MemFree"] // (1 << 20) - 16
+    mib = truth.meminfo["MemFree"] // (1 << 20) - 12
     start = len(vm.console())
     request(vm, f"run alloc {mib}", until="HVKIT-RUNNING alloc")
     vm.wait_for_console(rf"HVKIT-ALLOC done mib={mib}", timeout=180, after=start)
