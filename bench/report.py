@@ -283,11 +283,11 @@ def render_share_private(results: Path, docs: Path) -> str:
                     f"{r['rss_before'] / MiB:.0f} / {r['rss_after'] / MiB:.0f} MiB",
                     f"{r['pss_before'] / MiB:.0f} / {r['pss_after'] / MiB:.0f} MiB",
                     f"{r['mem_available_gain'] / MiB:+.0f} MiB", f"{r['dropped_pages']:,} in {r['runs']} runs",
-                    f"{r['longest_pause_s'] * 1000:.0f} ms ({r['pauses']})"])
+                    f"{r['in_pause_s'] * 1000:.0f} ms"])
     return (f"Guests of {data['memory']}, kernel {data['kernel']}, each after allocating all its free memory but "
             "12 MiB and freeing it; one `hvkit share` each:\n\n"
             + table(["VM", "MemFree", "given back (of MemFree)", "QEMU RSS before / after",
-                     "QEMU PSS before / after", "host MemAvailable", "pages dropped", "longest pause (pauses)"], out)
+                     "QEMU PSS before / after", "host MemAvailable", "pages dropped", "identify + drop, paused"], out)
             + "\n\n" + conditions(data, "share"))
 
 

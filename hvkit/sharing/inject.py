@@ -173,6 +173,7 @@ class Injector:
         self.pending: list[int] = []  # signals that arrived while it was ours, sent again at the end
         self.calls = 0
         self.moved = False  # whether it ran since it was seized
+        self.stopped = False  # in a ptrace stop now (only then may it be detached)
         self._seized = False
 
     # -- ptrace ---------------------------------------------------------------------
@@ -182,6 +183,8 @@ class Injector:
         if ret == -1:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+        if request in (PTRACE_CONT, PTRACE_SYSCALL):
+            self.stopped = False
         return ret
 
     def _wait(self) -> _Stop:
@@ -190,6 +193,7 @@ class Injector:
         if not stop.stopped:
             self._seized = False
             raise InjectionError(f"QEMU process {self.pid} ended while hvkit ran madvise in it")
+        self.stopped = True
         return stop
 
     def _regs(self) -> UserRegs:
@@ -299,6 +303,8 @@ class Injector:
         if not self._seized:
             return
         try:
+            if not self.stopped:  # let go while busy (seize gave up): stopped first, as detaching needs
+                self._stop()
             if self.saved is not None:
                 if self.moved:  # it left the interrupt stop it was seized in
                     self._ptrace(PTRACE_INTERRUPT)  # taken as soon as it runs: before user mode

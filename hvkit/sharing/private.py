@@ -14,10 +14,9 @@ page of the file itself: those are the page cache's, shared with every other chi
 from __future__ import annotations
 
 import os
-import re
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import numpy as np
 from hvkit.introspect import KernelSpace
 from hvkit.memory import PAGE_SIZE
 from hvkit.memory.process import Mapping, ProcessMemory, process_mappings
-from hvkit.sharing.freepages import ShareRefused
+from hvkit.sharing.freepages import ShareRefused, runs_of
 from hvkit.sharing.inject import Injector, InjectionError, probe_trace, ptrace_scope
 
 PRESENT, SWAPPED, FILE_OR_SHARED = 1 << 63, 1 << 62, 1 << 61  # bits of a /proc/<pid>/pagemap entry
@@ -33,6 +32,18 @@ PFN_MASK = (1 << 55) - 1
 KPF_THP = 1 << 22  # /proc/kpageflags: part of a transparent huge page
 HUGE_PAGES = 512  # 4 KiB pages per 2 MiB huge page
 MADVISE_CHUNK = 64 << 20  # bytes per injected madvise at most: the deadline is checked between calls
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the file system holding `path` (from /proc/self/mountinfo)."""
+    path = Path(path).resolve()
+    best, fstype = -1, "unknown"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        mount_point = left.split()[4].replace("\\040", " ")
+        if (path == Path(mount_point) or Path(mount_point) in path.parents) and len(mount_point) > best:
+            best, fstype = len(mount_point), right.split()[0]
+    return fstype
 
 
 def _own(entries: np.ndarray) -> np.ndarray:
@@ -84,6 +95,9 @@ class PrivateRam:
 
     memory: ProcessMemory
     mapping: Mapping
+    _entries: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # pagemap of the last `backed`
+    _vpn: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    _release_sum: np.ndarray | None = None  # running count of the last `plan`'s release
 
     @classmethod
     def of(cls, memory: ProcessMemory) -> "PrivateRam":
@@ -91,9 +105,8 @@ class PrivateRam:
         if not found:
             raise ShareRefused(f"QEMU process {memory.pid} no longer maps guest RAM at {memory.host_start:#x}")
         ram = cls(memory, found[0])
-        page = ram.kernel_page_size()
-        if ram.mapping.path.startswith("/anon_hugepage") or page != 4:
-            raise ShareRefused(f"the RAM of QEMU process {memory.pid} is on huge pages ({page} KiB)",
+        if ram.on_hugetlbfs():
+            raise ShareRefused(f"the RAM of QEMU process {memory.pid} is on huge pages ({ram.mapping.path})",
                                "a huge page cannot be given back for one free 4 KiB page")
         return ram
 
@@ -102,13 +115,11 @@ class PrivateRam:
         """Anonymous memory (a dropped page reads as zeros), not a private file mapping."""
         return self.mapping.path == ""
 
-    def kernel_page_size(self) -> int:
-        """KiB per page of the mapping, from /proc/<pid>/smaps."""
-        text = Path(f"/proc/{self.memory.pid}/smaps").read_text()
-        head = f"{self.mapping.start:x}-{self.mapping.end:x} "
-        at = text.find(head)
-        found = re.search(r"^KernelPageSize:\s+(\d+) kB", text[at:], re.M) if at >= 0 else None
-        return int(found.group(1)) if found else 4
+    def on_hugetlbfs(self) -> bool:
+        """hugetlbfs memory: anonymous (shown as /anon_hugepage) or a file on hugetlbfs
+        (not /proc/<pid>/smaps: reading all of QEMU's would cost tens of ms of pause)."""
+        path = self.mapping.path
+        return path.startswith("/anon_hugepage") or (path.startswith("/") and filesystem_of(path) == "hugetlbfs")
 
     def check_guest(self, ks: KernelSpace) -> None:
         """Refuses a guest that would read a dropped page wrongly (see the module)."""
@@ -140,8 +151,8 @@ class PrivateRam:
         """Per page frame below `pages`: does QEMU hold a page of its own for it (present
         or swapped, and not the file's page)? Pages of a transparent huge page count
         only where all of its pages QEMU holds can go (see `whole_huge_pages`)."""
-        entries, _ = self.page_map(pages)
-        return _own(entries)
+        self._entries, self._vpn = self.page_map(pages)
+        return _own(self._entries)
 
     def droppable(self, release: np.ndarray) -> np.ndarray:
         """`release` without the pages of transparent huge pages that would only be
@@ -149,7 +160,9 @@ class PrivateRam:
         its memory only when it splits the page later, under memory pressure (so the
         host would gain nothing now). A 2 MiB block QEMU holds as a huge page goes as a
         whole, when every page of it that QEMU holds is free, or not at all."""
-        entries, vpn = self.page_map(release.size)
+        if not self.anonymous:
+            return release  # a private file mapping: the pages QEMU writes are small ones
+        entries, vpn = self._entries[: release.size], self._vpn[: release.size]
         held = _own(entries)
         release = release & held
         block = np.where(vpn >= 0, vpn // HUGE_PAGES, -1)
@@ -165,6 +178,22 @@ class PrivateRam:
                 if present.size and _is_huge(flags.fileno(), int(entries[present[0]]) & PFN_MASK):
                     out[pages] = False
         return out
+
+    def plan(self, release: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The runs to drop for the pages of `release` (after `backed`): runs of free pages
+        joined across pages QEMU holds nothing of its own for (none: nothing to drop; a
+        page of the file: unmapped, it reads as the same file page again), so one call
+        covers what would take many: each call costs QEMU's thread two ptrace stops. A
+        run starts and ends on a page of `release`; `discard` then counts only those."""
+        pages = np.flatnonzero(release)
+        self._release_sum = np.concatenate(([0], np.cumsum(release, dtype=np.int64)))
+        if not pages.size:
+            return pages, pages
+        starts, lengths = runs_of(release | ~_own(self._entries[: release.size]))
+        firsts = pages[np.minimum(np.searchsorted(pages, starts), pages.size - 1)]
+        lasts = pages[np.maximum(np.searchsorted(pages, starts + lengths) - 1, 0)]
+        keep = (firsts >= starts) & (firsts < starts + lengths)
+        return firsts[keep], (lasts - firsts + 1)[keep]
 
     def host_ranges(self, pfns: np.ndarray, counts: np.ndarray) -> list[tuple[int, int]]:
         """(host address, bytes) in QEMU of the page runs [pfns[i], pfns[i] + counts[i]),
@@ -197,5 +226,17 @@ class PrivateRam:
                 if result != 0:
                     raise InjectionError(f"madvise inside QEMU process {self.memory.pid} failed: "
                                          f"{os.strerror(-result)}")
-                done += length // PAGE_SIZE
+                done += self._counted(address, length)
         return done
+
+    def _counted(self, address: int, length: int) -> int:
+        """Pages of the last `plan`'s release among those of a host range dropped (all of
+        them when there was no plan)."""
+        if self._release_sum is None:
+            return length // PAGE_SIZE
+        for r in self.memory.ranges:
+            if r.offset <= address < r.offset + r.size:
+                first = r.gpa // PAGE_SIZE + (address - r.offset) // PAGE_SIZE
+                end = min(first + length // PAGE_SIZE, self._release_sum.size - 1)
+                return int(self._release_sum[end] - self._release_sum[first])
+        return 0

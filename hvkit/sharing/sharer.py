@@ -22,10 +22,10 @@ from pathlib import Path
 
 from hvkit.config import Paths
 from hvkit.introspect.source import KernelKnowledge, load_kernel_knowledge, open_guest
-from hvkit.qemu import VM
 from hvkit.memory.process import ProcessMemory
+from hvkit.qemu import VM
 from hvkit.sharing.freepages import ShareRefused, free_pages_to_release, runs_of
-from hvkit.sharing.private import PrivateRam, check_may_trace
+from hvkit.sharing.private import PrivateRam, check_may_trace, filesystem_of
 
 SHARED_FILE_HINT = ("give it RAM in a shared file: 'hvkit vm start' does; plain QEMU: -object "
                     "memory-backend-file,id=pc.ram,size=SIZE,mem-path=/dev/shm/NAME,share=on -machine "
@@ -52,18 +52,6 @@ class ShareResult:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def filesystem_of(path: Path) -> str:
-    """The type of the file system holding `path` (from /proc/self/mountinfo)."""
-    path = Path(path).resolve()
-    best, fstype = -1, "unknown"
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        mount_point = left.split()[4].replace("\\040", " ")
-        if (path == Path(mount_point) or Path(mount_point) in path.parents) and len(mount_point) > best:
-            best, fstype = len(mount_point), right.split()[0]
-    return fstype
 
 
 def check_vm_ram(vm: VM) -> None:
@@ -139,7 +127,9 @@ class Sharer:
             free, release = free_pages_to_release(guest, ram)
             if isinstance(ram, PrivateRam):
                 release = ram.droppable(release)
-            starts, lengths = runs_of(release)
+                starts, lengths = ram.plan(release)
+            else:
+                starts, lengths = runs_of(release)
             punched = 0
             if not dry_run and starts.size:
                 # leave a tenth of the budget for resuming
