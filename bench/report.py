@@ -273,9 +273,28 @@ def render_hypercall(results: Path, docs: Path) -> str:
             + "\n\n" + conditions(data, "hypercall"))
 
 
+def render_share_private(results: Path, docs: Path) -> str:
+    data = load(results, "share-private")  # `bench/share.py --arms '' --no-page-cache --private`
+    out = []
+    for r in data["rows"]:
+        given = r["host_before"] - r["host_after"]
+        out.append([r["kind"], f"{r['guest_memfree'] / MiB:.0f} MiB",
+                    f"{given / MiB:.0f} MiB ({100 * r['given_back_share_of_memfree']:.0f}%)",
+                    f"{r['rss_before'] / MiB:.0f} / {r['rss_after'] / MiB:.0f} MiB",
+                    f"{r['pss_before'] / MiB:.0f} / {r['pss_after'] / MiB:.0f} MiB",
+                    f"{r['mem_available_gain'] / MiB:+.0f} MiB", f"{r['dropped_pages']:,} in {r['runs']} runs",
+                    f"{r['in_pause_s'] * 1000:.0f} ms"])
+    return (f"Guests of {data['memory']}, kernel {data['kernel']}, each after allocating all its free memory but "
+            "12 MiB and freeing it; one `hvkit share` each:\n\n"
+            + table(["VM", "MemFree", "given back (of MemFree)", "QEMU RSS before / after",
+                     "QEMU PSS before / after", "host MemAvailable", "pages dropped", "identify + drop, paused"], out)
+            + "\n\n" + conditions(data, "share"))
+
+
 RENDERERS: dict[str, Callable[[Path, Path], str]] = {
     "fork": render_fork, "fork-image": render_fork_image, "share": render_share,
-    "share-page-cache": render_share_cache, "identify": render_identify, "isf": render_isf,
+    "share-page-cache": render_share_cache, "share-private": render_share_private,
+    "identify": render_identify, "isf": render_isf,
     "hypercall": render_hypercall,
 }
 

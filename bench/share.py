@@ -32,6 +32,15 @@ page reporting is given --settle seconds. Reported: the guest's MemFree and Cach
 given back: hvkit (and page reporting) give back free pages only, so the row shows how
 little is left when the page cache has taken the memory. One VM at a time.
 
+RAM private to QEMU (--private, issue 22; its own JSON, --private-json): a default guest
+forked into one child, then a guest with anonymous RAM (--private-memory each); each
+allocates all its free memory but 12 MiB and frees it, then one share (an madvise
+injected into QEMU over ptrace). Reported: the guest's MemFree (frozen ground truth),
+QEMU's own pages of guest RAM, RSS and PSS before and after, the host's MemAvailable
+gain (other jobs move it too), pages dropped, runs, and the time the share held the VM
+paused for (identify + drop; the guest is paused by the ground-truth freeze meanwhile).
+    .venv/bin/python bench/share.py --arms '' --no-page-cache --private
+
 Targets (issue 6): 90% of MemFree of a 1 GiB guest back within 1 s with the guest
 paused at most 100 ms; at least 2x what page reporting gives back on fragmented
 memory; fewer CPU seconds per GiB than KSM.
@@ -58,7 +67,7 @@ from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's
 from hvkit.cli.pictures import timeline_picture  # noqa: E402
 from hvkit.config import Paths  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
-from hvkit.guest.control import ground_truth, request  # noqa: E402
+from hvkit.guest.control import frozen_ground_truth, ground_truth, request  # noqa: E402
 from hvkit.qemu import VM, start_vm  # noqa: E402
 from hvkit.sharing import Sharer  # noqa: E402
 
@@ -312,6 +321,85 @@ def print_page_cache(rows: list[dict], args) -> None:
           "one guest at a time on a shared 2-core TCG host: noisy)")
 
 
+def host_mem_available() -> int:
+    return int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()
+                    if l.startswith("MemAvailable:"))) * 1024
+
+
+def rss_pss(pid: int) -> tuple[int, int]:
+    """RSS and PSS of a whole QEMU process, in bytes (/proc/<pid>/smaps_rollup)."""
+    kb = dict(line.split()[:2] for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return int(kb["Rss:"]) * 1024, int(kb["Pss:"]) * 1024
+
+
+def touch_and_share(vm: VM, paths: Paths, kind: str) -> dict:
+    """The guest allocates all but 12 MiB of its free memory and frees it; then one
+    `hvkit share` under a frozen ground truth: the guest's MemFree at that moment, QEMU's
+    RSS/PSS and the host's MemAvailable just before and just after, in the same pause."""
+    truth, _ = frozen_ground_truth(vm, lambda: None)
+    mib = truth.meminfo["MemFree"] // MiB - 12
+    start = len(vm.console())
+    request(vm, f"run alloc {mib}", until="HVKIT-RUNNING alloc")
+    vm.wait_for_console(rf"HVKIT-ALLOC done mib={mib}", timeout=600, after=start)
+    vm.reload_spec()
+    sharer = Sharer(vm, paths)
+    sharer.share(dry_run=True)  # symbols, layout and the ptrace probe loaded before the frozen moment
+    seen: dict = {}
+
+    def share() -> None:
+        seen["before"] = (vm.host_memory(), *rss_pss(vm.pid), host_mem_available())
+        t = time.monotonic()
+        seen["result"] = sharer.share()
+        seen["in_pause_s"] = time.monotonic() - t  # identify + drop: what hvkit's own pause holds
+        time.sleep(0.5)  # let the host account for what it freed
+        seen["after"] = (vm.host_memory(), *rss_pss(vm.pid), host_mem_available())
+
+    truth, _ = frozen_ground_truth(vm, share)
+    r, before, after = seen["result"], seen["before"], seen["after"]
+    return {"kind": kind, "vm": vm.name, "ram": vm.spec.ram, "guest_memfree": truth.meminfo["MemFree"],
+            "touched_mib": mib, "free_pages": r.free_pages, "dropped_pages": r.given_pages, "runs": r.runs,
+            "pauses": r.pauses, "in_pause_s": seen["in_pause_s"], "seconds": r.seconds,
+            "host_before": before[0], "host_after": after[0], "rss_before": before[1], "rss_after": after[1],
+            "pss_before": before[2], "pss_after": after[2], "mem_available_gain": after[3] - before[3],
+            "given_back_share_of_memfree": (before[0] - after[0]) / max(truth.meminfo["MemFree"], 1),
+            "loadavg": os.getloadavg()}
+
+
+def run_private(args, paths: Paths) -> list[dict]:
+    """RAM private to QEMU (issue 22): a VM forked into one child (both then map their
+    snapshot privately) and a VM with anonymous RAM; one share each (touch_and_share)."""
+    from hvkit.forking.forker import fork
+    from hvkit.qemu import find_vm
+
+    rows = []
+    with start_vm(f"{args.vm_prefix}-priv", memory=args.private_memory, workload="idle", paths=paths) as vm:
+        fork(vm.name, 1, paths)
+        child = find_vm(f"{vm.name}-1", paths)
+        try:
+            rows.append(touch_and_share(find_vm(vm.name, paths), paths, "forked VM"))
+            rows.append(touch_and_share(child, paths, "fork child"))
+        finally:
+            child.stop()
+    with start_vm(f"{args.vm_prefix}-anon", memory=args.private_memory, ram="anonymous", workload="idle",
+                  paths=paths) as vm:
+        rows.append(touch_and_share(vm, paths, "anonymous RAM"))
+    return rows
+
+
+def print_private(rows: list[dict], args) -> None:
+    print(f"\nRAM private to QEMU: {args.private_memory} guests, each after allocating all its free memory "
+          "but 12 MiB and freeing it; one share (madvise injected into QEMU)")
+    print(f"{'VM':>14} {'MemFree':>8} {'given back':>10} {'% MemFree':>9} {'RSS before/after':>17} "
+          f"{'PSS before/after':>17} {'MemAvailable +':>14} {'pages':>7} {'runs':>5} {'in pause ms':>11}")
+    for r in rows:
+        print(f"{r['kind']:>14} {r['guest_memfree'] / MiB:>4.0f} MiB {(r['host_before'] - r['host_after']) / MiB:>6.0f} MiB "
+              f"{100 * r['given_back_share_of_memfree']:>8.0f}% {r['rss_before'] / MiB:>7.0f} / {r['rss_after'] / MiB:>3.0f} MiB "
+              f"{r['pss_before'] / MiB:>7.0f} / {r['pss_after'] / MiB:>3.0f} MiB {r['mem_available_gain'] / MiB:>10.0f} MiB "
+              f"{r['dropped_pages']:>7} {r['runs']:>5} {r['in_pause_s'] * 1000:>11.0f}")
+    print("(given back: QEMU's own pages of guest RAM before and after; MemAvailable: the whole host's, "
+          "which other jobs move too; in pause: identify + drop, the VM held paused by the frozen ground truth)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memory", default="1G")
@@ -334,6 +422,10 @@ def main() -> None:
     ap.add_argument("--page-cache-arms", default="hvkit share,KSM,page reporting")
     ap.add_argument("--ksm-seconds", type=float, default=30.0, help="KSM's time on the page cache guest")
     ap.add_argument("--vm-prefix", default="bench-share", help="VM names: PREFIX-hvkit, PREFIX-cache-ksm, ...")
+    ap.add_argument("--private", action=argparse.BooleanOptionalAction, default=False,
+                    help="also RAM private to QEMU: a forked VM, its child, anonymous RAM (issue 22)")
+    ap.add_argument("--private-memory", default="512M")
+    ap.add_argument("--private-json", type=Path, default=ROOT / "docs" / "results" / "share-private.json")
     args = ap.parse_args()
     arms = [a for a in args.arms.split(",") if a]
     cache_arms = [a for a in args.page_cache_arms.split(",") if a] if args.page_cache else []
@@ -341,6 +433,16 @@ def main() -> None:
         sys.exit("bench/share: the KSM arm needs root and /sys/kernel/mm/ksm")
     paths = Paths.from_env()
     guest = build_default_guest(paths)
+    if args.private:
+        print("running RAM private to QEMU ...", file=sys.stderr, flush=True)
+        private_rows = run_private(args, paths)
+        print_private(private_rows, args)
+        args.private_json.parent.mkdir(parents=True, exist_ok=True)
+        args.private_json.write_text(json.dumps({"memory": args.private_memory, "kernel": guest.release,
+                                                 "rows": private_rows, "run": run_info()}, indent=2))
+        print(f"written {args.private_json}")
+        if not arms and not cache_arms:
+            return
     rows = []
     for arm in arms:
         print(f"running arm: {arm} ...", file=sys.stderr, flush=True)

@@ -138,7 +138,9 @@ def test_a_libvirt_domain_is_attached_read_and_shared(shared_domain, paths):
     assert _virsh("domstate", shared_domain.name).stdout.strip() == "running"
 
 
-def test_share_refuses_a_domain_without_shared_file_memory(libvirt_daemon, guest, paths):
+def test_share_gives_back_a_domain_without_shared_file_memory(libvirt_daemon, guest, paths):
+    """libvirt's default memory (anonymous, inside QEMU): read from QEMU's process, and
+    its free pages dropped by an madvise hvkit runs inside QEMU (test_share_private.py)."""
     d = Domain(f"hvt-anon-{os.getpid()}", guest, "idle", shared_file=False)
     try:
         d.wait_for("HVKIT-READY")
@@ -146,8 +148,8 @@ def test_share_refuses_a_domain_without_shared_file_memory(libvirt_daemon, guest
         proc = run_cli("ps", "lvanon", "--json")  # read from QEMU's process instead
         assert proc.returncode == 0 and len(json.loads(proc.stdout)["processes"]) > 5, proc.stderr
         proc = run_cli("share", "lvanon")
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert "<access mode='shared'/>" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert proc.returncode == 0 and "gave back" in proc.stdout, proc.stderr
+        assert _virsh("domstate", d.name).stdout.strip() == "running"
         assert run_cli("vm", "detach", "lvanon").returncode == 0
     finally:
         d.destroy()

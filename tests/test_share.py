@@ -112,14 +112,6 @@ def test_memory_checker_survives_50_share_cycles(paths, guest):
 
 # -- refusals ----------------------------------------------------------------------------
 
-def test_vm_with_ram_inside_qemu_is_refused(paths, guest):
-    with start_vm("anonram", memory="128M", ram="anonymous", paths=paths) as vm:
-        proc = run_cli("share", vm.name)
-        assert vm.run_state() == "running"
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "keeps its RAM inside QEMU" in proc.stderr and "share=on" in proc.stderr  # and how to change that
-
-
 def test_huge_page_ram_is_refused(freed_vm, monkeypatch, tmp_path):
     assert filesystem_of(freed_vm.ram_path) == "tmpfs"
     mount = subprocess.run(["mount", "-t", "hugetlbfs", "none", str(tmp_path)], capture_output=True, text=True)

@@ -54,9 +54,10 @@ def runs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends - starts
 
 
-def free_pages_to_release(guest) -> tuple[np.ndarray, np.ndarray]:
+def free_pages_to_release(guest, ram=None) -> tuple[np.ndarray, np.ndarray]:
     """(free, release): per page frame of `guest` (an open_guest Guest), whether it is on
-    the guest's free lists, and whether it is free and the host holds memory for it.
+    the guest's free lists, and whether it is free and the host holds memory for it (as
+    `ram.backed` says: the guest's memory, or private.PrivateRam for RAM inside QEMU).
     Refuses a guest that poisons free pages or whose free count disagrees with hvkit's."""
     ks, layout = guest.kernel, guest.layout
     check_guest(ks, layout)
@@ -67,7 +68,7 @@ def free_pages_to_release(guest) -> tuple[np.ndarray, np.ndarray]:
         raise ShareRefused(f"hvkit finds {int(free.sum())} free pages but the guest kernel counts "
                            f"{counted}; nothing was given back",
                            "the guest's memory is inconsistent (or lies)")
-    return free, free & guest.memory.backed(pm.pages)
+    return free, free & (ram or guest.memory).backed(pm.pages)
 
 
 def give_back_free_pages_of_file(ram: Path, kernel: Path, paths: Paths | None = None) -> tuple[int, int]:

@@ -6,9 +6,12 @@ Safety comes first, because a page given back by mistake is guest data lost:
 - which pages may go is decided in one place (freepages.py, which `hvkit fork` uses
   too): blocks on the buddy allocator's free lists, when hvkit's count agrees with the
   guest kernel's own, in a guest that does not poison free pages;
-- RAM that is not a shared file or that sits on huge pages is refused;
+- RAM that sits on huge pages, or a file QEMU does not map shared, is refused;
+- RAM private to QEMU (a forked VM, anonymous RAM) has no file to punch: its pages are
+  dropped by an madvise run inside QEMU (private.py, inject.py), in the same pause;
 - guest RAM is read with pread, and its host-held pages found with mincore over a
-  mapping never touched: neither brings a given-back page back.
+  mapping never touched (pagemap for RAM inside QEMU): neither brings a given-back page
+  back.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from pathlib import Path
 
 from hvkit.config import Paths
 from hvkit.introspect.source import KernelKnowledge, load_kernel_knowledge, open_guest
+from hvkit.memory.process import ProcessMemory
 from hvkit.qemu import VM
 from hvkit.sharing.freepages import ShareRefused, free_pages_to_release, runs_of
+from hvkit.sharing.private import PrivateRam, check_may_trace, filesystem_of
 
 SHARED_FILE_HINT = ("give it RAM in a shared file: 'hvkit vm start' does; plain QEMU: -object "
                     "memory-backend-file,id=pc.ram,size=SIZE,mem-path=/dev/shm/NAME,share=on -machine "
                     "memory-backend=pc.ram; libvirt: <memoryBacking><source type='file'/>"
                     "<access mode='shared'/></memoryBacking>")
+PRIVATE_RAM = ("snapshot", "anonymous")  # RAM inside QEMU: dropped with an madvise injected into it
 MAX_PAUSE = 0.1  # seconds: default budget of one pause
 MAX_CYCLES = 20  # pauses one Sharer.share may take to give everything back
 
@@ -48,29 +54,17 @@ class ShareResult:
         return asdict(self)
 
 
-def filesystem_of(path: Path) -> str:
-    """The type of the file system holding `path` (from /proc/self/mountinfo)."""
-    path = Path(path).resolve()
-    best, fstype = -1, "unknown"
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        mount_point = left.split()[4].replace("\\040", " ")
-        if (path == Path(mount_point) or Path(mount_point) in path.parents) and len(mount_point) > best:
-            best, fstype = len(mount_point), right.split()[0]
-    return fstype
-
-
 def check_vm_ram(vm: VM) -> None:
-    """Refuses RAM that hvkit cannot give back safely: not a file, not shared with
-    QEMU's mapping (QEMU is asked, not just hvkit's notes), or on huge pages."""
-    if vm.spec.ram == "snapshot":
-        raise ShareRefused(f"VM {vm.name!r} runs from memory-server snapshot {vm.spec.snapshot}: its RAM "
-                           "is private to QEMU, not a shared file", "hvkit shares VMs started with 'hvkit vm start'")
+    """Refuses RAM that hvkit cannot give back safely: a shared file that QEMU does not
+    map shared (QEMU is asked, not just hvkit's notes) or on huge pages; RAM inside
+    QEMU (a forked VM's snapshot, anonymous memory) where this user may not ptrace it
+    (private.py checks its mapping once the VM is paused)."""
+    if vm.spec.ram in PRIVATE_RAM:
+        check_may_trace(vm.name, vm.pid)
+        return
     if vm.spec.ram != "file":
-        # Linux lets no process drop another one's pages: process_madvise(2) takes only
-        # MADV_COLD and MADV_PAGEOUT, which move pages to swap, not give them back
-        raise ShareRefused(f"VM {vm.name!r} keeps its RAM inside QEMU (anonymous memory), which no other "
-                           "process can give back", SHARED_FILE_HINT)
+        raise ShareRefused(f"VM {vm.name!r} has RAM of a kind hvkit does not know ({vm.spec.ram!r})",
+                           SHARED_FILE_HINT)
     if not vm.qmp("qom-get", {"path": f"/objects/{vm.spec.memdev}", "property": "share"}):
         raise ShareRefused(f"the RAM of VM {vm.name!r} is not mapped shared (share=off)",
                            "holes punched in the file would not reach the guest")
@@ -101,6 +95,7 @@ class Sharer:
             check_vm_ram(self.vm)
             self.checked_pid = self.vm.pid
             self.knowledge = load_kernel_knowledge(Path(self.vm.spec.kernel), None, self.paths)
+        self.vm.reload_spec()  # a fork restarts its VM in a new QEMU, its RAM then private
         before = self.vm.host_memory()
         first: dict = {}
         given, pauses, longest = 0, 0, 0.0
@@ -125,13 +120,21 @@ class Sharer:
                 # now that the VM is held and cannot change under us
                 check_vm_ram(guest.vm)
                 self.checked_pid = guest.vm.pid
-            free, release = free_pages_to_release(guest)
-            starts, lengths = runs_of(release)
+            ram = guest.memory
+            if isinstance(guest.memory, ProcessMemory):  # RAM inside QEMU: its mapping decides
+                ram = PrivateRam.of(guest.memory)
+                ram.check_guest(guest.kernel)
+            free, release = free_pages_to_release(guest, ram)
+            if isinstance(ram, PrivateRam):
+                release = ram.droppable(release)
+                starts, lengths = ram.plan(release)
+            else:
+                starts, lengths = runs_of(release)
             punched = 0
             if not dry_run and starts.size:
                 # leave a tenth of the budget for resuming
                 deadline = guest.paused_at + 0.9 * max_pause if guest.paused_at is not None else None
-                punched = guest.memory.discard(starts, lengths, deadline)
+                punched = ram.discard(starts, lengths, deadline)
         return _Cycle(int(free.sum()), int(release.sum()), int(starts.size), punched, guest.paused_for)
 
 
