@@ -149,8 +149,10 @@ class Sharer:
                 t_punch = time.monotonic()
                 punched = guest.memory.discard(starts, lengths, deadline)
                 punch_s = time.monotonic() - t_punch
-        return _Cycle(int(free.sum()), backed, runs, punched, guest.paused_for,
-                      wanted, punch_s)
+        # the pause as the guest had it: from QEMU's answer to `stop` until its answer to
+        # `cont` (guest.paused_for ends before resuming, which takes QMP round trips)
+        paused = time.monotonic() - guest.paused_at if guest.paused_at is not None else 0.0
+        return _Cycle(int(free.sum()), backed, runs, punched, paused, wanted, punch_s)
 
 
 def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False,
