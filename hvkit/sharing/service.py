@@ -13,7 +13,10 @@ It is built on sharer.py's Sharer, one per VM, and adds what a host needs:
   only as many pages as the worst recent fixed cost leaves room for in the budget (the
   budget is a limit, not a target: batches aim at BUDGET_SHARE of it). A VM with work
   left is shared again soon, after a gap a few times its pause (so it runs most of the
-  time); one whose fixed cost alone overruns the budget is left alone for a while;
+  time). Before pausing a VM whose RAM is a file, a preview reads it as it runs (one
+  QMP round trip and an identification of the running guest, which cost what the pause
+  would): when that cost alone would overrun the budget (a host loaded far past its
+  cores), or there is nothing to give back, the VM is not paused this round;
 - policy: the interval; only while the host's MemAvailable is below a threshold; free
   memory left to each guest;
 - SIGTERM and SIGINT end it between two pauses (a pause defers them: no VM is ever
@@ -32,11 +35,12 @@ from typing import Callable, Protocol
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError, VMDied, VMNotFound
-from hvkit.qemu import find_vm, list_vms
+from hvkit.introspect.source import KernelKnowledge, load_kernel_knowledge, open_guest
+from hvkit.qemu import VM, find_vm, list_vms
 from hvkit.qemu.listing import VMStatus
 from hvkit.qemu.ownership import Ownership, VMBusy
 from hvkit.qemu.vm import finish_abandoned
-from hvkit.sharing.freepages import ShareRefused
+from hvkit.sharing.freepages import ShareRefused, free_pages_to_release
 from hvkit.sharing.sharer import MAX_PAUSE, Sharer, ShareResult
 from hvkit.units import mib
 
@@ -50,6 +54,7 @@ HISTORY = 8  # pauses of a VM the model remembers
 GAP_FACTOR = 4.0  # a VM with work left runs at least this many times its pause between two
 MIN_GAP = 0.2  # seconds, and at least this
 RETRY_OVER_BUDGET = 30.0  # seconds a VM whose fixed cost overran the budget is left alone
+PREVIEW_LIMIT = 0.8  # a VM is not paused when its preview predicts more than this share of the budget
 
 
 @dataclass
@@ -117,6 +122,8 @@ class Watched:
     refused_pid: int | None = None  # the QEMU whose RAM was refused (left alone)
     busy_said: bool = False
     over_said: bool = False
+    knowledge: KernelKnowledge | None = None  # its kernel's symbols and layout, for previews
+    skipped: int = 0  # rounds not paused because the preview predicted an overrun
     given: int = 0  # bytes given back since the service started
     cycles: int = 0
 
@@ -261,6 +268,23 @@ class Service:
             w.refused_pid, w.sharer = None, None  # another QEMU now: try it afresh
         if w.sharer is None or w.sharer.vm.pid != vm.pid:
             w.sharer = Sharer(vm, self.paths)
+        preview = self.preview(w, vm)
+        if preview is not None:
+            fixed, to_give, free = preview
+            if fixed > PREVIEW_LIMIT * budget:
+                w.skipped += 1
+                if not w.over_said:
+                    log.warning("%s: a pause would cost %.0f ms before any page is given back, over %.0f%% of the "
+                                "budget of %.0f ms: not paused while that lasts", w.name, fixed * 1000,
+                                PREVIEW_LIMIT * 100, budget * 1000)
+                    w.over_said = True
+                return
+            if w.over_said:
+                log.info("%s: a pause costs %.0f ms again: sharing (%d rounds skipped)", w.name, fixed * 1000, w.skipped)
+                w.over_said = False
+            if to_give <= self.policy.keep // PAGE:
+                self._account(w, _nothing(vm, free, to_give), budget)
+                return
         batch = w.model.batch(budget)
         try:
             r = w.sharer.share(dry_run=self.policy.dry_run, max_pause=budget, batch=batch,
@@ -270,13 +294,34 @@ class Service:
             raise
         self._account(w, r, budget)
 
+    def preview(self, w: Watched, vm: VM) -> tuple[float, int, int] | None:
+        """(seconds a pause would cost before punching, free pages with host memory, free
+        pages), from the RAM file of the running VM, not paused: one QMP session (the
+        pause takes one for stop and one for cont) and an identification (the pause
+        identifies the same way). None when the RAM is not a file of its own or the read,
+        racing with the guest, does not add up (the pause then decides, as always).
+        Reading never changes guest memory: pread and mincore only."""
+        if vm.spec.ram != "file":
+            return None
+        try:
+            if w.knowledge is None:
+                w.knowledge = load_kernel_knowledge(Path(vm.spec.kernel), None, self.paths)
+            t0 = time.monotonic()
+            vm.run_state()
+            qmp_s = time.monotonic() - t0
+            with open_guest(str(vm.ram_path), kernel=vm.spec.kernel, knowledge=w.knowledge, paths=self.paths) as g:
+                free, release = free_pages_to_release(g)
+            return 2 * qmp_s + (time.monotonic() - t0 - qmp_s), int(release.sum()), int(free.sum())
+        except (HvkitError, OSError, ValueError):
+            return None
+
     def _account(self, w: Watched, r: ShareResult, budget: float) -> None:
         w.model.record(r)
         w.cycles += 1
         w.given += r.released_bytes
         self.pauses += [p for p, _, _ in r.pause_log]
         left = max(0, r.backed_free_pages - self.policy.keep // PAGE - r.given_pages)
-        if w.model.over_budget(budget):
+        if w.knowledge is None and w.model.over_budget(budget):  # no preview: measured pauses decide
             if not w.over_said:
                 log.warning("%s: a pause costs %.0f ms before any page is given back, over the budget of "
                             "%.0f ms: left alone for %.0f s", w.name, sorted(w.model.fixed)[len(w.model.fixed) // 2]
@@ -309,6 +354,13 @@ class Service:
         log.info("stopped after %.0f s: %d VMs watched, %d pauses (%s); gave back %.1f MiB",
                  time.monotonic() - self.started, len(self.vms), len(p), worst,
                  mib(sum(w.given for w in self.vms.values())))
+
+
+def _nothing(vm: VM, free: int, backed: int) -> ShareResult:
+    """The result of a round that found nothing to give back and took no pause."""
+    held = vm.host_memory()
+    return ShareResult(free_pages=free, backed_free_pages=backed, runs=0, given_pages=0, released_bytes=0,
+                       host_before=held, host_after=held, paused_s=0.0, pauses=0, seconds=0.0, dry_run=False)
 
 
 def _describe(holder: dict | None) -> str:
