@@ -149,6 +149,36 @@ def test_service_follows_vms_and_ends_on_sigterm_with_none_paused(own_runtime):
         assert pauses and all("\x1b[" not in line for line in service.log)  # no colour in a pipe
 
 
+@pytest.mark.slow
+def test_policy_threshold_and_free_memory_kept(own_runtime):
+    """--mem-available-below: nothing is shared while the host has more available;
+    --keep-free: that much free memory with host memory stays with the guest."""
+    paths = own_runtime
+    with start_vm("svc-p", memory="128M", workload="alloc:64", paths=paths) as vm:
+        vm.wait_for_console(r"HVKIT-ALLOC done mib=64", timeout=120)
+        held = vm.host_memory()
+        idle = ServiceRun(paths, "--watch", "0.3", "--mem-available-below", "1M")
+        try:
+            idle.wait_for(lambda: any("is above the threshold of 1 MiB: idle" in line for line in idle.log))
+            time.sleep(2)  # several rounds
+        finally:
+            assert idle.stop() == 0, "\n".join(idle.log)
+        assert not idle.results and vm.host_memory() >= held - (1 << 20)
+
+        keep = 32 << 20
+        kept = ServiceRun(paths, "--watch", "0.3", "--keep-free", "32M")
+        try:
+            kept.wait_for(lambda: any(r["given_pages"] for r in kept.of("svc-p"))
+                          and kept.of("svc-p")[-1]["given_pages"] == 0)
+        finally:
+            assert kept.stop() == 0, "\n".join(kept.log)
+        last = kept.of("svc-p")[-1]
+        given = sum(r["given_pages"] for r in kept.of("svc-p")) * 4096
+        print(f"kept {last['backed_free_pages'] * 4096 >> 20} MiB free with host memory; gave back {given >> 20} MiB")
+        assert keep <= last["backed_free_pages"] * 4096 <= keep + (4 << 20)
+        assert given > 16 << 20  # it gave back the rest of what the guest freed
+
+
 def prometheus_query(port: int, query: str) -> list[dict]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=5) as f:

@@ -151,6 +151,8 @@ class Service:
         self.idle_said: bool | None = None
         self.started = time.monotonic()
         self.pauses: list[float] = []  # every pause taken, seconds (for the summary)
+        self.given = 0  # bytes given back in all, VMs gone since included
+        self.seen = 0  # VMs watched in all
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         self.asked.append(signum)
@@ -174,7 +176,9 @@ class Service:
             now = time.monotonic()
             if now >= next_list:
                 self.refresh()
-                next_list = now + min(self.policy.interval, 5.0)
+                # new VMs are found within a second or the interval, and listing (a QMP
+                # session per VM) is not repeated more often than that
+                next_list = now + min(max(self.policy.interval, 1.0), 5.0)
                 done += 1
             if self.sharing_wanted():
                 for w in sorted(self.vms.values(), key=lambda w: w.due):
@@ -201,6 +205,7 @@ class Service:
                 continue
             if name not in self.vms:
                 self.vms[name] = Watched(name, due=time.monotonic())
+                self.seen += 1
                 log.info("%s: watching (%.0f MiB guest, %s, host holds %.1f MiB)", name, mib(row.memory),
                          f"RAM file {row.ram_path}" if row.ram_path else "RAM inside QEMU", mib(row.host_memory))
             if self.observer:
@@ -319,6 +324,7 @@ class Service:
         w.model.record(r)
         w.cycles += 1
         w.given += r.released_bytes
+        self.given += r.released_bytes
         self.pauses += [p for p, _, _ in r.pause_log]
         left = max(0, r.backed_free_pages - self.policy.keep // PAGE - r.given_pages)
         if w.knowledge is None and w.model.over_budget(budget):  # no preview: measured pauses decide
@@ -352,8 +358,7 @@ class Service:
         p = sorted(self.pauses)
         worst = f"longest pause {p[-1] * 1000:.0f} ms, p99 {p[int(0.99 * (len(p) - 1))] * 1000:.0f} ms" if p else "no pause"
         log.info("stopped after %.0f s: %d VMs watched, %d pauses (%s); gave back %.1f MiB",
-                 time.monotonic() - self.started, len(self.vms), len(p), worst,
-                 mib(sum(w.given for w in self.vms.values())))
+                 time.monotonic() - self.started, self.seen, len(p), worst, mib(self.given))
 
 
 def _nothing(vm: VM, free: int, backed: int) -> ShareResult:
