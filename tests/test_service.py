@@ -27,6 +27,7 @@ import pytest
 from hvkit.config import Paths
 from hvkit.qemu import find_vm, list_vms, start_vm
 from hvkit.qemu.ownership import Ownership
+from hvkit.qemu.qmp import qmp
 from hvkit.sharing.unit import systemd_runs, unit_text
 
 from conftest import qemus_of, run_cli
@@ -60,8 +61,8 @@ class ServiceRun:
     """`hvkit share --all --watch ...` in a child process, its JSON lines and log
     lines gathered as they come."""
 
-    def __init__(self, paths: Paths, *args: str) -> None:
-        env = {**os.environ, "HVKIT_RUNTIME": str(paths.runtime)}
+    def __init__(self, paths: Paths, *args: str, env: dict | None = None) -> None:
+        env = {**os.environ, "HVKIT_RUNTIME": str(paths.runtime), **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "hvkit", "share", "--all", "--json", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.results: list[dict] = []
@@ -147,6 +148,23 @@ def test_service_follows_vms_and_ends_on_sigterm_with_none_paused(own_runtime):
         assert service.log[-1].split(" INFO ")[-1].startswith("stopped after")
         pauses = [p for r in service.results for p, _, _ in r["pause_log"]]
         assert pauses and all("\x1b[" not in line for line in service.log)  # no colour in a pipe
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_service_inside_a_pause_is_finished_by_the_next_command(own_runtime):
+    """The service killed right after it paused a VM (HVKIT_DIE_AT): the VM is found
+    paused, and the next hvkit command (here `vm list`) resumes it from the pause's record."""
+    paths = own_runtime
+    with start_vm("svc-k", memory="128M", workload="alloc:64", paths=paths) as vm:
+        vm.wait_for_console(r"HVKIT-ALLOC done mib=64", timeout=120)
+        # a large budget: the preview never holds the pause back on a loaded machine
+        run = ServiceRun(paths, "--watch", "0.3", "--max-pause", "5", env={"HVKIT_DIE_AT": "paused share"})
+        assert run.proc.wait(timeout=180) == -signal.SIGKILL, "\n".join(run.log)
+        run.stop()
+        assert qmp(vm.rundir.qmp_sock, "query-status")["status"] == "paused"  # killed inside its pause
+        rows = {r.name: r for r in list_vms(paths)}
+        assert rows["svc-k"].state == "running"
+        assert not Ownership(paths.runtime, "svc-k").intent_file.exists()
 
 
 @pytest.mark.slow
