@@ -21,7 +21,8 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 #    virsh, and the tests run a real libvirt daemon (they start libvirtd themselves);
 #    mmdebstrap: a Debian root with the compiler of a kernel newer than this host can
 #    build for (Debian unstable's kernels need gcc-16 and a newer C library); lzop:
-#    unpacks LZO-compressed kernels.
+#    unpacks LZO-compressed kernels; prometheus (with promtool): the tests check the
+#    host service's metrics page with promtool and let a real Prometheus server scrape it.
 #    apt/dpkg (always there) fetch the guest kernel, busybox and kernel headers.
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -36,6 +37,7 @@ command -v virsh >/dev/null || need+=(libvirt-clients)
 [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v lzop >/dev/null || need+=(lzop)
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing Debian packages: ${need[*]}"
     SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -291,11 +291,46 @@ def render_share_private(results: Path, docs: Path) -> str:
             + "\n\n" + conditions(data, "share"))
 
 
+ARM_NAMES = {"idle": "service, no load added", "loaded": "service + 2 x cores busy loops",
+             "loaded-nice0": "service at nice 0 + busy loops", "watchers": "one share --watch per VM + busy loops"}
+
+
+def render_service(results: Path, docs: Path) -> str:
+    data = load(results, "service")
+    rows = []
+    for r in data["arms"]:
+        ratio = r.get("max_vs_watchers")
+        took = r["pauses"] > 0  # an arm with no pause has no pause times
+        rows.append([ARM_NAMES.get(r["arm"], r["arm"]), r["nice"], r["busy_loops"], r["pauses"],
+                     ms(r["p50_s"]) if took else None, ms(r["p99_s"]) if took else None,
+                     ms(r["max_s"]) if took else None, r["over_budget"], f"{r['given_mib']:.0f} MiB",
+                     f"{r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}",
+                     None if ratio is None or not took else f"{ratio:.2f}"])
+    t = data.get("targets") or {}
+    checks = data.get("memcheck") or {}
+    text = (f"{data['vms']} VMs of {data['memory']} ({data['children']} fork children), {data['seconds']:.0f} s per "
+            f"arm, service every {data['watch']:g} s, budget {data['max_pause'] * 1000:.0f} ms:\n\n"
+            + table(["arm", "nice", "busy loops", "pauses", "p50", "p99", "longest", "over budget", "given back",
+                     "load 1-min start / end", "longest vs watchers"], rows))
+    def verdict(target: dict | None, what: str, limit: str) -> str:
+        if not target or target.get("value_s") is None:
+            return f"{what} <= {limit}: not measured (no pause taken in that arm)"
+        cond = "" if target.get("conditions_as_asked") else f", but at load {target['load']:.1f}, not as the target asks"
+        return f"{what} <= {limit}: {ms(target['value_s'])} ({'met' if target['met'] else 'not met'}{cond})"
+    if t:
+        text += ("\n\nTargets (issue 22): " + verdict(t.get("idle_p99"), "p99 on an idle machine", "100 ms") + "; "
+                 + verdict(t.get("loaded_max"), "longest loaded to 2 x cores", "250 ms") + ".")
+    if checks:
+        text += (f" Memory checker: {sum(c['errors'] for c in checks.values())} errors in "
+                 f"{sum(c['rounds'] for c in checks.values())} rounds of {len(checks)} guests.")
+    return text + "\n\n" + conditions(data, "service")
+
+
 RENDERERS: dict[str, Callable[[Path, Path], str]] = {
     "fork": render_fork, "fork-image": render_fork_image, "share": render_share,
     "share-page-cache": render_share_cache, "share-private": render_share_private,
     "identify": render_identify, "isf": render_isf,
-    "hypercall": render_hypercall,
+    "hypercall": render_hypercall, "service": render_service,
 }
 
 

@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -14,7 +15,7 @@ from hvkit.cli.output import console, json_option, print_json, print_table, stat
 from hvkit.qemu import VM, find_vm
 from hvkit.sharing import Sharer, ShareResult, share_once
 from hvkit.sharing.sharer import MAX_PAUSE
-from hvkit.units import mib
+from hvkit.units import mib, parse_size
 
 
 def _summary(r: ShareResult) -> str:
@@ -25,14 +26,28 @@ def _summary(r: ShareResult) -> str:
 
 
 @click.command()
-@click.argument("vm_name", metavar="VM")
+@click.argument("vm_name", metavar="[VM]", required=False)
+@click.option("--all", "all_vms", is_flag=True,
+              help="Every VM of HVKIT_RUNTIME, those that come later too (the host service; needs --watch).")
 @click.option("--dry-run", is_flag=True, help="Identify and report, give nothing back.")
 @click.option("--watch", type=click.FloatRange(min=0.05), metavar="SECONDS",
               help="Share again every SECONDS until Ctrl-C, with a live status line.")
 @click.option("--max-pause", type=click.FloatRange(min=0.01), default=MAX_PAUSE, show_default=True,
               metavar="SECONDS", help="Longest pause; more to give back waits for the next pause.")
+@click.option("--metrics", "metrics_at", metavar="ADDR:PORT",
+              help="With --all: serve Prometheus metrics at http://ADDR:PORT/metrics.")
+@click.option("--mem-available-below", metavar="SIZE",
+              help="With --all: share only while the host's MemAvailable is below SIZE (e.g. 4G).")
+@click.option("--keep-free", metavar="SIZE", default="0",
+              help="With --all: leave SIZE of free memory (with host memory) to each guest.")
+@click.option("--install-unit", is_flag=True,
+              help="Write the systemd unit that runs 'share --all' with these options, and exit.")
+@click.option("--unit-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where --install-unit writes (default /etc/systemd/system).")
 @json_option
-def share(vm_name: str, dry_run: bool, watch: float | None, max_pause: float, as_json: bool) -> None:
+def share(vm_name: str | None, all_vms: bool, dry_run: bool, watch: float | None, max_pause: float,
+          metrics_at: str | None, mem_available_below: str | None, keep_free: str, install_unit: bool,
+          unit_dir: Path | None, as_json: bool) -> None:
     """Give the free pages of a running VM's guest back to the host.
 
     The VM is paused; hvkit finds the pages on the guest kernel's free lists from
@@ -44,7 +59,34 @@ def share(vm_name: str, dry_run: bool, watch: float | None, max_pause: float, as
     or is on huge pages.
 
     With --watch, --json prints one JSON object per cycle (JSON Lines).
+
+    With --all --watch SECONDS it is a host service: every VM hvkit knows here, VMs
+    coming and going, one log line per event, metrics with --metrics, a clean end on
+    SIGTERM (see docs/share.md; --install-unit writes its systemd unit).
     """
+    service_only = {"--metrics": metrics_at, "--mem-available-below": mem_available_below,
+                    "--keep-free": keep_free != "0" or None}
+    if install_unit or all_vms:
+        from hvkit.cli.share_service import install, serve
+
+        if vm_name:
+            raise HvkitError(f"--all shares every VM; drop the VM name {vm_name!r}", "or drop --all")
+        if watch is None:
+            raise HvkitError("--all is a service: give it --watch SECONDS", "e.g. hvkit share --all --watch 10")
+        options = dict(watch=watch, max_pause=max_pause, dry_run=dry_run, metrics_at=metrics_at,
+                       below=parse_size(mem_available_below) if mem_available_below else None,
+                       keep=parse_size(keep_free) if keep_free != "0" else 0, as_json=as_json)
+        if install_unit:
+            install(unit_dir, **options)
+        else:
+            serve(**options)
+        return
+    for flag, value in service_only.items():
+        if value:
+            raise HvkitError(f"{flag} belongs to the host service", "use it with --all --watch SECONDS")
+    if not vm_name:
+        raise HvkitError("which VM? give its name, or --all --watch SECONDS for every VM",
+                         "see 'hvkit vm list' for the VMs there are")
     vm = find_vm(vm_name)
     if watch is None:
         with status_console().status(f"sharing {vm_name}"):

@@ -17,8 +17,10 @@ Safety comes first, because a page given back by mistake is guest data lost:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from hvkit.config import Paths
 from hvkit.introspect.source import KernelKnowledge, load_kernel_knowledge, open_guest
@@ -49,6 +51,9 @@ class ShareResult:
     pauses: int  # how many times the VM was paused
     seconds: float  # the whole of it, symbols and layout loading included
     dry_run: bool
+    # each pause of this share: seconds paused, pages punched, seconds of punching (the
+    # rest of a pause is fixed cost: stop, identify, resume); a caller sizes batches by them
+    pause_log: list[tuple[float, int, float]] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -85,11 +90,15 @@ class Sharer:
         self.knowledge: KernelKnowledge | None = None
         self.checked_pid: int | None = None  # the QEMU whose RAM check_vm_ram accepted
 
-    def share(self, dry_run: bool = False, max_pause: float = MAX_PAUSE) -> ShareResult:
+    def share(self, dry_run: bool = False, max_pause: float = MAX_PAUSE, batch: int | None = None,
+              keep: int = 0, max_pauses: int = MAX_CYCLES) -> ShareResult:
         """Gives back the free pages of the guest, pausing it for at most about
         `max_pause` seconds at a time: when punching the holes would take longer, the VM
         runs again and the next pause identifies afresh and goes on. A VM that was
-        already paused stays paused, and everything is done in that one pause."""
+        already paused stays paused, and everything is done in that one pause.
+        A caller that knows more (the host service) may also cap the pages one pause
+        punches (`batch`), leave `keep` free pages with host memory to the guest (so it
+        has warm memory at hand), and take fewer pauses (`max_pauses`)."""
         t0 = time.monotonic()
         if self.knowledge is None:
             check_vm_ram(self.vm)
@@ -99,21 +108,24 @@ class Sharer:
         before = self.vm.host_memory()
         first: dict = {}
         given, pauses, longest = 0, 0, 0.0
-        for _ in range(MAX_CYCLES):
-            c = self._cycle(dry_run, max_pause)
+        log: list[tuple[float, int, float]] = []
+        for _ in range(max_pauses):
+            c = self._cycle(dry_run, max_pause, batch, keep)
             first = first or {"free_pages": c.free, "backed_free_pages": c.backed, "runs": c.runs}
             given += c.punched
             pauses += c.paused > 0
             longest = max(longest, c.paused)
-            if dry_run or c.punched == c.backed:
+            if c.paused > 0:
+                log.append((c.paused, c.punched, c.punch_s))
+            if dry_run or c.punched == c.wanted:
                 break
         after = self.vm.host_memory()
         return ShareResult(**first, given_pages=given, released_bytes=max(0, before - after), host_before=before,
                            host_after=after, paused_s=longest, pauses=pauses, seconds=time.monotonic() - t0,
-                           dry_run=dry_run)
+                           dry_run=dry_run, pause_log=log)
 
-    def _cycle(self, dry_run: bool, max_pause: float) -> "_Cycle":
-        """One pause: identify, give back until the pause budget runs out, resume."""
+    def _cycle(self, dry_run: bool, max_pause: float, batch: int | None = None, keep: int = 0) -> "_Cycle":
+        """One pause: identify, give back until the pause budget (or `batch`) runs out, resume."""
         with open_guest(self.vm.name, paths=self.paths, knowledge=self.knowledge, op="share") as guest:
             if guest.vm.pid != self.checked_pid:
                 # another QEMU since the last check (a fork restarts its VM): check again,
@@ -130,12 +142,20 @@ class Sharer:
                 starts, lengths = ram.plan(release)
             else:
                 starts, lengths = runs_of(release)
-            punched = 0
+            backed, runs = int(release.sum()), int(starts.size)
+            wanted = max(0, backed - keep)
+            starts, lengths = first_pages(starts, lengths, wanted if batch is None else min(wanted, batch))
+            punched, punch_s = 0, 0.0
             if not dry_run and starts.size:
                 # leave a tenth of the budget for resuming
                 deadline = guest.paused_at + 0.9 * max_pause if guest.paused_at is not None else None
+                t_punch = time.monotonic()
                 punched = ram.discard(starts, lengths, deadline)
-        return _Cycle(int(free.sum()), int(release.sum()), int(starts.size), punched, guest.paused_for)
+                punch_s = time.monotonic() - t_punch
+        # the pause as the guest had it: from QEMU's answer to `stop` until its answer to
+        # `cont` (guest.paused_for ends before resuming, which takes QMP round trips)
+        paused = time.monotonic() - guest.paused_at if guest.paused_at is not None else 0.0
+        return _Cycle(int(free.sum()), backed, runs, punched, paused, wanted, punch_s)
 
 
 def share_once(vm: VM, paths: Paths | None = None, dry_run: bool = False,
@@ -153,3 +173,17 @@ class _Cycle:
     runs: int  # coalesced runs of those
     punched: int  # pages given back (fewer than `backed` when the pause budget ran out)
     paused: float  # seconds
+    wanted: int = 0  # pages this share means to give back (`backed` less what is kept)
+    punch_s: float = 0.0  # seconds of the pause spent punching
+
+
+def first_pages(starts: np.ndarray, lengths: np.ndarray, pages: int) -> tuple[np.ndarray, np.ndarray]:
+    """The runs (starts, lengths) cut to their first `pages` pages in all."""
+    ends = np.cumsum(lengths)
+    n = int(np.searchsorted(ends, pages, side="left"))  # runs wholly inside, then the one cut
+    if n >= lengths.size:
+        return starts, lengths
+    cut_lengths = lengths[: n + 1].copy()
+    cut_lengths[n] -= int(ends[n]) - pages
+    keep = cut_lengths > 0
+    return starts[: n + 1][keep], cut_lengths[keep]
