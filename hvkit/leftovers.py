@@ -9,6 +9,8 @@ name has room, the process's start time, so a reused pid does not keep it alive)
     <cache>/hvkit-vol-<pid>-*                  folders of older `hvkit vol` runs (the
                                                guest-memory copy now has no name at all)
     <tmp>/hvkit-vol-<pid>.<start>-*            `hvkit vol`'s symbol and cache folder
+    <store>/frames/.import-<pid>.<start>.ram   a remote snapshot being fetched (hvkit.remote.fetch)
+    <cache>/remote/*/.<sha256>.<pid>.<start>   an object or file of a store being cached
 
 Each is removed once its maker is gone and no intent record (ownership.py) of a dead
 owner names it: a fork's journal keeps its staged state until the fork's recovery,
@@ -28,6 +30,7 @@ from pathlib import Path
 
 STAGED_SUFFIX = ".state"
 VOL_PREFIX = "hvkit-vol-"
+IMPORT_PREFIX = ".import-"
 KEEP_UNNAMED = 600.0  # seconds a staged state whose name has no pid is kept (an older hvkit's fork)
 
 
@@ -146,9 +149,26 @@ def remove_vol_leftovers(cache: Path) -> list[Path]:
     return removed
 
 
+def remove_fetch_leftovers(runtime: Path, cache: Path) -> list[Path]:
+    """RAM files and cached objects of remote fetches whose process is gone (killed
+    before they were whole: both are renamed into place only when they are)."""
+    removed = []
+    found = [(p, p.name[len(IMPORT_PREFIX):-len(".ram")])
+             for p in (store_path(runtime) / "frames").glob(f"{IMPORT_PREFIX}*.ram")]
+    found += [(p, p.name.split(".", 2)[2]) for p in (cache / "remote").glob("*/.*.*.*")]
+    for path, tag in found:
+        if maker_gone(tag):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def sweep(runtime: Path, cache: Path) -> None:
     """Everything above, quietly: it never stops the command that calls it."""
     with contextlib.suppress(OSError):
         remove_staged_states(runtime)
+    with contextlib.suppress(OSError):
+        remove_fetch_leftovers(runtime, cache)
     with contextlib.suppress(OSError):
         remove_vol_leftovers(cache)

@@ -25,11 +25,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from hvkit.errors import HvkitError
-from hvkit.memserver.store import PAGE, SNAPSHOT_SUFFIX, Snapshot, Store, is_frames
-from hvkit.memserver.table import FILE_MASK, FILE_SHIFT, PAGE_MASK, resolve
+from hvkit.memserver.store import PAGE, SNAPSHOT_SUFFIX, Snapshot, Store, read_frames
+from hvkit.memserver.table import resolve
 
 log = logging.getLogger(__name__)
 STATS = "stats.json"
@@ -133,28 +131,14 @@ class SnapshotFS:
 
     def _read_pages(self, snap: Snapshot, first: int, count: int) -> bytes:
         entries = resolve(self.store.tables, snap.root, snap.levels, first, count)
-        out = bytearray(count * PAGE)  # zeros: the zero frame
-        frames = is_frames(entries)
-        # runs of consecutive frames of one file: a new run wherever that breaks
-        breaks = np.flatnonzero((entries[1:] != entries[:-1] + np.uint64(1)) | (frames[1:] != frames[:-1])) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        ends = np.concatenate((breaks, [count])).tolist()
-        view = memoryview(out)
-        for s, e in zip(starts, ends):
-            if not frames[s]:
-                continue
-            entry = int(entries[s])
-            file_id, page = (entry >> FILE_SHIFT) & FILE_MASK, entry & PAGE_MASK
-            got = os.preadv(self._fd(file_id), [view[s * PAGE:e * PAGE]], page * PAGE)
-            if got < (e - s) * PAGE:  # past the end of a frame file: zeros, as written
-                view[s * PAGE + got:e * PAGE] = bytes((e - s) * PAGE - got)
+        out, frames = read_frames(entries, self._fd)
         zero = int(count - frames.sum())
         with self._lock:
             row = self.served.setdefault(snap.name, {"reads": 0, "pages": 0, "zero_pages": 0})
             row["reads"] += 1
             row["pages"] += count
             row["zero_pages"] += zero
-        return bytes(out)
+        return out
 
     def write(self, path, data, offset, fi):
         raise _fuse().FuseOSError(errno.EROFS)

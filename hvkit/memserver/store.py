@@ -25,14 +25,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from hvkit.errors import HvkitError
 from hvkit.memory import PAGE_SIZE
 from hvkit.config import make_private_dir
-from hvkit.memserver.table import (FANOUT, FILE_MASK, FILE_SHIFT, FRAMES, KIND_SHIFT, TableFile,
+from hvkit.memserver.table import (FANOUT, FILE_MASK, FILE_SHIFT, FRAMES, KIND_SHIFT, PAGE_MASK, TableFile,
                                    TableWriter, frames_entry, levels_for, table_entry)
 
 PAGE = PAGE_SIZE
@@ -363,4 +363,27 @@ def is_frames(entries: np.ndarray) -> np.ndarray:
     return (entries >> np.uint64(KIND_SHIFT)) == FRAMES
 
 
-__all__ = ["Counters", "Snapshot", "Store", "table_entry", "is_frames", "PAGE"]
+def read_frames(entries: np.ndarray, fd_of: Callable[[int], int]) -> tuple[bytes, np.ndarray]:
+    """(the pages `entries` point at, which of them are frames): one pread per run of
+    consecutive frames of one file; ZERO entries read as zeros. `fd_of(file id)` opens
+    frame files (the server keeps them open; a push opens them once)."""
+    count = len(entries)
+    out = bytearray(count * PAGE)  # zeros: the zero frame
+    frames = is_frames(entries)
+    # runs of consecutive frames of one file: a new run wherever that breaks
+    breaks = np.flatnonzero((entries[1:] != entries[:-1] + np.uint64(1)) | (frames[1:] != frames[:-1])) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    ends = np.concatenate((breaks, [count])).tolist()
+    view = memoryview(out)
+    for s, e in zip(starts, ends):
+        if not frames[s]:
+            continue
+        entry = int(entries[s])
+        file_id, page = (entry >> FILE_SHIFT) & FILE_MASK, entry & PAGE_MASK
+        got = os.preadv(fd_of(file_id), [view[s * PAGE:e * PAGE]], page * PAGE)
+        if got < (e - s) * PAGE:  # past the end of a frame file: zeros, as written
+            view[s * PAGE + got:e * PAGE] = bytes((e - s) * PAGE - got)
+    return bytes(out), frames
+
+
+__all__ = ["Counters", "Snapshot", "Store", "table_entry", "is_frames", "read_frames", "PAGE"]
