@@ -11,6 +11,8 @@ name has room, the process's start time, so a reused pid does not keep it alive)
     <tmp>/hvkit-vol-<pid>.<start>-*            `hvkit vol`'s symbol and cache folder
     <store>/frames/.import-<pid>.<start>.ram   a remote snapshot being fetched (hvkit.remote.fetch)
     <cache>/remote/*/.<sha256>.<pid>.<start>   an object or file of a store being cached
+    <store>/frames/remote-<hash>.ram           a fetched RAM file no snapshot was sealed over
+                                               (its fetch was killed in between)
 
 Each is removed once its maker is gone and no intent record (ownership.py) of a dead
 owner names it: a fork's journal keeps its staged state until the fork's recovery,
@@ -21,6 +23,7 @@ every command imports this module.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -160,6 +163,30 @@ def remove_fetch_leftovers(runtime: Path, cache: Path) -> list[Path]:
         if maker_gone(tag):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+                removed.append(path)
+    return removed + _unsealed_fetches(store_path(runtime))
+
+
+def _unsealed_fetches(store: Path) -> list[Path]:
+    """A fetched RAM file moved to its place (frames/remote-<hash>.ram) by a fetch
+    killed before it sealed it: no snapshot names its fork id. Looked at under the
+    store's lock (a fetch moves and seals under it), skipped while another holds it."""
+    frames = sorted((store / "frames").glob("remote-*.ram"))
+    if not frames:
+        return []
+    removed = []
+    with open(store / "lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []
+        sealed = set()
+        for snap in (store / "snapshots").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sealed.add(json.loads(snap.read_text()).get("fork_id"))
+        for path in frames:
+            if path.stem not in sealed:
+                path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 

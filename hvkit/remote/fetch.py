@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -87,7 +88,9 @@ class ObjectCache:
             cached.unlink(missing_ok=True)
         got: list[bytes] = []
         body = objects.get(key, check=lambda b: got.append(decompress_checked(b, hexname, limit)))
-        tmp = cached.with_name(f".{hexname}.{process_tag()}")
+        # a name of this thread's own (two threads may fetch the same chunk), ending in
+        # the process's tag (hvkit.leftovers removes it once the process is gone)
+        tmp = cached.with_name(f".{hexname}-{threading.get_ident()}.{process_tag()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(body)

@@ -151,7 +151,7 @@ class ObjectStore:
                 if isinstance(e, BotoCoreError) and not isinstance(e, BotoConnectionError) \
                         and "timeout" not in type(e).__name__.lower() and "Read" not in type(e).__name__:
                     raise HvkitError(f"the store {self.url} at {self._where()}: {e}") from None
-                reason = type(e).__name__
+                reason = str(e) if type(e) is OSError else type(e).__name__
             if time.monotonic() + delay > deadline:
                 raise HvkitError(f"the store {self.url} at {self._where()} did not answer {what} for "
                                  f"{self.retry_seconds:.0f} s (last: {reason})",

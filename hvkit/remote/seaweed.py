@@ -47,6 +47,9 @@ def weed_binary() -> Path:
 
 def _free(port: int) -> bool:
     with socket.socket() as s:
+        # as a server binds it (Go sets SO_REUSEADDR): connections of a killed one in
+        # TIME_WAIT do not keep its port from a restart
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
             return True
