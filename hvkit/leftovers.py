@@ -11,8 +11,9 @@ name has room, the process's start time, so a reused pid does not keep it alive)
     <tmp>/hvkit-vol-<pid>.<start>-*            `hvkit vol`'s symbol and cache folder
     <store>/frames/.import-<pid>.<start>.ram   a remote snapshot being fetched (hvkit.remote.fetch)
     <cache>/remote/*/.<sha256>.<pid>.<start>   an object or file of a store being cached
-    <store>/frames/remote-<hash>.ram           a fetched RAM file no snapshot was sealed over
-                                               (its fetch was killed in between)
+    <store>/frames/remote-<hash>.*             a fetched RAM file (and its source and presence
+                                               files) no snapshot was sealed over (its fetch
+                                               was killed in between)
 
 Each is removed once its maker is gone and no intent record (ownership.py) of a dead
 owner names it: a fork's journal keeps its staged state until the fork's recovery,
@@ -186,7 +187,8 @@ def _unsealed_fetches(store: Path) -> list[Path]:
                 sealed.add(json.loads(snap.read_text()).get("fork_id"))
         for path in frames:
             if path.stem not in sealed:
-                path.unlink(missing_ok=True)
+                for part in (path, path.with_suffix(".present"), path.with_suffix(".source.json")):
+                    part.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 

@@ -7,8 +7,10 @@ credentials are one line."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import threading
 import shutil
 import signal
 import subprocess
@@ -160,6 +162,12 @@ def snapshot_bytes(paths: Paths, name: str) -> np.ndarray:
         store.close()
 
 
+def served_bytes(h: Host, name: str) -> np.ndarray:
+    """Every byte of snapshot `name` as `h`'s memory server serves it to children (read
+    through its FUSE file: a lazily fetched snapshot fetches what is not there yet)."""
+    return np.fromfile(MemServer.of(h.paths).snapshot_file(name), dtype=np.uint8)
+
+
 def assert_children_go_on_clean(h: Host, names: list[str], beat: int) -> None:
     """Each child's first heartbeat follows the parent's last one, and its memory checker
     runs two more rounds over the memory it had, finding every page as it left it."""
@@ -180,10 +188,13 @@ def test_children_on_another_host_see_the_parents_memory_and_share_its_cache(pus
     assert 0 < report.chunks_zero < report.chunks and report.chunks_uploaded > 0
     assert [m.name for m in list_snapshots(STORE)].count(name) == 1
     b = host("b")
-    got = fork_remote(f"{STORE}/{name}", 2, b.paths)
-    assert not got.reused and got.chunks_fetched > 0 and got.chunks_fetched <= got.chunks
-    assert np.array_equal(snapshot_bytes(b.paths, got.snapshot), snapshot_bytes(paths, name))
+    got = fork_remote(f"{STORE}/{name}", 2, b.paths)  # lazy: the top level now, the rest on first read
+    assert not got.reused and got.lazy and got.chunks_fetched == 0 and got.tables_fetched == 1
     assert_children_go_on_clean(b, [c.name for c in got.children], beat)
+    stats = MemServer.of(b.paths).stats()
+    # the children read part of their memory: fetched, and no more than the stored chunks
+    assert 0 < stats["remote_chunks_fetched"] < report.chunks - report.chunks_zero
+    assert np.array_equal(served_bytes(b, got.snapshot), snapshot_bytes(paths, name))
     # the same snapshot again on this host: nothing fetched, the children of both share it
     again = fork_remote(f"{STORE}/{name}", 1, b.paths)
     assert again.reused and again.snapshot == got.snapshot and b.snapshots() == [got.snapshot]
@@ -197,6 +208,13 @@ def test_children_on_another_host_see_the_parents_memory_and_share_its_cache(pus
     assert third.chunks_fetched == 0 and third.tables_fetched == 0 and not third.reused
     assert third.bytes_fetched < 64 * 1024  # the manifest, and the blobs from the cache
     assert_children_go_on_clean(c, [ch.name for ch in third.children], beat)
+    assert np.array_equal(served_bytes(c, third.snapshot), snapshot_bytes(paths, name))
+    assert MemServer.of(c.paths).stats()["remote_chunks_fetched"] == 0  # all from b's fetches
+    # and fetching it all at once (--fetch all) on a fourth host finds the same bytes
+    d = host("d")
+    whole = fork_remote(f"{STORE}/{name}", 1, d.paths, lazy=False)
+    assert not whole.lazy and 0 < whole.chunks_fetched <= whole.chunks  # a chunk twice in it: fetched once
+    assert np.array_equal(snapshot_bytes(d.paths, whole.snapshot), snapshot_bytes(paths, name))
     c.cache = Path(tempfile.mkdtemp())  # b removes the shared cache
 
 
@@ -224,8 +242,10 @@ def test_killed_push_and_killed_fetch_leave_no_snapshot(pushed, paths, host, s3_
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr)
         assert "killed" not in [m.name for m in list_snapshots(STORE)], point
     b = host("b")
-    for point in ("fetch:chunks written", "fetch:before seal"):
-        r = run_cli("fork", "--snapshot", f"{STORE}/{name}", env={**env, **b.env(), "HVKIT_DIE_AT": point})
+    for point, fetch in (("fetch:chunks written", "all"), ("fetch:before seal", "all"),
+                         ("fetch:before seal", "lazy")):
+        r = run_cli("fork", "--snapshot", f"{STORE}/{name}", "--fetch", fetch,
+                    env={**env, **b.env(), "HVKIT_DIE_AT": point})
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr)
         assert b.snapshots() == [], point
         run_cli("vm", "list", env={**env, **b.env()})  # any command sweeps what the kill left
@@ -234,7 +254,7 @@ def test_killed_push_and_killed_fetch_leave_no_snapshot(pushed, paths, host, s3_
         assert not list((b.runtime / "memserver" / "store" / "snapshots").glob(".*.state")), point
     r = run_cli("fork", "--snapshot", f"{STORE}/{name}", "--json", env={**env, **b.env()})
     assert r.returncode == 0, r.stderr
-    assert np.array_equal(snapshot_bytes(b.paths, b.snapshots()[0]), snapshot_bytes(paths, name))
+    assert np.array_equal(served_bytes(b, b.snapshots()[0]), snapshot_bytes(paths, name))
 
 
 @pytest.mark.slow
@@ -243,18 +263,27 @@ def test_a_damaged_chunk_is_never_used(pushed, paths, host, s3_env, monkeypatch,
     _, name, _, _ = pushed
     objects = ObjectStore(StoreURL.parse(STORE))
     manifest, _ = read_manifest(objects, name)
-    victim = chunk_list(objects, ObjectCache(tmp_path), manifest, FetchReport("", "", False))[-1][1]
+    index, victim = chunk_list(objects, ObjectCache(tmp_path), manifest, FetchReport("", "", False))[-1]
     good = objects.get(chunk_key(victim))
     objects.put(chunk_key(victim), compress(bytes(64 * 1024 - 1) + b"x"))  # valid zstd, wrong content
     monkeypatch.setenv("HVKIT_S3_RETRY_SECONDS", "2")
-    b = host("b")
+    b, c = host("b"), host("c")
     try:
         with pytest.raises(HvkitError, match="does not match its hash"):
-            fork_remote(f"{STORE}/{name}", 1, b.paths)
+            fork_remote(f"{STORE}/{name}", 1, b.paths, lazy=False)
+        assert b.snapshots() == [] and not any((b.runtime / "memserver" / "store" / "frames").iterdir())
+        # lazily, the read under it fails (a child reading it would stop), never a wrong page
+        got = fork_remote(f"{STORE}/{name}", 1, c.paths)
+        with open(MemServer.of(c.paths).snapshot_file(got.snapshot), "rb") as f:
+            f.seek(index * 64 * 1024)
+            with pytest.raises(OSError) as e:
+                f.read(64 * 1024)
+        assert e.value.errno == errno.EIO
+        assert "does not match its hash" in MemServer.of(c.paths).log_file.read_text()
     finally:
         objects.put(chunk_key(victim), good)
-    assert b.snapshots() == [] and not any((b.runtime / "memserver" / "store" / "frames").iterdir())
     assert not (b.cache / "remote" / "objects" / victim).exists()
+    assert not (c.cache / "remote" / "objects" / victim).exists()
 
 
 @pytest.mark.slow
@@ -262,7 +291,8 @@ def test_a_damaged_chunk_is_never_used(pushed, paths, host, s3_env, monkeypatch,
 def test_store_killed_and_restarted_mid_fetch_gives_no_wrong_page(pushed, paths, host, s3_store, s3_env):
     _, name, beat, report = pushed
     d = host("d")
-    proc = subprocess.Popen([sys.executable, "-m", "hvkit", "fork", "--snapshot", f"{STORE}/{name}", "--json"],
+    proc = subprocess.Popen([sys.executable, "-m", "hvkit", "fork", "--snapshot", f"{STORE}/{name}", "--json",
+                             "--fetch", "all"],
                             env={**os.environ, **s3_env, **d.env(), "HVKIT_S3_RETRY_SECONDS": "120"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     total = report.chunks - report.chunks_zero
@@ -282,3 +312,25 @@ def test_store_killed_and_restarted_mid_fetch_gives_no_wrong_page(pushed, paths,
     assert d.cached_objects() > at_kill
     assert np.array_equal(snapshot_bytes(d.paths, d.snapshots()[0]), snapshot_bytes(paths, name))
     assert_children_go_on_clean(d, [find_vm(r.name, d.paths).name for r in list_vms(d.paths)], beat)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_store_killed_and_restarted_under_lazy_children_gives_no_wrong_page(pushed, paths, host, s3_store,
+                                                                            s3_env, monkeypatch):
+    _, name, beat, _ = pushed
+    monkeypatch.setenv("HVKIT_S3_RETRY_SECONDS", "180")  # the memory server, started here, inherits it
+    e = host("e")
+    got = fork_remote(f"{STORE}/{name}", 1, e.paths)
+    s3_store.kill()
+    read: list[np.ndarray] = []
+    reader = threading.Thread(target=lambda: read.append(served_bytes(e, got.snapshot)))
+    try:
+        reader.start()  # every chunk not fetched yet waits for the store
+        time.sleep(3)
+        assert reader.is_alive(), "the whole snapshot was read while the store was down"
+    finally:
+        s3_store.start("hvkit")
+    reader.join(300)
+    assert read and np.array_equal(read[0], snapshot_bytes(paths, name))
+    assert_children_go_on_clean(e, [c.name for c in got.children], beat)

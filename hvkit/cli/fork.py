@@ -39,9 +39,12 @@ def _print_child(child: ChildStarted) -> None:
                    "s3://BUCKET/PREFIX/NAME (see 'hvkit snapshot --help').")
 @click.option("--endpoint", metavar="URL", default=None,
               help="With an s3:// snapshot: the S3 endpoint (default: AWS_ENDPOINT_URL, else AWS S3).")
+@click.option("--fetch", type=click.Choice(["lazy", "all"]), default="lazy", show_default=True,
+              help="With an s3:// snapshot: fetch its chunks when the children first read them "
+                   "(lazy), or all of them before the children start.")
 @json_option
 def fork(vm: str | None, n: int, stay_paused: bool, keep_free: bool, snapshot: str | None,
-         endpoint: str | None, as_json: bool) -> None:
+         endpoint: str | None, fetch: str, as_json: bool) -> None:
     """Fork running VM into N children named VM-1 ... VM-N.
 
     The VM is paused, its device state saved and its memory snapshotted on hvkit's
@@ -53,7 +56,7 @@ def fork(vm: str | None, n: int, stay_paused: bool, keep_free: bool, snapshot: s
     if (vm is None) == (snapshot is None):
         raise HvkitError("give either a VM to fork or --snapshot NAME", "see 'hvkit fork --help'")
     if snapshot and snapshot.startswith("s3://"):
-        _children_of_remote(snapshot, n, endpoint, as_json)
+        _children_of_remote(snapshot, n, endpoint, fetch == "lazy", as_json)
         return
     if snapshot:
         _children_of_snapshot(snapshot, n, as_json)
@@ -103,15 +106,20 @@ def _children_of_snapshot(name: str, n: int, as_json: bool) -> None:
     console().print(f"started {', '.join(c.name for c in children)} from snapshot {name}")
 
 
-def _children_of_remote(url: str, n: int, endpoint: str | None, as_json: bool) -> None:
-    report = fork_remote(url, n, Paths.from_env(), endpoint, None if as_json else _print_child)
+def _children_of_remote(url: str, n: int, endpoint: str | None, lazy: bool, as_json: bool) -> None:
+    report = fork_remote(url, n, Paths.from_env(), endpoint, None if as_json else _print_child, lazy)
     if as_json:
         print_json(report.to_json())
         return
-    got = ("fetched before on this host: nothing fetched" if report.reused else
-           f"{report.chunks_fetched} of its {report.chunks} stored chunks and {report.tables_fetched} tables "
-           f"fetched ({mib(report.bytes_fetched):.1f} MiB), the rest from this host's cache, in "
-           f"{report.fetch_seconds * 1000:.0f} ms")
+    if report.reused:
+        got = "on this host's memory server already: nothing fetched"
+    elif report.lazy:
+        got = (f"manifest and top-level table fetched in {report.fetch_seconds * 1000:.0f} ms; the memory "
+               "server fetches the rest on first read")
+    else:
+        got = (f"{report.chunks_fetched} of its {report.chunks} stored chunks and {report.tables_fetched} tables "
+               f"fetched ({mib(report.bytes_fetched):.1f} MiB), the rest from this host's cache, in "
+               f"{report.fetch_seconds * 1000:.0f} ms")
     console().print(f"started {', '.join(c.name for c in report.children)} from {url} "
                     f"(local snapshot {report.snapshot}; {got})")
 

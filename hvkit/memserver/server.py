@@ -16,6 +16,7 @@ Run it with `python -m hvkit.memserver.server STORE MOUNT` (daemon.py does).
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import os
@@ -26,8 +27,10 @@ import time
 from pathlib import Path
 
 from hvkit.errors import HvkitError
-from hvkit.memserver.store import PAGE, SNAPSHOT_SUFFIX, Snapshot, Store, read_frames
-from hvkit.memserver.table import resolve
+import numpy as np
+
+from hvkit.memserver.store import PAGE, SNAPSHOT_SUFFIX, Snapshot, Store, is_frames, read_frames
+from hvkit.memserver.table import FILE_MASK, FILE_SHIFT, PAGE_MASK, resolve
 
 log = logging.getLogger(__name__)
 STATS = "stats.json"
@@ -50,6 +53,7 @@ class SnapshotFS:
         self._lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
         self._fds: dict[int, int] = {}  # frame file id -> fd
+        self._sources: dict[int, object | None] = {}  # frame file id -> what fills it (Store.frame_source)
         self.started = time.time()
         self.served: dict[str, dict[str, int]] = {}
 
@@ -78,10 +82,39 @@ class SnapshotFS:
                 fd = self._fds[file_id] = os.open(self.store.frame_file(file_id), os.O_RDONLY)
             return fd
 
+    def _source(self, file_id: int):
+        """The reader that fills frame file `file_id` on first read, or None (most files:
+        their frames are all there). Imported by the name its source file gives."""
+        with self._lock:
+            if file_id in self._sources:
+                return self._sources[file_id]
+        config = self.store.frame_source(file_id)
+        source = None
+        if config is not None:
+            module, _, name = str(config.get("reader", "")).partition(":")
+            source = getattr(importlib.import_module(module), name)(self.store.frame_file(file_id), config)
+        with self._lock:
+            return self._sources.setdefault(file_id, source)
+
+    def _make_present(self, entries: np.ndarray) -> None:
+        """Frames of files filled on first read are made present before they are read."""
+        frames = is_frames(entries)
+        if not frames.any():
+            return
+        used = entries[frames]
+        ids = (used >> np.uint64(FILE_SHIFT)) & np.uint64(FILE_MASK)
+        for file_id in np.unique(ids).tolist():
+            source = self._source(int(file_id))
+            if source is not None:
+                source.ensure((used[ids == file_id] & np.uint64(PAGE_MASK)).astype(np.int64))
+
     def stats(self) -> dict:
         with self._lock:
             served = {k: dict(v) for k, v in self.served.items()}
+        with self._lock:
+            sources = [s for s in self._sources.values() if s is not None]
         return {"pid": os.getpid(), "started": self.started, "store": str(self.store.path),
+                "remote_chunks_fetched": sum(getattr(s, "fetched", 0) for s in sources),
                 "snapshots": served,
                 "pages_served": sum(v["pages"] for v in served.values()),
                 "zero_pages_served": sum(v["zero_pages"] for v in served.values())}
@@ -125,12 +158,18 @@ class SnapshotFS:
         if size == 0:
             return b""
         first, last = offset // PAGE, (offset + size - 1) // PAGE
-        data = self._read_pages(snap, first, last - first + 1)
+        try:
+            data = self._read_pages(snap, first, last - first + 1)
+        except Exception as e:  # a frame that cannot be made present: the read fails, never wrong
+            log.error("snapshot %s: pages %d-%d cannot be read (%s); the VMs reading them stop",
+                      snap.name, first, last, e)
+            raise _fuse().FuseOSError(errno.EIO) from None
         skip = offset - first * PAGE
         return data[skip:skip + size]
 
     def _read_pages(self, snap: Snapshot, first: int, count: int) -> bytes:
         entries = resolve(self.store.tables, snap.root, snap.levels, first, count)
+        self._make_present(entries)
         out, frames = read_frames(entries, self._fd)
         zero = int(count - frames.sum())
         with self._lock:

@@ -164,6 +164,20 @@ class Store:
             raise HvkitError(f"the memory server's store {self.path} has no frame file {file_id}",
                              "start over with 'hvkit memserver clear'") from None
 
+    def frame_source(self, file_id: int) -> dict | None:
+        """What fills frame file `file_id` on first read, if something does: a file whose
+        frames come from elsewhere (a snapshot fetched lazily from an object store) has
+        `<stem>.source.json` beside it naming the reader (`module:Class`) the server
+        imports for it. The memory server never imports those readers by name."""
+        path = self.frame_file(file_id)
+        source = path.with_name(path.name.split(".", 1)[0] + ".source.json")
+        try:
+            return json.loads(source.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise HvkitError(f"{source} cannot be read ({e})", "the snapshot over it cannot be served") from None
+
     def frozen_path(self, fork_id: str) -> Path:
         """Where a fork moves a VM's RAM file (freeze_ram_file then seals it there)."""
         return self.path / "frames" / f"{fork_id}.ram"

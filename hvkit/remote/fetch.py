@@ -1,31 +1,32 @@
 """`hvkit fork --snapshot s3://BUCKET/PREFIX/NAME`: children on this host of a snapshot
 pushed from any host.
 
-This is the first step of the design in docs/remote.md: the fork fetches the
-manifest, then the tables from the top level down, then every chunk the snapshot
-stores, before the children start (not yet on the children's first reads). What it
-fetches goes through this host's cache (`$HVKIT_CACHE/remote/objects/<sha256>`,
-compressed as stored), which every fork on this host shares: a cached object is never
-fetched again. Every object is checked against its hash, when fetched and when read
-from the cache; a damaged one is fetched again, so a child never reads a wrong page.
+Lazy (the default): the fork fetches the manifest, the top-level table and the device
+state, and seals a local snapshot over a sparse RAM file that the memory server fills
+on the children's first reads (lazy.py): lower tables and chunks are fetched when a
+read first falls under them. `--fetch all`: the fork fetches every table and chunk
+first (8 requests at a time), and the children read nothing from the store.
 
-The chunks are written into a RAM file in the memory server's store, which then
-seals it as a local snapshot (`Store.freeze_ram_file`, as a fork of a VM does): the
-local memory server serves it to the children as it serves any snapshot. The
-snapshot stays in the store, so the next fork of the same manifest on this host
-fetches nothing. Zero chunks stay holes of that file (they cost no memory).
+Either way, what is fetched goes through this host's cache (cache.py), which every
+fork and the memory server share: a cached object is never fetched again. Every
+object is checked against its hash, when fetched and when read from the cache; a
+damaged one is fetched again, so a child never reads a wrong page.
+
+The sealed snapshot (`Store.freeze_ram_file`, as a VM's first fork makes one) is
+served by the local memory server as any snapshot is, and stays: the next fork of the
+same manifest on this host starts its children from it. Zero chunks stay holes of the
+RAM file (they cost no memory).
 
 Killed at any moment, a fetch leaves no snapshot: the RAM file is built under a name
-carrying the process's tag (`frames/.import-<pid>.<start>.ram`, removed by the next
-command once its maker is gone, hvkit.leftovers) and the device state as a fork's staged state
-(hvkit.leftovers), and the store seals it only when whole.
+carrying the process's tag (`frames/.import-<pid>.<start>.ram`), the device state as
+a fork's staged state, and the store seals it only when whole, under its lock; the
+next hvkit command removes what a killed fetch left (hvkit.leftovers).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,8 @@ from hvkit.memserver import MemServer, Snapshot, Store
 from hvkit.qemu.ownership import fault_point
 from hvkit.remote.layout import (DIGEST, TABLE_RAW, Blob, Manifest, blob_key, chunk_key,
                                  decompress_checked, digest, manifest_key, table_entries, table_key)
+from hvkit.remote.cache import ObjectCache
+from hvkit.remote.lazy import write_source
 from hvkit.remote.objects import NotFound, ObjectStore, StoreURL
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ class FetchReport:
     url: str
     snapshot: str  # the local snapshot it became
     reused: bool  # fetched before on this host: nothing fetched now
-    chunks: int = 0  # chunks of the snapshot that are not zero
+    lazy: bool = True  # chunks fetched on first read (by the memory server), not by the fork
+    chunks: int = 0  # chunks fetched or found in the cache by the fork (lazy: none)
     chunks_fetched: int = 0  # of those, fetched from the store (the rest came from the cache)
     tables_fetched: int = 0
     bytes_fetched: int = 0  # compressed bytes from the store
@@ -61,41 +65,6 @@ class FetchReport:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class ObjectCache:
-    """This host's cache of a store's objects, by hash (shared by every fork here)."""
-
-    root: Path
-
-    @classmethod
-    def of(cls, paths: Paths) -> "ObjectCache":
-        return cls(make_private_dir(paths.cache / "remote" / "objects"))
-
-    def path(self, hexname: str) -> Path:
-        return self.root / hexname
-
-    def get(self, objects: ObjectStore, key: str, hexname: str, limit: int) -> tuple[bytes, bool]:
-        """(the object's uncompressed bytes, whether it was fetched from the store)."""
-        cached = self.path(hexname)
-        try:
-            return decompress_checked(cached.read_bytes(), hexname, limit), False
-        except FileNotFoundError:
-            pass
-        except ValueError as e:
-            log.warning("cached %s is damaged (%s): fetched again", cached, e)
-            cached.unlink(missing_ok=True)
-        got: list[bytes] = []
-        body = objects.get(key, check=lambda b: got.append(decompress_checked(b, hexname, limit)))
-        # a name of this thread's own (two threads may fetch the same chunk), ending in
-        # the process's tag (hvkit.leftovers removes it once the process is gone)
-        tmp = cached.with_name(f".{hexname}-{threading.get_ident()}.{process_tag()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        tmp.replace(cached)  # whole or not there
-        return got[-1], True
 
 
 def fetch_table(objects: ObjectStore, hexname: str, cache: ObjectCache | None = None) -> bytes:
@@ -107,14 +76,16 @@ def fetch_table(objects: ObjectStore, hexname: str, cache: ObjectCache | None = 
     return got[-1]
 
 
-def read_manifest(objects: ObjectStore, name: str) -> tuple[Manifest, str]:
-    """The manifest of `name` and its own hash (what names a fetch of it on this host)."""
+def read_manifest(objects: ObjectStore, name: str, with_body: bool = False):
+    """The manifest of `name` and its own hash (what names a fetch of it on this host),
+    and with `with_body` its bytes."""
     try:
         body = objects.get(manifest_key(name))
     except NotFound:
         raise HvkitError(f"the store {objects.url} has no snapshot named {name!r}",
                          "see 'hvkit snapshot ls --store ...'") from None
-    return Manifest.from_bytes(body, f"{objects.url}/{manifest_key(name)}"), digest(body).hex()
+    manifest = Manifest.from_bytes(body, f"{objects.url}/{manifest_key(name)}")
+    return (manifest, digest(body).hex(), body) if with_body else (manifest, digest(body).hex())
 
 
 def chunk_list(objects: ObjectStore, cache: ObjectCache, m: Manifest, report: FetchReport) -> list[tuple[int, str]]:
@@ -141,12 +112,14 @@ def chunk_list(objects: ObjectStore, cache: ObjectCache, m: Manifest, report: Fe
     return sorted(out)
 
 
-def import_snapshot(paths: Paths, url: str, endpoint: str | None = None) -> tuple[Snapshot, FetchReport]:
-    """The local snapshot of remote snapshot `url`: fetched now, or found from before."""
+def import_snapshot(paths: Paths, url: str, endpoint: str | None = None,
+                    lazy: bool = True) -> tuple[Snapshot, FetchReport]:
+    """The local snapshot of remote snapshot `url`: made now, or found from before.
+    `lazy`: its chunks are fetched on first read (lazy.py); else all of them now."""
     store_url, name = StoreURL.parse_snapshot(url)
     objects = ObjectStore(store_url, endpoint)
     t0 = time.monotonic()
-    manifest, manifest_hash = read_manifest(objects, name)
+    manifest, manifest_hash, body = read_manifest(objects, name, with_body=True)
     fork_id = f"remote-{manifest_hash[:32]}"
     server = MemServer.of(paths)
     make_private_dir(server.root)
@@ -156,8 +129,9 @@ def import_snapshot(paths: Paths, url: str, endpoint: str | None = None) -> tupl
             done = store.snapshot_of_fork(fork_id)
         if done is not None:
             return done, FetchReport(url, done.name, True)
-        report = FetchReport(url, "", False)
-        snap = _fetch_into(store, objects, manifest, fork_id, paths, report)
+        report = FetchReport(url, "", False, lazy=lazy)
+        source = (str(store_url), endpoint, body) if lazy else None
+        snap = _fetch_into(store, objects, manifest, fork_id, paths, report, source)
         report.snapshot = snap.name
         report.bytes_fetched = objects.bytes_in
         report.fetch_seconds = time.monotonic() - t0
@@ -167,11 +141,18 @@ def import_snapshot(paths: Paths, url: str, endpoint: str | None = None) -> tupl
 
 
 def _fetch_into(store: Store, objects: ObjectStore, m: Manifest, fork_id: str, paths: Paths,
-                report: FetchReport) -> Snapshot:
+                report: FetchReport, source: tuple[str, str | None, bytes] | None) -> Snapshot:
+    """Fetches snapshot `m` into `store` and seals it. With `source` (store URL,
+    endpoint, manifest bytes), only its top-level table now, the rest on first read."""
     cache = ObjectCache.of(paths)
     remove_fetch_leftovers(paths.runtime, paths.cache)
     remove_staged_states(paths.runtime)
-    chunks = chunk_list(objects, cache, m, report)
+    if source is None:
+        chunks = chunk_list(objects, cache, m, report)
+    else:
+        chunks = []
+        if m.root != ZERO_HEX:  # the top level, fetched at the fork (lazy.py fetches the rest)
+            report.tables_fetched += cache.get(objects, table_key(m.root), m.root, TABLE_RAW)[1]
     report.chunks = len(chunks)
     ram = store.path / "frames" / f"{IMPORT_PREFIX}{process_tag()}.ram"
     state = store.staged_state(new_fork_id())
@@ -205,6 +186,8 @@ def _fetch_into(store: Store, objects: ObjectStore, m: Manifest, fork_id: str, p
             if done is not None:
                 return done
             frozen = store.frozen_path(fork_id)
+            if source is not None:
+                write_source(frozen, source[0], source[1], cache.root, source[2])
             os.rename(ram, frozen)
             fault_point("fetch:before seal")
             return store.freeze_ram_file(frozen, m.size, m.vm, state, machine, fork_id)
@@ -231,11 +214,12 @@ def _blob_file(cache: ObjectCache, objects: ObjectStore, blob: Blob, paths: Path
 
 
 def fork_remote(url: str, n: int, paths: Paths | None = None, endpoint: str | None = None,
-                on_child: ChildCallback | None = None) -> FetchReport:
-    """Starts `n` children on this host of remote snapshot `url`."""
+                on_child: ChildCallback | None = None, lazy: bool = True) -> FetchReport:
+    """Starts `n` children on this host of remote snapshot `url` (`lazy`: they start
+    at once, and the memory server fetches the chunks they read on first read)."""
     paths = paths or Paths.from_env()
     t0 = time.monotonic()
-    snap, report = import_snapshot(paths, url, endpoint)
+    snap, report = import_snapshot(paths, url, endpoint, lazy)
     names = child_names(snap.vm, n, paths)
     server = MemServer.of(paths)
     pid = server.start()

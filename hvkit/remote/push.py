@@ -27,6 +27,7 @@ from hvkit.memserver.table import resolve
 from hvkit.qemu.ownership import fault_point
 from hvkit.remote.layout import (DEFAULT_CHUNK_BYTES, DIGEST, Blob, Manifest, blob_key, build_tables,
                                  chunk_key, compress, digest, manifest_key, table_entries, table_key)
+from hvkit.remote.lazy import LazyFrames
 from hvkit.remote.objects import NotFound, ObjectStore, StoreURL, check_name
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,9 @@ def _push_chunks(store: Store, snap: Snapshot, objects: ObjectStore, chunk_bytes
 
     def fd_of(file_id: int) -> int:
         if file_id not in fds:
+            source = store.frame_source(file_id)
+            if source is not None:  # a snapshot fetched lazily here: every chunk fetched first
+                LazyFrames(store.frame_file(file_id), source).ensure_all()
             fds[file_id] = os.open(store.frame_file(file_id), os.O_RDONLY)
         return fds[file_id]
 
