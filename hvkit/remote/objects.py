@@ -149,7 +149,7 @@ class ObjectStore:
                 reason = f"{code or status}"
             except (BotoConnectionError, BotoCoreError, OSError) as e:
                 if isinstance(e, BotoCoreError) and not isinstance(e, BotoConnectionError) \
-                        and "timeout" not in type(e).__name__.lower() and "Read" not in type(e).__name__:
+                        and not any(w in type(e).__name__ for w in ("Timeout", "Read", "Stream")):
                     raise HvkitError(f"the store {self.url} at {self._where()}: {e}") from None
                 reason = str(e) if type(e) is OSError else type(e).__name__
             if time.monotonic() + delay > deadline:
