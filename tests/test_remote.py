@@ -68,6 +68,34 @@ def test_bad_urls_credentials_and_stores_are_one_line(s3_store, tmp_path):
     assert not (tmp_path / "rt" / "memserver" / "mnt").exists() or not os.listdir(tmp_path / "rt" / "memserver" / "mnt")
 
 
+def test_store_serve_runs_a_store_until_stopped(tmp_path):
+    """`hvkit store serve`: a SeaweedFS S3 server whose printed settings work, refused
+    a second time on the same folder, gone (with its unix sockets) after SIGTERM."""
+    folder = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "hvkit", "store", "serve", "--dir", str(folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(6)]
+        env = dict(line.split(" ", 1)[1].strip().split("=", 1) for line in lines if line.startswith("export "))
+        assert set(env) >= {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, lines
+        listed = run_cli("snapshot", "ls", "--store", "s3://hvkit/x", env=env)
+        assert listed.returncode == 0 and "no snapshots" in listed.stdout, listed.stderr
+        one_line_error(run_cli("store", "serve", "--dir", str(folder)), "already runs from")
+        assert (folder / "hvkit-s3.json").stat().st_mode & 0o077 == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert not (folder / "weed.pid").exists()
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _runs_weed_of(p, folder)]
+
+
+def _runs_weed_of(proc: Path, folder: Path) -> bool:
+    try:
+        return f"-dir={folder}".encode() in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 # ---- two hosts ------------------------------------------------------------------------
 
 class Host:
