@@ -16,7 +16,8 @@ running for that). Then, each from the request until the child runs:
   remote, warm, lazy     a third host sharing the second's cache
   remote, cold, all      a fourth host, `--fetch all`: every chunk before the child starts
 
-After each remote child has run --settle seconds, the chunks its memory server fetched
+Each host's memory server is started before its clock starts (as the local one
+is). After each remote child has run --settle seconds, the chunks its memory server fetched
 and the pages it served (the child's reads through FUSE, with the kernel's
 readahead) are read from the server's stats. Every child is stopped before the next
 arm. Not measured here (see docs/remote.md): added round trips (netem), 4 GiB guests
@@ -61,6 +62,7 @@ def host(cache: Path | None = None) -> Paths:
 
 
 def remote_arm(label: str, url: str, paths: Paths, settle: float, lazy: bool) -> dict:
+    MemServer.of(paths).start()  # running before the clock starts, as for the local child
     report = fork_remote(url, 1, paths, lazy=lazy)
     time.sleep(settle)
     stats = MemServer.of(paths).stats() or {}
