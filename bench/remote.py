@@ -69,7 +69,8 @@ def remote_arm(label: str, url: str, paths: Paths, settle: float, lazy: bool) ->
     row = {"arm": label, "first_child_s": report.children[0].seconds, "fork_fetch_s": report.fetch_seconds,
            "fork_bytes_fetched": report.bytes_fetched, "chunks_fetched_by_fork": report.chunks_fetched,
            "chunks_fetched_on_read": stats.get("remote_chunks_fetched", 0),
-           "pages_served": stats.get("pages_served", 0), "zero_pages_served": stats.get("zero_pages_served", 0)}
+           "pages_served": stats.get("pages_served", 0), "zero_pages_served": stats.get("zero_pages_served", 0),
+           "chunks_prefetched": stats.get("remote_chunks_prefetched", 0)}
     stop_all(paths)
     MemServer.of(paths).stop(force=True)
     return row
@@ -91,10 +92,16 @@ def one_size(size: str, settle: float, name: str, paths: Paths) -> list[dict]:
     started = start_children(local, child_names(name, 1, paths), server, pid, name, paths, t0)
     rows.append({"arm": "local child", "first_child_s": started[0].seconds})
     find_vm(started[0].name, paths).stop()
+    ws_store = server.store()  # the pages its children read in their first 10 s (the server records them)
+    deadline = time.monotonic() + 120
+    while ws_store.working_set(snap) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    ws_store.close()
+    p0 = push(paths, snap, STORE, as_name=f"{name}-{size}-nows", working_set=False)
     p1 = push(paths, snap, STORE, as_name=f"{name}-{size}")
-    rows.append({"arm": "push", "seconds": p1.seconds, "bytes": p1.bytes_uploaded, "chunks": p1.chunks,
-                 "chunks_zero": p1.chunks_zero, "chunks_uploaded": p1.chunks_uploaded,
-                 "pages_uploaded": p1.pages_uploaded})
+    rows.append({"arm": "push", "seconds": p0.seconds, "bytes": p0.bytes_uploaded, "chunks": p0.chunks,
+                 "chunks_zero": p0.chunks_zero, "chunks_uploaded": p0.chunks_uploaded,
+                 "pages_uploaded": p0.pages_uploaded, "working_set_chunks": p1.working_set_chunks})
     time.sleep(settle)
     ff = fork(child, 1, paths)
     p2 = push(paths, ff.snapshot, STORE, as_name=f"{name}-{size}-ff")
@@ -106,13 +113,14 @@ def one_size(size: str, settle: float, name: str, paths: Paths) -> list[dict]:
     url = f"{STORE}/{name}-{size}"
     b = host()
     c = Paths(b.cache, host().runtime)
-    d = host()
+    d, e = host(), host()
     try:
-        rows.append(remote_arm("remote, cold cache, lazy", url, b, settle, True))
-        rows.append(remote_arm("remote, warm cache, lazy", url, c, settle, True))
+        rows.append(remote_arm("remote, cold cache, lazy", url + "-nows", b, settle, True))
+        rows.append(remote_arm("remote, warm cache, lazy", url + "-nows", c, settle, True))
+        rows.append(remote_arm("remote, cold cache, lazy + working set", url, e, settle, True))
         rows.append(remote_arm("remote, cold cache, fetch all", url, d, settle, False))
     finally:
-        for h in (b, c, d):
+        for h in (b, c, d, e):
             stop_all(h)
             MemServer.of(h).stop(force=True)
             shutil.rmtree(h.runtime, ignore_errors=True)

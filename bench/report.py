@@ -284,13 +284,15 @@ def render_remote(results: Path, docs: Path) -> str:
             if "first_child_s" in r:
                 ratio = f"{r['first_child_s'] / local:.2f}x" if local else None
                 fetched = (None if arm == "local child" else
-                           f"{r.get('chunks_fetched_by_fork', 0)} by the fork, {r.get('chunks_fetched_on_read', 0)} on read "
-                           f"({r.get('pages_served', 0)} pages served)")
+                           f"{r.get('chunks_fetched_by_fork', 0)} by the fork, {r.get('chunks_fetched_on_read', 0)} on read"
+                           + (f" (of them {r['chunks_prefetched']} prefetched)" if r.get("chunks_prefetched") else "")
+                           + f"; {r.get('pages_served', 0)} pages served")
                 out.append([size, arm, ms(r["first_child_s"]), ratio, fetched])
             else:
                 pages = r.get("pages_written")
                 what = (f"{r['chunks_uploaded']} chunks ({r['pages_uploaded']} pages) of {r.get('chunks', '-')}, "
-                        f"{r.get('chunks_zero', '-')} zero" if pages is None else
+                        f"{r.get('chunks_zero', '-')} zero; working set {r.get('working_set_chunks', '-')} chunks"
+                        if pages is None else
                         f"{r['chunks_uploaded']} chunks ({r['pages_uploaded']} pages) for {pages} pages written: "
                         f"{r['pages_uploaded'] / max(pages, 1):.2f}x")
                 out.append([size, arm, f"{r['seconds']:.1f} s", f"{r['bytes'] / MiB:.1f} MiB sent", what])

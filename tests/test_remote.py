@@ -8,6 +8,7 @@ credentials are one line."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import threading
@@ -29,7 +30,7 @@ from hvkit.memserver import MemServer, Store, fuse_unavailable_reason
 from hvkit.memserver.store import read_frames
 from hvkit.memserver.table import resolve
 from hvkit.qemu import find_vm, list_vms, start_vm
-from hvkit.remote import fork_remote, list_snapshots, push
+from hvkit.remote import fork_remote, list_snapshots, push, remove_snapshot
 from hvkit.remote.fetch import FetchReport, ObjectCache, chunk_list, read_manifest
 from hvkit.remote.layout import chunk_key, compress
 from hvkit.remote.objects import ObjectStore, StoreURL
@@ -80,6 +81,8 @@ def test_store_serve_runs_a_store_until_stopped(tmp_path):
         assert set(env) >= {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, lines
         listed = run_cli("snapshot", "ls", "--store", "s3://hvkit/x", env=env)
         assert listed.returncode == 0 and "no snapshots" in listed.stdout, listed.stderr
+        listed = run_cli("snapshot", "ls", "--store", "s3://hvkit/x", "--json", env=env)
+        assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
         one_line_error(run_cli("store", "serve", "--dir", str(folder)), "already runs from")
         assert (folder / "hvkit-s3.json").stat().st_mode & 0o077 == 0
     finally:
@@ -158,11 +161,20 @@ def pushed(paths, guest, s3_env):
     """A memory-checking guest forked (paused, so its last heartbeat is known) and its
     snapshot pushed: (VM, snapshot name, last heartbeat, push report)."""
     before = {row.name for row in list_vms(paths)}
+    MemServer.of(paths).stop(force=True)  # started again below, recording working sets for 3 s
+    os.environ["HVKIT_WORKING_SET_SECONDS"] = "3"
     vm = start_vm("s3o", memory="256M", workload="memcheck:32", paths=paths)
     vm.wait_for_console(r"HVKIT-MEMCHECK round=2 live_mib=\d+ errors=0", timeout=120)
     vm.pause()
     beat = last_heartbeat(vm.console())
     report = fork("s3o", 1, paths)
+    os.environ.pop("HVKIT_WORKING_SET_SECONDS")
+    # the pages its child read in its first 3 s: pushed with it, prefetched by remote forks
+    store = MemServer.of(paths).store()
+    deadline = time.monotonic() + 60
+    while store.working_set(report.snapshot) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    store.close()
     pushed_report = push(paths, report.snapshot, STORE)
     yield vm, report.snapshot, beat, pushed_report
     for row in list_vms(paths):
@@ -214,14 +226,17 @@ def test_children_on_another_host_see_the_parents_memory_and_share_its_cache(pus
     vm, name, beat, report = pushed
     assert report.chunks == 256 * 1024 * 1024 // (64 * 1024)
     assert 0 < report.chunks_zero < report.chunks and report.chunks_uploaded > 0
+    assert 0 < report.working_set_chunks < report.chunks - report.chunks_zero
     assert [m.name for m in list_snapshots(STORE)].count(name) == 1
     b = host("b")
     got = fork_remote(f"{STORE}/{name}", 2, b.paths)  # lazy: the top level now, the rest on first read
     assert not got.reused and got.lazy and got.chunks_fetched == 0 and got.tables_fetched == 1
     assert_children_go_on_clean(b, [c.name for c in got.children], beat)
     stats = MemServer.of(b.paths).stats()
-    # the children read part of their memory: fetched, and no more than the stored chunks
+    # the children read part of their memory: fetched, and no more than the stored chunks;
+    # the working set was prefetched in the background meanwhile
     assert 0 < stats["remote_chunks_fetched"] < report.chunks - report.chunks_zero
+    assert 0 < stats["remote_chunks_prefetched"] <= report.working_set_chunks
     assert np.array_equal(served_bytes(b, got.snapshot), snapshot_bytes(paths, name))
     # the same snapshot again on this host: nothing fetched, the children of both share it
     again = fork_remote(f"{STORE}/{name}", 1, b.paths)
@@ -257,7 +272,13 @@ def test_a_forked_vms_push_uploads_only_the_chunks_it_changed(pushed, paths):
     # every chunk it uploads holds a page the child wrote; every other one was there
     assert 0 < second.chunks_uploaded <= report.pages_written
     assert second.chunks_uploaded < second.chunks - second.chunks_zero
-    assert second.blobs_uploaded <= 1  # its device state; kernel and initramfs were there
+    assert second.blobs_uploaded <= 2  # its device state and working set; kernel and initramfs were there
+    # removed again: its manifest and what only it used (its chunks, tables, state); the
+    # parent's snapshot keeps every object (later tests read all of it on other hosts)
+    gone = remove_snapshot(STORE, report.snapshot)
+    assert report.snapshot not in [m.name for m in list_snapshots(STORE)]
+    assert gone["chunks_deleted"] <= second.chunks_uploaded and gone["blobs_deleted"] == second.blobs_uploaded
+    assert gone["tables_deleted"] >= 1
 
 
 @pytest.mark.slow

@@ -37,19 +37,23 @@ def snapshot() -> None:
 @click.option("--as", "as_name", metavar="NAME", help="Its name in the store (default: NAME).")
 @click.option("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES // 1024, show_default=True,
               help="Chunk size (a power of two, 4 to 4096).")
+@click.option("--working-set/--no-working-set", default=True, show_default=True,
+              help="Push the chunks its first children read in their first seconds (recorded by the "
+                   "memory server), for remote forks to prefetch.")
 @json_option
 def push_command(name: str, url: str, endpoint: str | None, as_name: str | None, chunk_kib: int,
-                 as_json: bool) -> None:
+                 working_set: bool, as_json: bool) -> None:
     """Push memory-server snapshot NAME (see 'hvkit memserver status') to the store.
     Uploads only the chunks and tables the store lacks; the manifest goes last."""
-    report = push(Paths.from_env(), name, url, as_name, endpoint, chunk_kib * 1024)
+    report = push(Paths.from_env(), name, url, as_name, endpoint, chunk_kib * 1024, working_set)
     if as_json:
         print_json(report.to_json())
         return
     console().print(
         f"pushed {name} to {report.store}/{report.name}: {report.chunks} chunks, {report.chunks_zero} zero "
         f"(not stored), {report.chunks_uploaded} uploaded ({report.pages_uploaded} pages), the rest already "
-        f"there; {report.tables_uploaded} tables, {report.blobs_uploaded} files; "
+        f"there; {report.tables_uploaded} tables, {report.blobs_uploaded} files; working set "
+        f"{report.working_set_chunks or 'not recorded'}{' chunks' if report.working_set_chunks else ''}; "
         f"{mib(report.bytes_uploaded):.1f} MiB sent in {report.seconds:.1f} s")
 
 

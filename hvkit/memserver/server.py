@@ -34,6 +34,7 @@ from hvkit.memserver.table import FILE_MASK, FILE_SHIFT, PAGE_MASK, resolve
 
 log = logging.getLogger(__name__)
 STATS = "stats.json"
+WORKING_SET_SECONDS = 10.0  # how long after a snapshot's first read its reads are recorded
 
 
 def _fuse():
@@ -54,6 +55,9 @@ class SnapshotFS:
         self._snapshots: dict[str, Snapshot] = {}
         self._fds: dict[int, int] = {}  # frame file id -> fd
         self._sources: dict[int, object | None] = {}  # frame file id -> what fills it (Store.frame_source)
+        self._recording: dict[str, np.ndarray] = {}  # snapshot -> pages read in its first seconds
+        self._recorded: set[str] = set()
+        self.working_set_seconds = float(os.environ.get("HVKIT_WORKING_SET_SECONDS", WORKING_SET_SECONDS))
         self.started = time.time()
         self.served: dict[str, dict[str, int]] = {}
 
@@ -108,6 +112,29 @@ class SnapshotFS:
             if source is not None:
                 source.ensure((used[ids == file_id] & np.uint64(PAGE_MASK)).astype(np.int64))
 
+    def _record(self, snap: Snapshot, first: int, count: int) -> None:
+        """The working set: the pages read from a snapshot in the first seconds after its
+        first read (its first children starting), written beside the snapshot once those
+        seconds are over (`hvkit snapshot push` stores it; a remote fork prefetches it).
+        Only a snapshot without one yet is recorded."""
+        with self._lock:
+            pages = self._recording.get(snap.name)
+            if pages is None:
+                if snap.name in self._recorded or self.store.working_set_file(snap.name).exists():
+                    return
+                pages = self._recording[snap.name] = np.zeros(snap.pages, dtype=bool)
+                timer = threading.Timer(self.working_set_seconds, self._save_working_set, (snap.name,))
+                timer.daemon = True
+                timer.start()
+            pages[first:first + count] = True
+
+    def _save_working_set(self, name: str) -> None:
+        with self._lock:
+            pages = self._recording.pop(name, None)
+            self._recorded.add(name)
+        if pages is not None:
+            self.store.save_working_set(name, np.flatnonzero(pages))
+
     def stats(self) -> dict:
         with self._lock:
             served = {k: dict(v) for k, v in self.served.items()}
@@ -115,6 +142,7 @@ class SnapshotFS:
             sources = [s for s in self._sources.values() if s is not None]
         return {"pid": os.getpid(), "started": self.started, "store": str(self.store.path),
                 "remote_chunks_fetched": sum(getattr(s, "fetched", 0) for s in sources),
+                "remote_chunks_prefetched": sum(getattr(s, "prefetched", 0) for s in sources),
                 "snapshots": served,
                 "pages_served": sum(v["pages"] for v in served.values()),
                 "zero_pages_served": sum(v["zero_pages"] for v in served.values())}
@@ -170,6 +198,7 @@ class SnapshotFS:
     def _read_pages(self, snap: Snapshot, first: int, count: int) -> bytes:
         entries = resolve(self.store.tables, snap.root, snap.levels, first, count)
         self._make_present(entries)
+        self._record(snap, first, count)
         out, frames = read_frames(entries, self._fd)
         zero = int(count - frames.sum())
         with self._lock:

@@ -164,6 +164,24 @@ class Store:
             raise HvkitError(f"the memory server's store {self.path} has no frame file {file_id}",
                              "start over with 'hvkit memserver clear'") from None
 
+    def working_set_file(self, name: str) -> Path:
+        """The pages read from snapshot `name` in the first seconds of its first children
+        (the memory server records them; uint32 page numbers)."""
+        return self.path / "snapshots" / f"{name}.workingset"
+
+    def working_set(self, name: str) -> np.ndarray | None:
+        try:
+            return np.fromfile(self.working_set_file(name), dtype="<u4")
+        except FileNotFoundError:
+            return None
+
+    def save_working_set(self, name: str, pages: np.ndarray) -> None:
+        path = self.working_set_file(name)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        with _open_private(tmp, "wb") as f:
+            f.write(pages.astype("<u4").tobytes())
+        tmp.replace(path)
+
     def frame_source(self, file_id: int) -> dict | None:
         """What fills frame file `file_id` on first read, if something does: a file whose
         frames come from elsewhere (a snapshot fetched lazily from an object store) has

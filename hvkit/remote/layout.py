@@ -7,7 +7,8 @@
                                   hash of its bytes. An all-zero digest is a chunk (or a whole
                                   table) of zeros.
     PREFIX/blobs/<sha256>         a file that travels with a snapshot: its device state, the
-                                  guest's kernel and initramfs; zstd, named by the hash of the
+                                  guest's kernel and initramfs, its working set (the chunks its
+                                  first children read first); zstd, named by the hash of the
                                   uncompressed file.
     PREFIX/snapshots/<name>.json  the manifest: what the snapshot is (size, levels, the root
                                   table's hash, the blobs' hashes, the VM's spec); written
@@ -103,6 +104,7 @@ class Manifest:
     chunks_nonzero: int = 0  # of those, chunks stored (the rest are all zeros)
     stored_bytes: int = 0  # compressed bytes of those chunks
     format: str = FORMAT
+    working_set: Blob | None = None  # uint32 chunk indices a remote fork prefetches
     extra: dict = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
@@ -114,7 +116,7 @@ class Manifest:
             d = json.loads(body)
             if d.get("format") != FORMAT:
                 raise ValueError(f"format {d.get('format')!r}, hvkit reads {FORMAT!r}")
-            for k in ("state", "kernel", "initrd"):
+            for k in ("state", "kernel", "initrd", "working_set"):
                 d[k] = Blob(**d[k]) if d.get(k) else None
             m = cls(**d)
             if m.chunk_bytes <= 0 or m.chunk_bytes % 4096 or m.size <= 0 or m.size % m.chunk_bytes:

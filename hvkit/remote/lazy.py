@@ -15,6 +15,10 @@ fetched through this host's cache (so a chunk any fork here fetched before is no
 fetched again), each checked against its hash, written into the RAM file, and only
 then marked present. A chunk that cannot be fetched (after the retries of
 objects.py) fails the read: QEMU then stops the child; it never reads a wrong page.
+
+A snapshot pushed with a working set (the chunks its first children read in their
+first seconds on the host that made it) has it prefetched in the background as soon
+as the server first serves the snapshot here.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from hvkit.remote.objects import ObjectStore, StoreURL
 log = logging.getLogger(__name__)
 READER = "hvkit.remote.lazy:LazyFrames"
 ZERO = bytes(DIGEST)
+PREFETCHERS = 4
 
 
 def source_file(frame_file: Path) -> Path:
@@ -62,6 +67,31 @@ class LazyFrames:
         self._lock = threading.Lock()
         self._busy: dict[int, threading.Lock] = {}
         self.fetched = 0
+        self.prefetched = 0  # chunks of the working set made present in the background
+        if self.manifest.working_set is not None and not self.present.all():
+            threading.Thread(target=self._prefetch, name="hvkit-prefetch", daemon=True).start()
+
+    def _prefetch(self) -> None:
+        """The snapshot's working set, PREFETCHERS chunks at a time, while the children run
+        (a read that needs a chunk first fetches it itself; the two never fetch it twice)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from hvkit.remote.layout import blob_key
+
+        try:
+            ws = self.manifest.working_set
+            data = self.cache.get(self.objects, blob_key(ws.sha256), ws.sha256, max(ws.bytes, 1))[0]
+            chunks = np.frombuffer(data, dtype="<u4").astype(np.int64)
+            chunks = chunks[chunks < len(self.present)]
+
+            def one(chunk: int) -> None:
+                if not self.present[chunk] and self._make_present(chunk):
+                    self.prefetched += 1
+
+            with ThreadPoolExecutor(PREFETCHERS) as pool:
+                list(pool.map(one, chunks.tolist()))
+        except Exception as e:  # the children's own reads still fetch what they need
+            log.warning("prefetch of %s stopped: %s", self.manifest.name, e)
 
     def ensure(self, pages: np.ndarray) -> None:
         """Makes the chunks under frame-file pages `pages` present (fetching what is not)."""
@@ -72,12 +102,13 @@ class LazyFrames:
     def ensure_all(self) -> None:
         self.ensure(np.arange(0, self.manifest.size // 4096, self.per_chunk, dtype=np.int64))
 
-    def _make_present(self, chunk: int) -> None:
+    def _make_present(self, chunk: int) -> bool:
+        """Whether this call made chunk `chunk` present (False: it was, or another did)."""
         with self._lock:
             busy = self._busy.setdefault(chunk, threading.Lock())
         with busy:  # one fetch per chunk; the others wait for it
             if self.present[chunk]:
-                return
+                return False
             hexname = self._digest(chunk)
             if hexname is not None:
                 data, fetched = self.cache.get(self.objects, chunk_key(hexname), hexname, self.manifest.chunk_bytes)
@@ -87,6 +118,7 @@ class LazyFrames:
                 self.fetched += fetched
             os.pwrite(self._present_fd, b"\1", chunk)  # after its bytes: a crash in between fetches again
             self.present[chunk] = 1
+            return True
 
     def _digest(self, chunk: int) -> str | None:
         """The hash of chunk `chunk`, walking the tables from the top (each fetched once),

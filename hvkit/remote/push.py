@@ -47,6 +47,7 @@ class PushReport:
     blobs_uploaded: int
     bytes_uploaded: int  # compressed bytes of everything uploaded
     seconds: float
+    working_set_chunks: int = 0  # chunks the first children read in their first seconds (0: none recorded)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -66,8 +67,9 @@ def local_snapshot(paths: Paths, name: str) -> tuple[Store, Snapshot]:
 
 
 def push(paths: Paths, name: str, url: str, as_name: str | None = None, endpoint: str | None = None,
-         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PushReport:
-    """Pushes local snapshot `name` to the store `url` (as `as_name`, default `name`)."""
+         chunk_bytes: int = DEFAULT_CHUNK_BYTES, working_set: bool = True) -> PushReport:
+    """Pushes local snapshot `name` to the store `url` (as `as_name`, default `name`),
+    with its working set if the memory server recorded one (unless not `working_set`)."""
     t0 = time.monotonic()
     target = check_name(as_name or name)
     if chunk_bytes < PAGE or chunk_bytes > 4 << 20 or chunk_bytes & (chunk_bytes - 1):
@@ -99,10 +101,11 @@ def push(paths: Paths, name: str, url: str, as_name: str | None = None, endpoint
         state = _push_blob(objects, store.state_file(snap.name), blobs, report)
         kernel, initrd = (_push_blob(objects, Path(snap.machine[k]), blobs, report) if snap.machine.get(k) else None
                           for k in ("kernel", "initrd"))
+        working = _push_working_set(objects, store, snap, digests, blobs, report) if working_set else None
         fault_point("push:before manifest")
         manifest = Manifest(target, snap.vm, snap.parent, snap.size, chunk_bytes, levels, root.hex(), state,
                             kernel, initrd, snap.machine, snap.created, time.time(), len(digests),
-                            report.chunks - report.chunks_zero, stored_bytes)
+                            report.chunks - report.chunks_zero, stored_bytes, working_set=working)
         objects.put(manifest_key(target), manifest.to_bytes())  # last: now the snapshot exists
         report.bytes_uploaded = objects.bytes_out
         report.seconds = time.monotonic() - t0
@@ -171,6 +174,28 @@ def _push_chunks(store: Store, snap: Snapshot, objects: ObjectStore, chunk_bytes
     report.chunks = n
     fault_point("push:chunks uploaded")
     return digests, stored
+
+
+def _push_working_set(objects: ObjectStore, store: Store, snap: Snapshot, digests: np.ndarray, have: set[str],
+                      report: PushReport) -> Blob | None:
+    """The stored chunks the snapshot's first children read in their first seconds
+    (recorded by the memory server), as sorted uint32 chunk indices: a remote fork
+    prefetches them. Zero chunks are left out: nothing to fetch."""
+    pages = store.working_set(snap.name)
+    if pages is None:
+        return None
+    per = snap.size // len(digests) // PAGE
+    chunks = np.unique(pages.astype(np.int64) // per)
+    chunks = chunks[chunks < len(digests)]
+    chunks = chunks[digests[chunks].any(axis=1)].astype("<u4")
+    report.working_set_chunks = len(chunks)
+    data = chunks.tobytes()
+    hexname = digest(data).hex()
+    if hexname not in have:
+        objects.put(blob_key(hexname), compress(data))
+        have.add(hexname)
+        report.blobs_uploaded += 1
+    return Blob(hexname, len(data))
 
 
 def _push_blob(objects: ObjectStore, path: Path, have: set[str], report: PushReport) -> Blob:
