@@ -279,6 +279,10 @@ def test_a_forked_vms_push_uploads_only_the_chunks_it_changed(pushed, paths):
     assert report.snapshot not in [m.name for m in list_snapshots(STORE)]
     assert gone["chunks_deleted"] <= second.chunks_uploaded and gone["blobs_deleted"] == second.blobs_uploaded
     assert gone["tables_deleted"] >= 1
+    objects = ObjectStore(StoreURL.parse(STORE))
+    blobs = {k for k, _ in objects.list("blobs")}
+    for m in list_snapshots(STORE):  # what the others name is all still there
+        assert {b.sha256 for b in (m.state, m.kernel, m.initrd, m.working_set) if b} <= blobs, m.name
 
 
 @pytest.mark.slow

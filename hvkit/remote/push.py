@@ -237,7 +237,7 @@ def remove_snapshot(url: str, name: str, endpoint: str | None = None) -> dict:
     objects.delete([manifest_key(name)])
     keep_chunks, keep_tables, keep_blobs = set(), set(), set()
     for m in list_snapshots(url, endpoint):
-        keep_blobs.update(b.sha256 for b in (m.state, m.kernel, m.initrd) if b)
+        keep_blobs.update(b.sha256 for b in (m.state, m.kernel, m.initrd, m.working_set) if b)
         _reachable(objects, m, keep_tables, keep_chunks)
     gone = {"chunks": [k for k, _ in objects.list("chunks") if k not in keep_chunks],
             "tables": [k for k, _ in objects.list("tables") if k not in keep_tables],
