@@ -57,6 +57,7 @@ def stop_all(paths: Paths) -> None:
 
 
 def host(cache: Path | None = None) -> Paths:
+    """A simulated host: a runtime folder of its own, and a cache of its own unless given."""
     runtime = Path(tempfile.mkdtemp(prefix="hvkit-bench-host-", dir="/dev/shm"))
     return Paths(cache or Path(tempfile.mkdtemp(prefix="hvkit-bench-cache-")), runtime)
 
@@ -112,7 +113,7 @@ def one_size(size: str, settle: float, name: str, paths: Paths) -> list[dict]:
     server.stop(force=True)
     url = f"{STORE}/{name}-{size}"
     b = host()
-    c = Paths(b.cache, host().runtime)
+    c = host(cache=b.cache)
     d, e = host(), host()
     try:
         rows.append(remote_arm("remote, cold cache, lazy", url + "-nows", b, settle, True))
