@@ -89,6 +89,9 @@ def test_store_serve_runs_a_store_until_stopped(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     assert not (folder / "weed.pid").exists()
+    saved = json.loads((folder / "hvkit-s3.json").read_text())
+    ports = [*saved["ports"], saved["s3_port"]]
+    assert not [s for port in ports for n in (port, port + 10000) for s in Path("/tmp").glob(f"seaweedfs-*-{n}.sock")]
     assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _runs_weed_of(p, folder)]
 
 

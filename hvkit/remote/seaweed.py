@@ -190,8 +190,9 @@ class SeaweedServer:
 
     def _cleanup(self) -> None:
         (self.dir / "weed.pid").unlink(missing_ok=True)
-        for port in self.ports:  # the volume server's unix sockets
-            for sock in Path("/tmp").glob(f"seaweedfs-*{port}*.sock"):
+        for port in (*self.ports, self.s3_port):  # its unix sockets, named by a port (gRPC: HTTP + 10000)
+            for sock in [*Path("/tmp").glob(f"seaweedfs-*-{port}.sock"),
+                         *Path("/tmp").glob(f"seaweedfs-*-{port + 10000}.sock")]:
                 sock.unlink(missing_ok=True)
 
 
