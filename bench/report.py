@@ -326,11 +326,40 @@ def render_service(results: Path, docs: Path) -> str:
     return text + "\n\n" + conditions(data, "service")
 
 
+def render_remote(results: Path, docs: Path) -> str:
+    data = load(results, "remote")
+    rows = data["rows"]
+    out = []
+    for size in dict.fromkeys(r["size"] for r in rows):
+        by = {r["arm"]: r for r in rows if r["size"] == size}
+        local = (by.get("local child") or {}).get("first_child_s")
+        for arm, r in by.items():
+            if "first_child_s" in r:
+                ratio = f"{r['first_child_s'] / local:.2f}x" if local else None
+                fetched = (None if arm == "local child" else
+                           f"{r.get('chunks_fetched_by_fork', 0)} by the fork, {r.get('chunks_fetched_on_read', 0)} on read"
+                           + (f" (of them {r['chunks_prefetched']} prefetched)" if r.get("chunks_prefetched") else "")
+                           + f"; {r.get('pages_served', 0)} pages served")
+                out.append([size, arm, ms(r["first_child_s"]), ratio, fetched])
+            else:
+                pages = r.get("pages_written")
+                what = (f"{r['chunks_uploaded']} chunks ({r['pages_uploaded']} pages) of {r.get('chunks', '-')}, "
+                        f"{r.get('chunks_zero', '-')} zero; working set {r.get('working_set_chunks', '-')} chunks"
+                        if pages is None else
+                        f"{r['chunks_uploaded']} chunks ({r['pages_uploaded']} pages) for {pages} pages written: "
+                        f"{r['pages_uploaded'] / max(pages, 1):.2f}x")
+                out.append([size, arm, f"{r['seconds']:.1f} s", f"{r['bytes'] / MiB:.1f} MiB sent", what])
+    text = (f"Chunks of {data.get('chunk_bytes', 65536) // 1024} KiB; one run per arm; round trips are loopback "
+            f"(no added delay).\n\n"
+            + table(["size", "arm", "first child / push", "vs local / sent", "chunks"], out))
+    return text + "\n\n" + conditions(data, "remote")
+
+
 RENDERERS: dict[str, Callable[[Path, Path], str]] = {
     "fork": render_fork, "fork-image": render_fork_image, "share": render_share,
     "share-page-cache": render_share_cache, "share-private": render_share_private,
     "identify": render_identify, "isf": render_isf,
-    "hypercall": render_hypercall, "service": render_service,
+    "hypercall": render_hypercall, "service": render_service, "remote": render_remote,
 }
 
 

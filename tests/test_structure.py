@@ -98,10 +98,14 @@ def test_no_import_circles_in_hvkit():
 
 def test_the_engine_never_imports_the_operations_built_on_it():
     graph = import_graph()
-    upper = ("hvkit.forking", "hvkit.sharing", "hvkit.introspect", "hvkit.cli", "hvkit.api", "hvkit.forensics")
+    upper = ("hvkit.forking", "hvkit.sharing", "hvkit.introspect", "hvkit.cli", "hvkit.api", "hvkit.forensics",
+             "hvkit.remote")
     for module, deps in graph.items():
-        if module.startswith(("hvkit.qemu", "hvkit.memory", "hvkit.kernel", "hvkit.guest", "hvkit.hv")):
+        if module.startswith(("hvkit.qemu", "hvkit.memory", "hvkit.kernel", "hvkit.guest", "hvkit.hv",
+                              "hvkit.memserver")):
             assert not [d for d in deps if d.startswith(upper)], f"{module} imports {sorted(deps)}"
+        if module.startswith("hvkit.forking"):  # remote snapshots are built on forks, not under them
+            assert not [d for d in deps if d.startswith("hvkit.remote")], f"{module} imports {sorted(deps)}"
 
 
 def test_no_module_is_a_house_of_many_concerns():

@@ -33,7 +33,7 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from hvkit.cli import demo, forensics, fork, guest, hv, image, introspect, share, vm
+    from hvkit.cli import demo, forensics, fork, guest, hv, image, introspect, remote, share, vm
 
     cli.add_command(vm.vm)
     cli.add_command(guest.guest)
@@ -47,6 +47,8 @@ def _register() -> None:
     cli.add_command(hv.hv)
     cli.add_command(fork.fork)
     cli.add_command(fork.memserver)
+    cli.add_command(remote.snapshot)
+    cli.add_command(remote.store)
     cli.add_command(demo.demo)
 
 

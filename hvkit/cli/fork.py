@@ -14,6 +14,7 @@ from hvkit.errors import HvkitError
 from hvkit.forking import ChildStarted, child_names, fork as fork_vm, start_children
 from hvkit.memserver import MemServer
 from hvkit.qemu import list_vms
+from hvkit.remote import fork_remote
 from hvkit.qemu.disk import layers_in_use
 from hvkit.units import mib
 
@@ -32,12 +33,18 @@ def _print_child(child: ChildStarted) -> None:
 @click.option("--keep-free", is_flag=True,
               help="Keep the guest's free pages in the snapshot (by default, at a VM's first fork, "
                    "they are found from its kernel's structures and given back to the host).")
-@click.option("--snapshot", metavar="NAME",
+@click.option("--snapshot", metavar="NAME|URL",
               help="Start children from this stored snapshot instead of forking a VM "
-                   "(see 'hvkit memserver status').")
+                   "(see 'hvkit memserver status'), or from one in an S3 store: "
+                   "s3://BUCKET/PREFIX/NAME (see 'hvkit snapshot --help').")
+@click.option("--endpoint", metavar="URL", default=None,
+              help="With an s3:// snapshot: the S3 endpoint (default: AWS_ENDPOINT_URL, else AWS S3).")
+@click.option("--fetch", type=click.Choice(["lazy", "all"]), default="lazy", show_default=True,
+              help="With an s3:// snapshot: fetch its chunks when the children first read them "
+                   "(lazy), or all of them before the children start.")
 @json_option
 def fork(vm: str | None, n: int, stay_paused: bool, keep_free: bool, snapshot: str | None,
-         as_json: bool) -> None:
+         endpoint: str | None, fetch: str, as_json: bool) -> None:
     """Fork running VM into N children named VM-1 ... VM-N.
 
     The VM is paused, its device state saved and its memory snapshotted on hvkit's
@@ -48,6 +55,9 @@ def fork(vm: str | None, n: int, stay_paused: bool, keep_free: bool, snapshot: s
     request until each child runs."""
     if (vm is None) == (snapshot is None):
         raise HvkitError("give either a VM to fork or --snapshot NAME", "see 'hvkit fork --help'")
+    if snapshot and snapshot.startswith("s3://"):
+        _children_of_remote(snapshot, n, endpoint, fetch == "lazy", as_json)
+        return
     if snapshot:
         _children_of_snapshot(snapshot, n, as_json)
         return
@@ -94,6 +104,24 @@ def _children_of_snapshot(name: str, n: int, as_json: bool) -> None:
         print_json({"snapshot": name, "children": [c.__dict__ for c in children]})
         return
     console().print(f"started {', '.join(c.name for c in children)} from snapshot {name}")
+
+
+def _children_of_remote(url: str, n: int, endpoint: str | None, lazy: bool, as_json: bool) -> None:
+    report = fork_remote(url, n, Paths.from_env(), endpoint, None if as_json else _print_child, lazy)
+    if as_json:
+        print_json(report.to_json())
+        return
+    if report.reused:
+        got = "on this host's memory server already: nothing fetched"
+    elif report.lazy:
+        got = (f"manifest and top-level table fetched in {report.fetch_seconds * 1000:.0f} ms; the memory "
+               "server fetches the rest on first read")
+    else:
+        got = (f"{report.chunks_fetched} of its {report.chunks} stored chunks and {report.tables_fetched} tables "
+               f"fetched ({mib(report.bytes_fetched):.1f} MiB), the rest from this host's cache, in "
+               f"{report.fetch_seconds * 1000:.0f} ms")
+    console().print(f"started {', '.join(c.name for c in report.children)} from {url} "
+                    f"(local snapshot {report.snapshot}; {got})")
 
 
 @click.group()

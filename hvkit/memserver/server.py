@@ -16,6 +16,7 @@ Run it with `python -m hvkit.memserver.server STORE MOUNT` (daemon.py does).
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import os
@@ -25,14 +26,15 @@ import threading
 import time
 from pathlib import Path
 
+from hvkit.errors import HvkitError
 import numpy as np
 
-from hvkit.errors import HvkitError
-from hvkit.memserver.store import PAGE, SNAPSHOT_SUFFIX, Snapshot, Store, is_frames
+from hvkit.memserver.store import PAGE, SNAPSHOT_SUFFIX, Snapshot, Store, is_frames, read_frames
 from hvkit.memserver.table import FILE_MASK, FILE_SHIFT, PAGE_MASK, resolve
 
 log = logging.getLogger(__name__)
 STATS = "stats.json"
+WORKING_SET_SECONDS = 10.0  # how long after a snapshot's first read its reads are recorded
 
 
 def _fuse():
@@ -52,6 +54,10 @@ class SnapshotFS:
         self._lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
         self._fds: dict[int, int] = {}  # frame file id -> fd
+        self._sources: dict[int, object | None] = {}  # frame file id -> what fills it (Store.frame_source)
+        self._recording: dict[str, np.ndarray] = {}  # snapshot -> pages read in its first seconds
+        self._recorded: set[str] = set()
+        self.working_set_seconds = float(os.environ.get("HVKIT_WORKING_SET_SECONDS", WORKING_SET_SECONDS))
         self.started = time.time()
         self.served: dict[str, dict[str, int]] = {}
 
@@ -80,10 +86,63 @@ class SnapshotFS:
                 fd = self._fds[file_id] = os.open(self.store.frame_file(file_id), os.O_RDONLY)
             return fd
 
+    def _source(self, file_id: int):
+        """The reader that fills frame file `file_id` on first read, or None (most files:
+        their frames are all there). Imported by the name its source file gives."""
+        with self._lock:
+            if file_id in self._sources:
+                return self._sources[file_id]
+        config = self.store.frame_source(file_id)
+        source = None
+        if config is not None:
+            module, _, name = str(config.get("reader", "")).partition(":")
+            source = getattr(importlib.import_module(module), name)(self.store.frame_file(file_id), config)
+        with self._lock:
+            return self._sources.setdefault(file_id, source)
+
+    def _make_present(self, entries: np.ndarray) -> None:
+        """Frames of files filled on first read are made present before they are read."""
+        frames = is_frames(entries)
+        if not frames.any():
+            return
+        used = entries[frames]
+        ids = (used >> np.uint64(FILE_SHIFT)) & np.uint64(FILE_MASK)
+        for file_id in np.unique(ids).tolist():
+            source = self._source(int(file_id))
+            if source is not None:
+                source.ensure((used[ids == file_id] & np.uint64(PAGE_MASK)).astype(np.int64))
+
+    def _record(self, snap: Snapshot, first: int, count: int) -> None:
+        """The working set: the pages read from a snapshot in the first seconds after its
+        first read (its first children starting), written beside the snapshot once those
+        seconds are over (`hvkit snapshot push` stores it; a remote fork prefetches it).
+        Only a snapshot without one yet is recorded."""
+        with self._lock:
+            pages = self._recording.get(snap.name)
+            if pages is None:
+                if snap.name in self._recorded or self.store.working_set_file(snap.name).exists():
+                    return
+                pages = self._recording[snap.name] = np.zeros(snap.pages, dtype=bool)
+                timer = threading.Timer(self.working_set_seconds, self._save_working_set, (snap.name,))
+                timer.daemon = True
+                timer.start()
+            pages[first:first + count] = True
+
+    def _save_working_set(self, name: str) -> None:
+        with self._lock:
+            pages = self._recording.pop(name, None)
+            self._recorded.add(name)
+        if pages is not None:
+            self.store.save_working_set(name, np.flatnonzero(pages))
+
     def stats(self) -> dict:
         with self._lock:
             served = {k: dict(v) for k, v in self.served.items()}
+        with self._lock:
+            sources = [s for s in self._sources.values() if s is not None]
         return {"pid": os.getpid(), "started": self.started, "store": str(self.store.path),
+                "remote_chunks_fetched": sum(getattr(s, "fetched", 0) for s in sources),
+                "remote_chunks_prefetched": sum(getattr(s, "prefetched", 0) for s in sources),
                 "snapshots": served,
                 "pages_served": sum(v["pages"] for v in served.values()),
                 "zero_pages_served": sum(v["zero_pages"] for v in served.values())}
@@ -127,34 +186,27 @@ class SnapshotFS:
         if size == 0:
             return b""
         first, last = offset // PAGE, (offset + size - 1) // PAGE
-        data = self._read_pages(snap, first, last - first + 1)
+        try:
+            data = self._read_pages(snap, first, last - first + 1)
+        except Exception as e:  # a frame that cannot be made present: the read fails, never wrong
+            log.error("snapshot %s: pages %d-%d cannot be read (%s); the VMs reading them stop",
+                      snap.name, first, last, e)
+            raise _fuse().FuseOSError(errno.EIO) from None
         skip = offset - first * PAGE
         return data[skip:skip + size]
 
     def _read_pages(self, snap: Snapshot, first: int, count: int) -> bytes:
         entries = resolve(self.store.tables, snap.root, snap.levels, first, count)
-        out = bytearray(count * PAGE)  # zeros: the zero frame
-        frames = is_frames(entries)
-        # runs of consecutive frames of one file: a new run wherever that breaks
-        breaks = np.flatnonzero((entries[1:] != entries[:-1] + np.uint64(1)) | (frames[1:] != frames[:-1])) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        ends = np.concatenate((breaks, [count])).tolist()
-        view = memoryview(out)
-        for s, e in zip(starts, ends):
-            if not frames[s]:
-                continue
-            entry = int(entries[s])
-            file_id, page = (entry >> FILE_SHIFT) & FILE_MASK, entry & PAGE_MASK
-            got = os.preadv(self._fd(file_id), [view[s * PAGE:e * PAGE]], page * PAGE)
-            if got < (e - s) * PAGE:  # past the end of a frame file: zeros, as written
-                view[s * PAGE + got:e * PAGE] = bytes((e - s) * PAGE - got)
+        self._make_present(entries)
+        self._record(snap, first, count)
+        out, frames = read_frames(entries, self._fd)
         zero = int(count - frames.sum())
         with self._lock:
             row = self.served.setdefault(snap.name, {"reads": 0, "pages": 0, "zero_pages": 0})
             row["reads"] += 1
             row["pages"] += count
             row["zero_pages"] += zero
-        return bytes(out)
+        return out
 
     def write(self, path, data, offset, fi):
         raise _fuse().FuseOSError(errno.EROFS)

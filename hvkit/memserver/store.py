@@ -25,14 +25,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from hvkit.errors import HvkitError
 from hvkit.memory import PAGE_SIZE
 from hvkit.config import make_private_dir
-from hvkit.memserver.table import (FANOUT, FILE_MASK, FILE_SHIFT, FRAMES, KIND_SHIFT, TableFile,
+from hvkit.memserver.table import (FANOUT, FILE_MASK, FILE_SHIFT, FRAMES, KIND_SHIFT, PAGE_MASK, TableFile,
                                    TableWriter, frames_entry, levels_for, table_entry)
 
 PAGE = PAGE_SIZE
@@ -163,6 +163,38 @@ class Store:
         except KeyError:
             raise HvkitError(f"the memory server's store {self.path} has no frame file {file_id}",
                              "start over with 'hvkit memserver clear'") from None
+
+    def working_set_file(self, name: str) -> Path:
+        """The pages read from snapshot `name` in the first seconds of its first children
+        (the memory server records them; uint32 page numbers)."""
+        return self.path / "snapshots" / f"{name}.workingset"
+
+    def working_set(self, name: str) -> np.ndarray | None:
+        try:
+            return np.fromfile(self.working_set_file(name), dtype="<u4")
+        except FileNotFoundError:
+            return None
+
+    def save_working_set(self, name: str, pages: np.ndarray) -> None:
+        path = self.working_set_file(name)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        with _open_private(tmp, "wb") as f:
+            f.write(pages.astype("<u4").tobytes())
+        tmp.replace(path)
+
+    def frame_source(self, file_id: int) -> dict | None:
+        """What fills frame file `file_id` on first read, if something does: a file whose
+        frames come from elsewhere (a snapshot fetched lazily from an object store) has
+        `<stem>.source.json` beside it naming the reader (`module:Class`) the server
+        imports for it. The memory server never imports those readers by name."""
+        path = self.frame_file(file_id)
+        source = path.with_name(path.name.split(".", 1)[0] + ".source.json")
+        try:
+            return json.loads(source.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise HvkitError(f"{source} cannot be read ({e})", "the snapshot over it cannot be served") from None
 
     def frozen_path(self, fork_id: str) -> Path:
         """Where a fork moves a VM's RAM file (freeze_ram_file then seals it there)."""
@@ -363,4 +395,27 @@ def is_frames(entries: np.ndarray) -> np.ndarray:
     return (entries >> np.uint64(KIND_SHIFT)) == FRAMES
 
 
-__all__ = ["Counters", "Snapshot", "Store", "table_entry", "is_frames", "PAGE"]
+def read_frames(entries: np.ndarray, fd_of: Callable[[int], int]) -> tuple[bytes, np.ndarray]:
+    """(the pages `entries` point at, which of them are frames): one pread per run of
+    consecutive frames of one file; ZERO entries read as zeros. `fd_of(file id)` opens
+    frame files (the server keeps them open; a push opens them once)."""
+    count = len(entries)
+    out = bytearray(count * PAGE)  # zeros: the zero frame
+    frames = is_frames(entries)
+    # runs of consecutive frames of one file: a new run wherever that breaks
+    breaks = np.flatnonzero((entries[1:] != entries[:-1] + np.uint64(1)) | (frames[1:] != frames[:-1])) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    ends = np.concatenate((breaks, [count])).tolist()
+    view = memoryview(out)
+    for s, e in zip(starts, ends):
+        if not frames[s]:
+            continue
+        entry = int(entries[s])
+        file_id, page = (entry >> FILE_SHIFT) & FILE_MASK, entry & PAGE_MASK
+        got = os.preadv(fd_of(file_id), [view[s * PAGE:e * PAGE]], page * PAGE)
+        if got < (e - s) * PAGE:  # past the end of a frame file: zeros, as written
+            view[s * PAGE + got:e * PAGE] = bytes((e - s) * PAGE - got)
+    return bytes(out), frames
+
+
+__all__ = ["Counters", "Snapshot", "Store", "table_entry", "is_frames", "read_frames", "PAGE"]
