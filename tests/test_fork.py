@@ -283,3 +283,67 @@ def _running(pid: int) -> bool:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+# ---- the parent's pause, and slim children (issue 21) ------------------------------------
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode().split("\0")
+
+
+@needs_fuse
+def test_parent_runs_before_its_children_start_and_children_carry_no_kernel(paths, guest):
+    """A first fork: the VM runs again, in its next QEMU, before the first child runs
+    (each child, as it runs, finds its parent running); the pause is made of the
+    pause, the state and the snapshot steps. Children (and the VM's next QEMU) have no
+    kernel, initrd or command line and run with THP off, yet go on beating, and fork
+    again; a child's reboot ends its QEMU (-no-reboot) with the VM shown dead."""
+    from hvkit.qemu.thp import thp_disabled
+
+    with start_vm("swift", memory="256M", workload="idle", paths=paths) as vm:
+        vm.wait_for_console(r"HVKIT-HEARTBEAT 1\b", timeout=60)
+        old_pid = vm.pid
+        seen = []
+
+        def parent_state(child) -> None:
+            parent = find_vm("swift", paths)
+            seen.append((child.name, parent.pid, parent.run_state()))
+
+        report = fork("swift", 2, paths, on_child=parent_state)
+        assert report.vm_state == "running" and report.parent_paused_seconds > 0
+        parent = find_vm("swift", paths)
+        assert parent.pid != old_pid and parent.spec.snapshot == report.snapshot
+        assert seen == [(c.name, parent.pid, "running") for c in report.children], seen
+        steps = report.pause_steps
+        assert list(steps) == ["state_saved", "moved", "resumed", "old_qemu_ended", "sealed"], steps
+        assert steps["resumed"] == report.parent_paused_seconds  # resumed before the snapshot was sealed
+        assert sorted(steps.values()) == list(steps.values())
+        for pid in [parent.pid] + [c.pid for c in report.children]:
+            args = _cmdline(pid)
+            assert not {"-kernel", "-initrd", "-append"} & set(args), args
+            assert thp_disabled(pid), f"THP is on in QEMU {pid}"
+        assert not list(parent.rundir.path.glob("*-next*")), "the next QEMU's files were all renamed"
+        child = find_vm(report.children[0].name, paths)
+        for each in (parent, child):
+            _beats_on(each)
+        grandchild = find_vm(fork(child.name, 1, paths).children[0].name, paths)
+        _beats_on(grandchild)
+        assert not {"-kernel", "-initrd", "-append"} & set(_cmdline(grandchild.pid))
+        try:
+            grandchild.qmp("system_reset")  # what a reboot of the guest does
+        except VMDied:
+            pass  # QEMU may end before it answers
+        assert grandchild.wait_gone(10), "a child's reboot leaves its QEMU running"
+        rows = {r.name: r for r in list_vms(paths)}
+        assert grandchild.name not in rows or rows[grandchild.name].state == "dead"
+        for row in list_vms(paths):
+            if row.name.startswith("swift-") and row.state != "dead":
+                find_vm(row.name, paths).stop()
+
+
+def _beats_on(vm: VM) -> None:
+    """The guest's heartbeat goes on: a beat, then the next one."""
+    beat = int(vm.wait_for_console(r"HVKIT-HEARTBEAT (\d+)\n", timeout=30).group(1))
+    vm.wait_for_console(rf"HVKIT-HEARTBEAT {last_heartbeat(vm.console()) + 1}\n", timeout=30)
+    assert last_heartbeat(vm.console()) > beat

@@ -207,10 +207,12 @@ def test_sigkill_of_vm_start_leaves_nothing_running(paths, guest):
             assert "never finished starting" in said
 
 
-FORK_STEPS = ["after fork:pausing", "before fork:moving", "after fork:moving", "before fork:stopping",
-              "after fork:stopping", "before fork:sealing", "after fork:sealing", "before fork:sealed",
-              "after fork:sealed", "qemu spawned {name}-1", "fork child launched", "before done fork child",
-              "qemu spawned {name}", "after fork:restarted"]  # {name}: the VM's QEMU restarting in place
+FORK_STEPS = ["after fork:prestarting", "qemu spawned {name}",  # {name}: the VM's next QEMU, before the pause
+              "after fork:pausing", "before fork:moving", "after fork:moving", "before fork:stopping",
+              "after fork:stopping", "after fork:switching", "after fork:switched",  # the next QEMU takes over
+              "before fork:sealing",  # it runs, the old QEMU gone, the snapshot not sealed
+              "after fork:sealing", "before fork:sealed", "after fork:sealed", "qemu spawned {name}-1",
+              "fork child launched", "before done fork child"]
 
 
 @needs_fuse
