@@ -343,7 +343,52 @@ def test_parent_runs_before_its_children_start_and_children_carry_no_kernel(path
 
 
 def _beats_on(vm: VM) -> None:
-    """The guest's heartbeat goes on: a beat, then the next one."""
-    beat = int(vm.wait_for_console(r"HVKIT-HEARTBEAT (\d+)\n", timeout=30).group(1))
-    vm.wait_for_console(rf"HVKIT-HEARTBEAT {last_heartbeat(vm.console()) + 1}\n", timeout=30)
-    assert last_heartbeat(vm.console()) > beat
+    """The guest's heartbeat goes on from now: a new beat, then the next one."""
+    beat = vm.wait_for_console(r"HVKIT-HEARTBEAT (\d+)\n", timeout=30, after=len(vm.console()))
+    vm.wait_for_console(rf"HVKIT-HEARTBEAT {int(beat.group(1)) + 1}\n", timeout=30, after=beat.end())
+
+
+@needs_fuse
+def test_reset_takes_a_child_back_to_its_snapshot(paths, guest):
+    """`vm reset`: a child that wrote (a mark) is back at its snapshot: paused right
+    after the reset, every byte of its RAM, read from its QEMU process, equals the
+    snapshot file; resumed, the guest sees the snapshot's marks and beats on. A VM
+    that is not a fork child is refused in one line."""
+    from hvkit.forking.reset import reset
+    from hvkit.memory.process import ram_mappings
+
+    with start_vm("rst", memory="256M", workload="idle", paths=paths) as vm:
+        vm.wait_for_console(r"HVKIT-HEARTBEAT 1\b", timeout=60)
+        request(vm, "mark before1 1", "HVKIT-MARKED before1")
+        report = fork("rst", 1, paths)
+        child = find_vm(report.children[0].name, paths)
+        request(child, f"mark aftera1 {MARK_MIB}", "HVKIT-MARKED aftera1")
+        assert marks(child) == ["aftera1"]
+        old_pid = child.pid
+        result = run_cli("vm", "reset", child.name, "--paused", "--json")
+        assert result.returncode == 0, result.stderr
+        done = json.loads(result.stdout)
+        assert done["vm_state"] == "paused" and done["snapshot"] == report.snapshot
+        assert done["pages_dropped"] >= MARK_MIB * 256, done  # it had written at least its mark
+        child = find_vm(child.name, paths)
+        assert child.pid != old_pid and child.spec.snapshot == report.snapshot
+        mapping = ram_mappings(child.pid, child.spec.memory, child.spec.ram_file)[0]
+        snapshot_file = MemServer.of(paths).snapshot_file(report.snapshot)
+        chunk, differ = 16 << 20, 0
+        with open(f"/proc/{child.pid}/mem", "rb", buffering=0) as mem, open(snapshot_file, "rb") as snap:
+            for offset in range(0, child.spec.memory, chunk):
+                mem.seek(mapping.start + offset)
+                a = np.frombuffer(mem.read(chunk), np.uint8).reshape(-1, PAGE)
+                b = np.frombuffer(snap.read(chunk), np.uint8).reshape(-1, PAGE)
+                differ += int((a != b).any(axis=1).sum())
+        assert differ == 0, f"{differ} pages of the reset child differ from its snapshot"
+        child.resume()
+        assert marks(child) == ["before1"]
+        _beats_on(child)
+        reset(child.name, paths)  # the API, on a running child: it runs again after
+        assert find_vm(child.name, paths).run_state() == "running"
+        for not_a_child, says in (("rst", "is not a fork child"), ("no-such", "no VM named")):
+            result = run_cli("vm", "reset", not_a_child)
+            assert result.returncode == 1 and says in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        find_vm(child.name, paths).stop()

@@ -228,18 +228,22 @@ def launch_from_snapshot(name: str, machine: dict, snapshot: str, ram_file: Path
 
 
 def start_successor(vm: VM) -> VM:
-    """Starts the next QEMU of `vm` (a VM with a RAM file, about to be forked) beside
-    its current one, without waiting for it (`wait_qmp_ready`): it maps the VM's RAM
-    file privately (share=off) and waits, paused, for the device state. A first fork
-    moves that file into the store (a rename: this QEMU keeps mapping the same file)
-    and seals it once the old QEMU is gone; this QEMU has not touched a page of it
-    before it loads the state (QEMU touches no guest RAM before an incoming migration),
-    so it then sees the file as frozen. Its files are its own (SuccessorDir) until it
-    takes over (`SuccessorDir.take_over`). The caller holds the VM."""
+    """Starts the next QEMU of `vm` beside its current one, without waiting for it
+    (`wait_qmp_ready`): it maps the file the VM's RAM is (a VM with a RAM file) or comes
+    from (a fork child: its snapshot) privately (share=off) and waits, paused, for the
+    device state. A first fork moves the RAM file into the store (a rename: this QEMU
+    keeps mapping the same file) and seals it once the old QEMU is gone; this QEMU has
+    not touched a page of it before it loads the state (QEMU touches no guest RAM
+    before an incoming migration), so it then sees the file as frozen. A reset gives
+    a child a fresh QEMU of its snapshot this way. Its files are its own (SuccessorDir)
+    until it takes over (`SuccessorDir.take_over`). The caller holds the VM."""
     old = vm.spec.command or []
     cpu_model = old[old.index("-cpu") + 1] if "-cpu" in old[:-1] else None
-    spec = VMSpec(**{**asdict(vm.spec), "ram": "snapshot", "ram_file": str(vm.ram_path), "snapshot": None,
-                     "memserver_pid": None, "pid": None, "started_at": None, "command": []})
+    child = vm.spec.ram == "snapshot"
+    spec = VMSpec(**{**asdict(vm.spec), "ram": "snapshot", "ram_file": vm.spec.ram_file if child else str(vm.ram_path),
+                     "snapshot": vm.spec.snapshot if child else None,
+                     "memserver_pid": vm.spec.memserver_pid if child else None,
+                     "pid": None, "started_at": None, "command": []})
     rundir = SuccessorDir(vm.rundir.path)
     rundir.discard()  # files of a successor that never took over
     spec.command = qemu_command(qemu_binary(), rundir, spec, cpu_model)
