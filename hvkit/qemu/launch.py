@@ -332,7 +332,7 @@ def qemu_command(binary: str, rundir: RuntimeDir, spec: VMSpec, cpu_model: str |
     size = format_size(spec.memory)
     cmd = [
         binary, "-name", f"hvkit-{spec.name}",
-        "-machine", "pc,memory-backend=ram0", "-accel", spec.accel,
+        "-machine", "pc,memory-backend=ram0", "-accel", accel_arg(spec),
         "-m", size, "-smp", str(spec.cpus),
         "-object", ram_backend(rundir, spec),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -361,6 +361,25 @@ def qemu_command(binary: str, rundir: RuntimeDir, spec: VMSpec, cpu_model: str |
         # configuration section: see hvkit.forking)
         cmd += ["-S", "-incoming", "defer", "-global", "migration.send-configuration=off"]
     return cmd
+
+
+# TCG's translation buffer for a QEMU that goes on from a snapshot (a fork child, or the
+# VM itself after its fork), in MiB. QEMU's default is min(1 GiB, host RAM / 8): the
+# buffer only grows until it is full, so a busy child could come to hold up to 1 GiB
+# of translated code. Measured (`info jit`, bench/fork.py's jit columns): an idle
+# child's code is 2-5 MiB after minutes, with no flush; 64 MiB bounds what a child can
+# hold while leaving a busy one room (a full buffer is flushed and refilled, costing
+# retranslation, not correctness). A fresh boot keeps the default (it translates far
+# more: BIOS, kernel, init).
+TB_SIZE_MIB = 64
+
+
+def accel_arg(spec: VMSpec) -> str:
+    """The -accel argument: TCG with a bounded translation buffer for a VM that goes on
+    from a snapshot."""
+    if spec.accel == "tcg" and spec.ram == "snapshot":
+        return f"tcg,tb-size={TB_SIZE_MIB}"
+    return spec.accel
 
 
 def ram_backend(rundir: RuntimeDir, spec: VMSpec) -> str:
