@@ -218,6 +218,7 @@ FORK_STEPS = ["after fork:prestarting", "qemu spawned {name}",  # {name}: the VM
 
 @needs_fuse
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 19 guests booted and forked: ~5 min idle, far longer on a loaded host
 def test_sigkill_of_fork_at_every_step_loses_nothing(paths, guest):
     """SIGKILL of `hvkit fork` at each recorded step of a first fork, and at 3 random
     moments: the next command finds the VM running (as before, or from a sealed
@@ -446,6 +447,7 @@ RESET_STEPS = ["after vm reset:prestarting", "qemu spawned {name}", "after vm re
 
 @needs_fuse
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_sigkill_of_vm_reset_at_every_step_loses_nothing(paths, guest):
     """SIGKILL of `hvkit vm reset` at each of its steps: the next command finds the
     child running, either as it was (killed before its QEMU was) or at its snapshot
