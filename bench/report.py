@@ -191,17 +191,19 @@ def render_fork_image(results: Path, docs: Path) -> str:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["method"], "failed: " + r["error"][:80], None, None, None])
+            out.append([r["method"], "failed: " + r["error"][:80], None, None, None, None])
             continue
         x = r.get("first_child_vs_hvkit")
         x = f" ({x:.1f}x first)" if x is not None and r["method"] != "hvkit fork" else ""
+        paused = ms(r.get("parent_paused_s")) if r["method"].startswith("hvkit") else "until the end"
         out.append([r["method"], f"{r['first_child_s'] * 1000:.0f} / {r['all_children_s'] * 1000:.0f} ms{x}",
                     f"{r['first_agent_s'] * 1000:.0f} / {r['all_agents_s'] * 1000:.0f} ms",
-                    ms(r.get("all_fork_done_s")), f"{r['pss_mib_mean']:.1f} MiB (after {r['settle_s']:.0f} s)"])
+                    ms(r.get("all_fork_done_s")), paused or "-",
+                    f"{r['pss_mib_mean']:.1f} MiB (after {r['settle_s']:.0f} s)"])
     first = next(r for r in rows)
     return (f"Debian 12 image guest, {first['size']}, {first['n']} children:\n\n"
-            + table(["method", "first runs / all run", "first agent / all agents", "fork done", "PSS per child"],
-                    out) + "\n\n" + conditions(data, "fork"))
+            + table(["method", "first runs / all run", "first agent / all agents", "fork done", "parent paused",
+                     "PSS per child"], out) + "\n\n" + conditions(data, "fork"))
 
 
 def render_share(results: Path, docs: Path) -> str:
