@@ -221,7 +221,10 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
                    successor=not plan, **plan)
     if not plan:
         own.write_intent(step="prestarting", **journal)
-        successor = start_successor(vm)
+        try:
+            successor = start_successor(vm)
+        except HvkitError as e:  # the fork goes on: the VM is restarted after it
+            log.warning("VM %s: its next QEMU did not start (%s); it will be restarted after the fork", vm.name, e)
     own.write_intent(step="pausing", **journal)
     if successor is not None:
         try:
