@@ -46,6 +46,7 @@ import argparse
 import faulthandler
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,12 +62,13 @@ from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's
 from hvkit.cli.output import print_table  # noqa: E402
 from hvkit.config import Paths  # noqa: E402
 from hvkit.forking import fork  # noqa: E402
+from hvkit.forking.reset import reset as reset_child  # noqa: E402
 from hvkit.forking import settle as child_settling  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
 from hvkit.memserver import MemServer  # noqa: E402
 from hvkit.qemu import VM, find_vm, imagevm, list_vms, start_vm  # noqa: E402
 from hvkit.qemu.agent import GuestAgent  # noqa: E402
-from hvkit.qemu.disk import create_overlay, freeze_active_layer  # noqa: E402
+from hvkit.qemu.disk import DRIVE_ID, create_overlay, virtual_size  # noqa: E402
 from hvkit.qemu.network import free_local_port  # noqa: E402
 from hvkit.qemu.qmp import qmp  # noqa: E402
 from hvkit.qemu.listing import proportional_memory  # noqa: E402
@@ -150,13 +152,28 @@ def start_raw(parent: VM, root: Path, n: int, ram_object: str, uri: str, t0: flo
         return list(pool.map(one, children)), children
 
 
+def freeze_active_layer(parent: VM, frozen: Path) -> Path:
+    """The paused parent's disk frozen now, without stopping its QEMU: its overlay moves
+    (by name: QEMU keeps it open) to `frozen`, and QEMU goes on writing to a new, empty
+    overlay at the old path on top of it (QMP blockdev-snapshot-sync onto an existing
+    file). hvkit's own fork freezes a disk offline (hvkit.forking.disks); the baselines
+    keep their parent's QEMU, so they freeze it live."""
+    active = parent.rundir.disk
+    size = virtual_size(active)
+    os.rename(active, frozen)
+    create_overlay(frozen, active, size)
+    parent.qmp("blockdev-snapshot-sync", {"device": DRIVE_ID, "snapshot-file": str(active), "format": "qcow2",
+                                          "mode": "existing"})
+    return frozen
+
+
 def freeze_disk_of(parent: VM, root: Path) -> Path | None:
     """A disk guest's disk frozen now (the paused parent goes on on a new overlay),
     the same way hvkit's fork does it: the layer the baselines' children start from.
     It lives under `root` (removed after the case)."""
     if not parent.spec.image:
         return None
-    return freeze_active_layer(parent.qmp, root / f"{parent.name}-disk.qcow2")[0]
+    return freeze_active_layer(parent, root / f"{parent.name}-disk.qcow2")
 
 
 def migrate_restore(parent: VM, n: int, root: Path,
@@ -190,10 +207,26 @@ def template_copy(parent: VM, n: int, root: Path,
     return times, [c.proc.pid for c in children], children
 
 
-def hvkit_fork(parent: VM, n: int, paths: Paths) -> tuple[list[float], list[int], list]:
-    report = fork(parent.name, n, paths, stay_paused=True)
+def hvkit_fork(parent: VM, n: int, paths: Paths, extra: dict) -> tuple[list[float], list[int], list]:
+    """hvkit's fork; the parent runs on (as `hvkit fork` leaves it), and how long it was
+    paused, and where that time went, go into `extra`."""
+    report = fork(parent.name, n, paths)
+    extra.update(parent_paused_s=report.parent_paused_seconds,
+                 pause_steps_ms={k: round(v * 1000, 1) for k, v in report.pause_steps.items()})
     kids = [find_vm(c.name, paths) for c in report.children]
     return [c.seconds for c in report.children], [k.pid for k in kids], kids
+
+
+def jit_of(vm) -> tuple[float, int]:
+    """(MiB of translated code, flushes of the translation buffer) of a TCG QEMU, from
+    HMP `info jit`; (nan, -1) where QEMU does not say (not TCG)."""
+    try:
+        text = vm.qmp("human-monitor-command", {"command-line": "info jit"})
+    except Exception:
+        return float("nan"), -1
+    size = re.search(r"gen code size\s+(\d+)/(\d+)", text)
+    flushes = re.search(r"TB flush count\s+(\d+)", text)
+    return (int(size.group(1)) / MiB if size else float("nan")), (int(flushes.group(1)) if flushes else -1)
 
 
 def hvkit_fork_image(parent: VM, n: int, paths: Paths, settle: bool = True) -> tuple[
@@ -213,10 +246,11 @@ def hvkit_fork_image(parent: VM, n: int, paths: Paths, settle: bool = True) -> t
     child_settling.settle_child = timed_settle
     try:
         t0 = time.monotonic()
-        report = fork(parent.name, n, paths, stay_paused=True)
+        report = fork(parent.name, n, paths)  # the parent runs on, as `hvkit fork` leaves it
     finally:
         child_settling.settle_child = original
     kids = [find_vm(c.name, paths) for c in report.children]
+    hvkit_fork_image.parent_paused_s = report.parent_paused_seconds
     return ([c.seconds for c in report.children], [agent[c.name] - t0 for c in report.children],
             [c.ready_seconds for c in report.children], [k.pid for k in kids], kids)
 
@@ -243,7 +277,12 @@ def run_image_case(memory: str, n: int, method: str, paths: Paths, settle: float
             times, pids, children = step(parent, n, root, agent_s)
         time.sleep(settle)
         pss = [proportional_memory(pid) for pid in pids]
+        jit = [jit_of(c) for c in children if isinstance(c, VM)]
         return {"guest": "debian", "size": memory, "n": n, "method": method, "boot_s": boot_s,
+                "parent_paused_s": getattr(hvkit_fork_image, "parent_paused_s", None)
+                if method.startswith("hvkit fork") else None,
+                "jit_code_mib_mean": sum(j[0] for j in jit) / len(jit) if jit else None,
+                "jit_flushes_max": max(j[1] for j in jit) if jit else None,
                 "first_child_s": min(times), "all_children_s": max(times),
                 "first_agent_s": min(agent_s), "all_agents_s": max(agent_s),
                 "first_fork_done_s": min(fork_s) if fork_s else None,
@@ -275,11 +314,11 @@ def run_case(size: str, n: int, method: str, paths: Paths, settle: float, name: 
     root = paths.runtime / ("bench-" + method.replace(" ", "").replace("+", "-"))
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
-    children = []
+    children, extra = [], {}
     try:
         parent.wait_for_console(r"HVKIT-HEARTBEAT 2\b", timeout=120)
         if method == "hvkit fork":
-            times, pids, children = hvkit_fork(parent, n, paths)
+            times, pids, children = hvkit_fork(parent, n, paths, extra)
         elif method == "migrate + restore":
             times, pids, children = migrate_restore(parent, n, root)
         else:
@@ -288,13 +327,21 @@ def run_case(size: str, n: int, method: str, paths: Paths, settle: float, name: 
         pss = [proportional_memory(pid) for pid in pids]
         row = {"size": size, "n": n, "method": method, "first_child_s": min(times),
                "all_children_s": max(times), "settle_s": settle if n > 1 else 1.0,
-               "pss_mib_mean": sum(pss) / len(pss) / MiB, "pss_mib_max": max(pss) / MiB}
+               "pss_mib_mean": sum(pss) / len(pss) / MiB, "pss_mib_max": max(pss) / MiB, **extra}
+        if method == "hvkit fork":
+            jit = [jit_of(c) for c in children]
+            row.update(jit_code_mib_mean=sum(j[0] for j in jit) / len(jit), jit_flushes_max=max(j[1] for j in jit))
         if method == "hvkit fork" and n == 1:
             # fork the child in turn: its cost follows the pages it wrote, not its size
             again = fork(children[0].name, 1, paths)
             row.update(refork_pages_written=again.pages_written, refork_snapshot_s=again.snapshot_seconds,
                        refork_first_child_s=again.children[0].seconds,
-                       refork_tables_written=again.counters["tables_written"])
+                       refork_tables_written=again.counters["tables_written"],
+                       refork_parent_paused_s=again.parent_paused_seconds)
+            # and reset it: back at its snapshot, its writes dropped
+            reset = reset_child(children[0].name, paths)
+            row.update(reset_s=reset.seconds, reset_stopped_s=reset.stopped_seconds,
+                       reset_pages_dropped=reset.pages_dropped)
         return row
     finally:
         _clean_up(children, paths, server, root)
@@ -350,11 +397,19 @@ def main() -> int:
         r["all_children_vs_hvkit"] = r["all_children_s"] / ours["all_children_s"]
     if rows:
         print_table(["size", "N", "method", "first child ms", "all N ms", "x hvkit (first)", "x hvkit (all)",
-                     "PSS MiB/child", "after s"],
+                     "parent paused ms", "PSS MiB/child", "after s", "jit MiB / flushes"],
                     [[r["size"], r["n"], r["method"], f"{r['first_child_s'] * 1000:.0f}",
                       f"{r['all_children_s'] * 1000:.0f}", f"{r['first_child_vs_hvkit']:.1f}",
-                      f"{r['all_children_vs_hvkit']:.1f}", f"{r['pss_mib_mean']:.1f}", f"{r['settle_s']:.0f}"]
+                      f"{r['all_children_vs_hvkit']:.1f}",
+                      f"{r['parent_paused_s'] * 1000:.0f}" if "parent_paused_s" in r else "until the end",
+                      f"{r['pss_mib_mean']:.1f}", f"{r['settle_s']:.0f}",
+                      f"{r['jit_code_mib_mean']:.1f} / {r['jit_flushes_max']}" if "jit_code_mib_mean" in r else "-"]
                      for r in rows], title="fork: time until children run, host memory they hold")
+        resets = [r for r in rows if "reset_s" in r]
+        if resets:
+            print_table(["size", "pages the child wrote", "reset ms", "not running ms"],
+                        [[r["size"], r["reset_pages_dropped"], f"{r['reset_s'] * 1000:.0f}",
+                          f"{r['reset_stopped_s'] * 1000:.0f}"] for r in resets], title="vm reset of that child")
     image_rows = []
     if args.image_guest:
         for method in [m for m in args.image_methods.split(",") if m]:

@@ -128,19 +128,57 @@ def render_fork(results: Path, docs: Path) -> str:
 
         pss = " / ".join("-" if r is None else f"{r['pss_mib_mean']:.1f}" for r in (h, m, t))
         after = next((r["settle_s"] for r in (h, m, t) if r), None)
-        out.append([size, n, times(h), times(m), times(t), pss + f" (after {after:.0f} s)"])
-    text = table(["size", "N", "hvkit fork: first / all", "migrate + restore: first / all",
-                  "template copy: first / all", "PSS MiB per child (hvkit / migrate / template)"], out)
+        paused = ms(h.get("parent_paused_s")) if h else None
+        jit = (f"{h['jit_code_mib_mean']:.1f} MiB / {h['jit_flushes_max']}"
+               if h and h.get("jit_code_mib_mean") is not None else None)
+        out.append([size, n, times(h), paused, times(m), times(t), pss + f" (after {after:.0f} s)", jit])
+    text = table(["size", "N", "hvkit fork: first / all", "hvkit: parent paused", "migrate + restore: first / all",
+                  "template copy: first / all", "PSS MiB per child (hvkit / migrate / template)",
+                  "hvkit child's translated code / buffer flushes"], out)
     refork = [r for r in rows if "refork_pages_written" in r]
     if refork:
         text += "\n\nForking a forked VM (the 1-second-old child of the N = 1 case):\n\n" + table(
             ["size", "pages the child wrote", "tables written", "snapshot", "its child running"],
             [[r["size"], r["refork_pages_written"], r["refork_tables_written"], ms(r["refork_snapshot_s"]),
               ms(r["refork_first_child_s"])] for r in refork])
+    resets = [r for r in rows if "reset_s" in r]
+    if resets:
+        text += "\n\n`vm reset` of that child (after it was forked in turn):\n\n" + table(
+            ["size", "pages the child had written", "reset (request to running)", "child not running"],
+            [[r["size"], r["reset_pages_dropped"], ms(r["reset_s"]), ms(r["reset_stopped_s"])] for r in resets])
+    before = _fork_before(results, by)
+    if before:
+        text += before
     hv = [r for r in rows if r["method"] == "hvkit fork" and r.get("runs", 1) > 1]
     note = (f"hvkit's rows are the median of {hv[0]['runs']} runs, the baselines' one run each."
             if hv else "Every row is a single run (`--repeat 1`).")
     return text + "\n\n" + note + " " + conditions(data, "fork")
+
+
+def _fork_before(results: Path, by: dict) -> str:
+    """hvkit's rows side by side with the same bench run on the code before issue 21
+    (docs/results/fork-main.json: children with kernel arguments and THP, the parent
+    paused until its children ran), as ratios."""
+    path = results / "fork-main.json"
+    if not path.exists():
+        return ""
+    old = json.loads(path.read_text())
+    out = []
+    for r in old.get("rows", []):
+        new = by.get((r["size"], r["n"], r["method"]))
+        if r["method"] != "hvkit fork" or not new:
+            continue
+        out.append([r["size"], r["n"], f"{new['first_child_s'] * 1000:.0f} / {r['first_child_s'] * 1000:.0f} ms "
+                    f"({new['first_child_s'] / r['first_child_s']:.2f}x)",
+                    f"{new['all_children_s'] * 1000:.0f} / {r['all_children_s'] * 1000:.0f} ms "
+                    f"({new['all_children_s'] / r['all_children_s']:.2f}x)",
+                    f"{new['pss_mib_mean']:.1f} / {r['pss_mib_mean']:.1f} MiB ({new['pss_mib_mean'] / r['pss_mib_mean']:.2f}x)"])
+    if not out:
+        return ""
+    return ("\n\nhvkit fork now / before issue 21 (the same bench on the code before it: children with kernel "
+            "arguments and THP, the parent paused until they ran), as ratios now / before:\n\n"
+            + table(["size", "N", "first child", "all N", "PSS per child"], out)
+            + "\n\nThe run before: " + conditions(old, "fork"))
 
 
 def render_fork_image(results: Path, docs: Path) -> str:
@@ -153,17 +191,19 @@ def render_fork_image(results: Path, docs: Path) -> str:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["method"], "failed: " + r["error"][:80], None, None, None])
+            out.append([r["method"], "failed: " + r["error"][:80], None, None, None, None])
             continue
         x = r.get("first_child_vs_hvkit")
         x = f" ({x:.1f}x first)" if x is not None and r["method"] != "hvkit fork" else ""
+        paused = ms(r.get("parent_paused_s")) if r["method"].startswith("hvkit") else "until the end"
         out.append([r["method"], f"{r['first_child_s'] * 1000:.0f} / {r['all_children_s'] * 1000:.0f} ms{x}",
                     f"{r['first_agent_s'] * 1000:.0f} / {r['all_agents_s'] * 1000:.0f} ms",
-                    ms(r.get("all_fork_done_s")), f"{r['pss_mib_mean']:.1f} MiB (after {r['settle_s']:.0f} s)"])
+                    ms(r.get("all_fork_done_s")), paused or "-",
+                    f"{r['pss_mib_mean']:.1f} MiB (after {r['settle_s']:.0f} s)"])
     first = next(r for r in rows)
     return (f"Debian 12 image guest, {first['size']}, {first['n']} children:\n\n"
-            + table(["method", "first runs / all run", "first agent / all agents", "fork done", "PSS per child"],
-                    out) + "\n\n" + conditions(data, "fork"))
+            + table(["method", "first runs / all run", "first agent / all agents", "fork done", "parent paused",
+                     "PSS per child"], out) + "\n\n" + conditions(data, "fork"))
 
 
 def render_share(results: Path, docs: Path) -> str:

@@ -25,6 +25,8 @@ from pathlib import Path
 from hvkit.config import Paths
 from hvkit.forking import ForkReport
 from hvkit.forking import fork as _fork
+from hvkit.forking.reset import ResetReport
+from hvkit.forking.reset import reset as _reset
 from hvkit.guest import GroundTruth
 from hvkit.guest.control import ground_truth as _ground_truth
 from hvkit.introspect import PageMap, TaskWalk, classify, list_tasks
@@ -72,6 +74,13 @@ def fork(source: VM | str, n: int = 1, *, paused: bool = False, keep_free: bool 
     The VM runs on unless `paused`; at its first fork its free pages are given back
     unless `keep_free`. The report lists the children (`report.children[i].name`)."""
     return _fork(_source_of(source), n, paths=_paths_of(source, paths), stay_paused=paused, give_back_free=not keep_free)
+
+
+def reset(child: VM | str, *, paused: bool = False, paths: Paths | None = None) -> ResetReport:
+    """Takes fork child `child` back to the exact state of the snapshot it started from
+    (its writes dropped, its CPUs and devices loaded again), in the same QEMU; it runs
+    on unless `paused` (see hvkit.forking.reset)."""
+    return _reset(_source_of(child), paths=_paths_of(child, paths), stay_paused=paused)
 
 
 def share(source: VM | str, *, dry_run: bool = False, max_pause: float = MAX_PAUSE,

@@ -283,3 +283,112 @@ def _running(pid: int) -> bool:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+# ---- the parent's pause, and slim children (issue 21) ------------------------------------
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode().split("\0")
+
+
+@needs_fuse
+def test_parent_runs_before_its_children_start_and_children_carry_no_kernel(paths, guest):
+    """A first fork: the VM runs again, in its next QEMU, before the first child runs
+    (each child, as it runs, finds its parent running); the pause is made of the
+    pause, the state and the snapshot steps. Children (and the VM's next QEMU) have no
+    kernel, initrd or command line and run with THP off, yet go on beating, and fork
+    again; a child's reboot ends its QEMU (-no-reboot) with the VM shown dead."""
+    from hvkit.qemu.thp import thp_disabled
+
+    with start_vm("swift", memory="256M", workload="idle", paths=paths) as vm:
+        vm.wait_for_console(r"HVKIT-HEARTBEAT 1\b", timeout=60)
+        old_pid = vm.pid
+        seen = []
+
+        def parent_state(child) -> None:
+            parent = find_vm("swift", paths)
+            seen.append((child.name, parent.pid, parent.run_state()))
+
+        report = fork("swift", 2, paths, on_child=parent_state)
+        assert report.vm_state == "running" and report.parent_paused_seconds > 0
+        parent = find_vm("swift", paths)
+        assert parent.pid != old_pid and parent.spec.snapshot == report.snapshot
+        assert seen == [(c.name, parent.pid, "running") for c in report.children], seen
+        steps = report.pause_steps
+        assert list(steps) == ["state_saved", "moved", "resumed", "old_qemu_ended", "sealed"], steps
+        assert steps["resumed"] == report.parent_paused_seconds  # resumed before the snapshot was sealed
+        assert sorted(steps.values()) == list(steps.values())
+        for pid in [parent.pid] + [c.pid for c in report.children]:
+            args = _cmdline(pid)
+            assert not {"-kernel", "-initrd", "-append"} & set(args), args
+            assert thp_disabled(pid), f"THP is on in QEMU {pid}"
+        assert not list(parent.rundir.path.glob("*-next*")), "the next QEMU's files were all renamed"
+        child = find_vm(report.children[0].name, paths)
+        for each in (parent, child):
+            _beats_on(each)
+        grandchild = find_vm(fork(child.name, 1, paths).children[0].name, paths)
+        _beats_on(grandchild)
+        assert not {"-kernel", "-initrd", "-append"} & set(_cmdline(grandchild.pid))
+        try:
+            grandchild.qmp("system_reset")  # what a reboot of the guest does
+        except VMDied:
+            pass  # QEMU may end before it answers
+        assert grandchild.wait_gone(10), "a child's reboot leaves its QEMU running"
+        rows = {r.name: r for r in list_vms(paths)}
+        assert grandchild.name not in rows or rows[grandchild.name].state == "dead"
+        for row in list_vms(paths):
+            if row.name.startswith("swift-") and row.state != "dead":
+                find_vm(row.name, paths).stop()
+
+
+def _beats_on(vm: VM) -> None:
+    """The guest's heartbeat goes on from now: a new beat, then the next one."""
+    beat = vm.wait_for_console(r"HVKIT-HEARTBEAT (\d+)\n", timeout=30, after=len(vm.console()))
+    vm.wait_for_console(rf"HVKIT-HEARTBEAT {int(beat.group(1)) + 1}\n", timeout=30, after=beat.end())
+
+
+@needs_fuse
+def test_reset_takes_a_child_back_to_its_snapshot(paths, guest):
+    """`vm reset`: a child that wrote (a mark) is back at its snapshot: paused right
+    after the reset, every byte of its RAM, read from its QEMU process, equals the
+    snapshot file; resumed, the guest sees the snapshot's marks and beats on. A VM
+    that is not a fork child is refused in one line."""
+    from hvkit.forking.reset import reset
+    from hvkit.memory.process import ram_mappings
+
+    with start_vm("rst", memory="256M", workload="idle", paths=paths) as vm:
+        vm.wait_for_console(r"HVKIT-HEARTBEAT 1\b", timeout=60)
+        request(vm, "mark before1 1", "HVKIT-MARKED before1")
+        report = fork("rst", 1, paths)
+        child = find_vm(report.children[0].name, paths)
+        request(child, f"mark aftera1 {MARK_MIB}", "HVKIT-MARKED aftera1")
+        assert marks(child) == ["aftera1"]
+        old_pid = child.pid
+        result = run_cli("vm", "reset", child.name, "--paused", "--json")
+        assert result.returncode == 0, result.stderr
+        done = json.loads(result.stdout)
+        assert done["vm_state"] == "paused" and done["snapshot"] == report.snapshot
+        assert done["pages_dropped"] >= MARK_MIB * 256, done  # it had written at least its mark
+        child = find_vm(child.name, paths)
+        assert child.pid != old_pid and child.spec.snapshot == report.snapshot
+        mapping = ram_mappings(child.pid, child.spec.memory, child.spec.ram_file)[0]
+        snapshot_file = MemServer.of(paths).snapshot_file(report.snapshot)
+        chunk, differ = 16 << 20, 0
+        with open(f"/proc/{child.pid}/mem", "rb", buffering=0) as mem, open(snapshot_file, "rb") as snap:
+            for offset in range(0, child.spec.memory, chunk):
+                mem.seek(mapping.start + offset)
+                a = np.frombuffer(mem.read(chunk), np.uint8).reshape(-1, PAGE)
+                b = np.frombuffer(snap.read(chunk), np.uint8).reshape(-1, PAGE)
+                differ += int((a != b).any(axis=1).sum())
+        assert differ == 0, f"{differ} pages of the reset child differ from its snapshot"
+        child.resume()
+        assert marks(child) == ["before1"]
+        _beats_on(child)
+        reset(child.name, paths)  # the API, on a running child: it runs again after
+        assert find_vm(child.name, paths).run_state() == "running"
+        for not_a_child, says in (("rst", "is not a fork child"), ("no-such", "no VM named")):
+            result = run_cli("vm", "reset", not_a_child)
+            assert result.returncode == 1 and says in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        find_vm(child.name, paths).stop()

@@ -26,6 +26,7 @@ import pytest
 from hvkit.memserver import MemServer, fuse_unavailable_reason
 from hvkit.qemu import VM, find_vm, list_vms, start_vm
 from hvkit.qemu.qmp import qmp
+from hvkit.guest.control import request
 
 from conftest import assert_private_files, run_cli
 
@@ -210,14 +211,17 @@ def test_sigkill_of_vm_start_leaves_nothing_running(paths, guest):
             assert "never finished starting" in said
 
 
-FORK_STEPS = ["after fork:pausing", "before fork:moving", "after fork:moving", "before fork:stopping",
-              "after fork:stopping", "before fork:sealing", "after fork:sealing", "before fork:sealed",
-              "after fork:sealed", "qemu spawned {name}-1", "fork child launched", "before done fork child",
-              "qemu spawned {name}", "after fork:restarted"]  # {name}: the VM's QEMU restarting in place
+FORK_STEPS = ["after fork:prestarting", "qemu spawned {name}",  # {name}: the VM's next QEMU, before the pause
+              "after fork:pausing", "before fork:moving", "after fork:moving", "before fork:stopping",
+              "after fork:stopping", "after fork:switching", "after fork:switched",  # the next QEMU takes over
+              "before fork:sealing",  # it runs, the old QEMU gone, the snapshot not sealed
+              "after fork:sealing", "before fork:sealed", "after fork:sealed", "qemu spawned {name}-1",
+              "fork child launched", "before done fork child"]
 
 
 @needs_fuse
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 19 guests booted and forked: ~5 min idle, far longer on a loaded host
 def test_sigkill_of_fork_at_every_step_loses_nothing(paths, guest):
     """SIGKILL of `hvkit fork` at each recorded step of a first fork, and at 3 random
     moments: the next command finds the VM running (as before, or from a sealed
@@ -438,3 +442,41 @@ def test_a_full_runtime_file_system_is_named(paths, guest, tmp_path):
 def _qemus_under(folder: Path) -> list[int]:
     from conftest import qemus_of
     return qemus_of(folder)
+
+
+RESET_STEPS = ["after vm reset:prestarting", "qemu spawned {name}", "after vm reset:stopping",
+               "after vm reset:switching", "after vm reset:switched", "before done vm reset"]
+
+
+@needs_fuse
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkill_of_vm_reset_at_every_step_loses_nothing(paths, guest):
+    """SIGKILL of `hvkit vm reset` at each of its steps: the next command finds the
+    child running, either as it was (killed before its QEMU was) or at its snapshot
+    (its mark gone), never a second QEMU left; its memory checker finds no corrupt word."""
+    with start_vm("krs", memory="256M", workload="memcheck:24", paths=paths) as vm:
+        vm.wait_for_console(r"HVKIT-MEMCHECK round=1 ", timeout=120)
+        proc = run_cli("fork", "krs", "-n", "1", "--json")
+        assert proc.returncode == 0, proc.stderr
+        child = json.loads(proc.stdout)["children"][0]["name"]
+        outcomes = {}
+        for i, moment in enumerate(RESET_STEPS):
+            moment = moment.format(name=child)
+            mark = f"mark{i:03d}"
+            request(find_vm(child, paths), f"mark {mark} 1", f"HVKIT-MARKED {mark}")
+            resetter = hvkit_popen("vm", "reset", child, env={"HVKIT_DIE_AT": moment})
+            assert resetter.wait(timeout=120) == -signal.SIGKILL, resetter.stderr.read()
+            rows, said = listed()
+            assert "Traceback" not in said and rows[child]["state"] == "running", (moment, rows.get(child), said)
+            assert not _unlisted_qemus(paths, "krs", rows), moment
+            again = find_vm(child, paths)
+            assert not list(again.rundir.path.glob("*-next*")), (moment, "a next QEMU's files are left")
+            seen = request(again, "marks", "HVKIT-MARKS").split("HVKIT-MARKS", 1)[1].split()
+            outcomes[moment] = "as it was" if seen == [mark] else "reset" if seen == [] else f"marks {seen}"
+            assert outcomes[moment] in ("as it was", "reset"), (moment, seen)
+            wait_rounds(again, 2)
+            assert_clean(again)
+        print("\n".join(f"  killed at {m!r}: the child runs {o}" for m, o in outcomes.items()))
+        assert set(outcomes.values()) == {"as it was", "reset"}
+        find_vm(child, paths).stop()

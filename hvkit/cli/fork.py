@@ -77,7 +77,9 @@ def fork(vm: str | None, n: int, stay_paused: bool, keep_free: bool, snapshot: s
         f"{c['runs_split']} split) in {report.snapshot_seconds * 1000:.0f} ms")
     console().print(f"first child running {min(ch.seconds for ch in report.children) * 1000:.0f} ms after "
                     f"the request, last {max(ch.seconds for ch in report.children) * 1000:.0f} ms; "
-                    f"{report.vm} is {report.vm_state}")
+                    f"{report.vm} is {report.vm_state}"
+                    + (f" (paused {report.parent_paused_seconds * 1000:.0f} ms, running again before its children)"
+                       if report.vm_state == "running" else ""))
     if report.froze_ram_file and not keep_free:
         console().print(report.free_pages_note or
                         f"{report.free_pages_given_back} of the guest's {report.free_pages} free pages "

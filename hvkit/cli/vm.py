@@ -11,6 +11,7 @@ import click
 
 from hvkit.errors import HvkitError
 from hvkit.cli.output import console, json_option, print_json, print_table
+from hvkit.forking.reset import reset as reset_child
 from hvkit.guest.workload import NAMES as WORKLOADS
 from hvkit.qemu import adopt_vm, detach_vm, find_vm, list_vms, start_vm, vm_status
 from hvkit.qemu.accel import ACCELS
@@ -163,6 +164,25 @@ def _simple(verb: str, method: str, helptext: str):
 _simple("pause", "pause", "Pause a VM (its vCPUs stop; memory stays).")
 _simple("resume", "resume", "Resume a paused VM.")
 _simple("stop", "stop", "Stop a VM: QEMU ends and its runtime folder is removed.")
+
+
+@vm.command()
+@click.argument("name")
+@click.option("--paused", "stay_paused", is_flag=True, help="Leave it paused after the reset.")
+@json_option
+def reset(name: str, stay_paused: bool, as_json: bool) -> None:
+    """Reset fork child NAME to the exact state of the snapshot it started from.
+
+    Its QEMU stays: the pages it wrote are dropped (it reads the snapshot again) and
+    its CPUs and devices are loaded as they were at the fork. It then runs if it ran
+    before (unless --paused). Only fork children without a disk can be reset."""
+    report = reset_child(name, stay_paused=stay_paused)
+    if as_json:
+        print_json(report.to_json())
+        return
+    console().print(f"VM {report.vm} reset to snapshot {report.snapshot} in {report.seconds * 1000:.0f} ms "
+                    f"({report.pages_dropped} pages it wrote dropped; not running for {report.stopped_seconds * 1000:.0f} ms); "
+                    f"it is {report.vm_state}")
 
 
 @vm.command()

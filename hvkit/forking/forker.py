@@ -52,8 +52,9 @@ from hvkit.leftovers import remove_staged_states
 from hvkit.memserver import MemServer, Snapshot, Store
 from hvkit.memserver.store import disk_layer
 from hvkit.qemu import VM, find_vm, launch_from_snapshot, receive_state
+from hvkit.qemu.launch import start_successor, wait_qmp_ready
 from hvkit.qemu.ownership import Ownership, fault_point
-from hvkit.qemu.runtime import check_name
+from hvkit.qemu.runtime import SuccessorDir, check_name
 from hvkit.signals import deferred_signals
 from hvkit.sharing.freepages import give_back_free_pages_of_file
 
@@ -88,6 +89,9 @@ class ForkReport:
     free_pages: int = 0  # a frozen RAM file: pages on the guest's free lists at the fork
     free_pages_given_back: int = 0  # of those, pages punched out of it (read as the zero frame)
     free_pages_note: str = ""  # why free pages were kept, if they were
+    # where the parent's pause went: seconds from the pause to the end of each step
+    # (stopped, state_saved, moved, old_qemu_ended, sealed, state_loaded, resumed)
+    pause_steps: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -199,27 +203,55 @@ def _check_forkable(vm: VM) -> None:
 def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, names: list[str],
                    paths: Paths, t0: float, was_running: bool, run_after: bool,
                    on_child: ChildCallback | None, give_back_free: bool) -> ForkReport:
-    """The first fork of a VM (see the module comment); each step is recorded first."""
+    """The first fork of a VM (see the module comment); each step is recorded first.
+    The VM goes on before its children start: in its next QEMU, started before the
+    pause (a VM without a disk), or restarted from the frozen file."""
     own = vm.ownership
     fork_id = new_fork_id()
     frozen, state = store.frozen_path(fork_id), store.staged_state(fork_id)
     # a disk is frozen only once the fork goes forward (its QEMU ended): an undone fork
     # leaves the VM's disk chain as it was; the names are chosen now, for the journal
     plan = disks.plan_disk_freeze(vm, disk_layer(store.path, fork_id)) if vm.spec.disk else {}
-    own.write_intent(op="fork", undo="fork", recover=RECOVER, step="pausing", fork_id=fork_id, ram=str(vm.ram_path),
-                     frozen=str(frozen), state=str(state), old_pid=vm.pid, was_running=was_running,
-                     run_after=run_after, store=str(store.path), machine=asdict(vm.spec), children=names,
-                     **plan)
+    # a VM with a disk gets its next QEMU only after the fork: that QEMU opens the new
+    # overlay, which exists once the disk is frozen
+    successor = None
+    journal = dict(op="fork", undo="fork", recover=RECOVER, fork_id=fork_id, ram=str(vm.ram_path),
+                   frozen=str(frozen), state=str(state), old_pid=vm.pid, was_running=was_running,
+                   run_after=run_after, store=str(store.path), machine=asdict(vm.spec), children=names,
+                   successor=not plan, **plan)
+    if not plan:
+        own.write_intent(step="prestarting", **journal)
+        try:
+            successor = start_successor(vm)
+        except HvkitError as e:  # the fork goes on: the VM is restarted after it
+            log.warning("VM %s: its next QEMU did not start (%s); it will be restarted after the fork", vm.name, e)
+    own.write_intent(step="pausing", **journal)
+    if successor is not None:
+        try:
+            wait_qmp_ready(successor, 30.0)
+        except HvkitError as e:
+            log.warning("VM %s: its next QEMU did not start (%s); it will be restarted after the fork", vm.name, e)
+            successor = _drop_successor(successor)
     t_pause = time.monotonic()
-    if was_running:
-        vm.qmp("stop")
-    vm.save_state(state)
+    steps = {}
+    vm.save_state(state, pause_first=was_running)
+    steps["state_saved"] = time.monotonic() - t_pause
     own.update_intent(step="moving")
     os.rename(vm.ram_path, frozen)  # QEMU still maps it; the name moves, not the data
+    steps["moved"] = time.monotonic() - t_pause
     # from here on the fork only goes forward: the old QEMU ends, and with it the
     # last shared (writable) mapping of the frozen file; only then is it sealed
     own.update_intent(step="stopping")
-    vm.kill(signal.SIGKILL)  # paused, its state saved: nothing to shut down politely
+    os.kill(vm.pid, signal.SIGKILL)  # paused, its state saved: nothing to shut down politely
+    again = None
+    if successor is not None:
+        # the VM goes on in its next QEMU while the old one exits (paused, it writes
+        # nothing more; the new one's writes are its own): it needs no sealed snapshot
+        again = _take_over(successor, state, frozen, own, run_after, steps, t_pause)
+    if not vm.wait_gone(30.0):
+        raise HvkitError(f"the old QEMU of VM {vm.name!r} (pid {vm.pid}) did not end within 30 s of SIGKILL",
+                         "the next hvkit command on the VM finishes the fork")
+    steps["old_qemu_ended"] = time.monotonic() - t_pause
     own.update_intent(step="sealing")
     if plan:
         # the disk of this moment (QEMU flushed it when it paused): the children's, under
@@ -229,20 +261,83 @@ def _fork_ram_file(vm: VM, store: Store, server: MemServer, server_pid: int, nam
     with store.lock():
         snap = store.freeze_ram_file(frozen, vm.spec.memory, vm.name, state, machine, fork_id)
     own.update_intent(step="sealed", snapshot=snap.name)
-    snapshot_seconds = time.monotonic() - t_pause
+    snapshot_seconds = steps["sealed"] = time.monotonic() - t_pause
     report = ForkReport(vm.name, snap.name, len(names), True, 0, snapshot_seconds, 0.0, "", asdict(snap.counters))
+    if again is not None:
+        name_snapshot(again, snap.name)
+    else:  # the VM goes on before its children start (an image VM's settle while it runs)
+        again = restart_from_frozen(vm.name, snap, frozen, store, paths, run_after, set_clock=False)
+        own.update_intent(step="restarted")
+        steps["resumed"] = time.monotonic() - t_pause
+    report.vm_state = again.run_state()
+    report.parent_paused_seconds = steps["resumed"] if report.vm_state == "running" else 0.0
+    report.pause_steps = steps
+    clock = _set_clock_meanwhile(again) if again.spec.disk and run_after else None
     try:
         report.children = start_children(snap, names, server, server_pid, vm.name, paths, t0, on_child)
     finally:
-        # whatever happened to the children, the VM comes back, in its own place
-        again = restart_from_frozen(vm.name, snap, frozen, store, paths, run_after)
-        own.update_intent(step="restarted")
-    report.vm_state = again.run_state()
-    report.parent_paused_seconds = time.monotonic() - t_pause if report.vm_state == "running" else 0.0
+        if clock is not None:
+            clock.join()
     if give_back_free:
         _give_back_free_pages(report, frozen, Path(vm.spec.kernel), paths)
     own.clear_intent()
     return report
+
+
+def _take_over(successor: VM, state: Path, frozen: Path, own: Ownership, run: bool, steps: dict,
+               t_pause: float) -> VM | None:
+    """The VM's next QEMU (started before the pause) takes over the VM's folder (its
+    files renamed into place, the spec naming it written last), then loads the device
+    state `state` and runs (if `run`), in one QMP session; None if it could not (it is
+    stopped: the VM is restarted from the frozen file once that is sealed). Recorded
+    as "switched" once the spec names it: from then on a recovery keeps it (resumes
+    it), or, if it has not loaded the state yet, replaces it (it never ran)."""
+    own.update_intent(step="switching")
+    rundir = successor.rundir
+    assert isinstance(rundir, SuccessorDir)
+    try:
+        successor.spec.ram_file = str(frozen)
+        successor.rundir = rundir.take_over(successor.spec)
+    except OSError as e:
+        log.warning("VM %s: its next QEMU could not take over (%s); restarting it from the snapshot",
+                    successor.name, e)
+        return _drop_successor(successor)
+    own.update_intent(step="switched", switched=True)
+    try:
+        receive_state(successor, state, run=run)
+    except HvkitError as e:
+        log.warning("VM %s: its next QEMU could not load its state (%s); restarting it from the snapshot",
+                    successor.name, e)
+        successor.kill(signal.SIGKILL)
+        own.update_intent(step="stopping", switched=False)
+        return None
+    steps["resumed"] = time.monotonic() - t_pause
+    return successor
+
+
+def name_snapshot(vm: VM, snapshot: str) -> None:
+    """Records in the spec of a VM that runs from its own frozen RAM file (a successor
+    took over before the seal) the snapshot that file became."""
+    if vm.spec.snapshot != snapshot:
+        vm.spec.snapshot = snapshot
+        vm.rundir.write_spec(vm.spec)
+
+
+def _drop_successor(successor: VM) -> None:
+    """Stops a next QEMU that will not take over, and removes its files."""
+    successor.kill(signal.SIGKILL)
+    rundir = successor.rundir
+    if isinstance(rundir, SuccessorDir):
+        rundir.kill_qemu()
+        rundir.discard()
+    return None
+
+
+def _set_clock_meanwhile(vm: VM) -> threading.Thread:
+    """The clock of a VM with a disk set through its agent while its children start."""
+    thread = threading.Thread(target=settle.set_clock, args=(vm,), name=f"clock-{vm.name}", daemon=True)
+    thread.start()
+    return thread
 
 
 def new_fork_id() -> str:
@@ -252,14 +347,14 @@ def new_fork_id() -> str:
 
 
 def restart_from_frozen(name: str, snap: Snapshot, frozen: Path, store: Store, paths: Paths,
-                        run: bool) -> VM:
+                        run: bool, set_clock: bool = True) -> VM:
     """The VM `name` again, in its own folder, from the snapshot its RAM file became:
     a new QEMU maps the frozen file privately, straight from the store (its writes stay
     its own; it needs no memory server, so the server's death does not take it)."""
     again = launch_from_snapshot(name, snap.machine, snap.name, frozen, None,
                                     snap.machine.get("parent"), paths, in_place=True)
     receive_state(again, store.state_file(snap.name), run=run)
-    if again.spec.disk and run:
+    if again.spec.disk and run and set_clock:
         settle.set_clock(again)
     return again
 
@@ -291,12 +386,13 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
                      was_running=was_running, run_after=run_after, store=str(store.path),
                      machine=asdict(vm.spec), children=names, **plan)
     t_pause = time.monotonic()
-    if was_running:
-        vm.qmp("stop")
+    steps = {}
     try:
-        vm.save_state(state)
+        vm.save_state(state, pause_first=was_running)
+        steps["state_saved"] = time.monotonic() - t_pause
         own.update_intent(step="sealing")
         pages, data = written_pages(vm.pid, vm.spec.ram_file, vm.spec.memory)
+        steps["pages_read"] = time.monotonic() - t_pause
         with store.lock():
             parent = store.snapshot(vm.spec.snapshot)
             snap = store.fork_pages(parent, pages, data, vm.name, state,
@@ -305,15 +401,24 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
         own.update_intent(step="sealed", snapshot=snap.name)
         if plan:
             disks.switch_disk(vm, plan)  # before anything runs on the frozen layer
-        snapshot_seconds = time.monotonic() - t_pause
+        snapshot_seconds = steps["sealed"] = time.monotonic() - t_pause
         report = ForkReport(vm.name, snap.name, len(names), False, len(pages), snapshot_seconds, 0.0, "",
                             asdict(snap.counters))
+    except BaseException:
+        state.unlink(missing_ok=True)
+        if run_after and vm.is_alive():
+            vm.qmp("cont")
+        own.clear_intent()
+        raise
+    state.unlink(missing_ok=True)  # sealed: the snapshot has its own name of it
+    if run_after:
+        vm.qmp("cont")  # it runs on from its own memory, untouched by the fork, before its children start
+    steps["resumed"] = time.monotonic() - t_pause
+    report.vm_state = vm.run_state()
+    report.parent_paused_seconds = steps["resumed"] if report.vm_state == "running" else 0.0
+    report.pause_steps = steps
+    try:
         report.children = start_children(snap, names, server, server_pid, vm.name, paths, t0, on_child)
     finally:
-        state.unlink(missing_ok=True)  # sealed (the snapshot has its own name of it) or not
-        if run_after and vm.is_alive():
-            vm.qmp("cont")  # it runs on from its own memory, untouched by the fork
         own.clear_intent()
-    report.vm_state = vm.run_state()
-    report.parent_paused_seconds = time.monotonic() - t_pause if report.vm_state == "running" else 0.0
     return report

@@ -4,25 +4,38 @@ the command), from the journal it kept in the VM's intent record (forker.py).
 A first fork (a VM with a RAM file) goes through these steps, each recorded before
 it is taken:
 
+    prestarting  a VM without a disk: its next QEMU starts beside the current one (its
+              own sockets, log and spec: qemu.runtime.SuccessorDir), mapping the RAM
+              file privately, and waits for the device state
     pausing   the VM is paused and its device state saved to a staged file (the
               journal names it, and for a VM with a disk the names its disk will be
               frozen under: old_disk, disk_layer, new_disk)
     moving    its RAM file moves into the store (QEMU still maps it, shared)
-    stopping  its QEMU ends: from here on nothing maps the file shared
+    stopping  its QEMU is killed: once it is gone nothing maps the file shared
+    switching (a next QEMU) it loads the device state and takes over the folder (its
+              files renamed into place, the spec naming it written last)
+    switched  (recorded with switched=true, kept by the later steps) the VM runs in
+              its next QEMU, from the frozen file, while the old QEMU exits
     sealing   a VM with a disk: its disk frozen (hvkit.qemu.disk.freeze_stopped_disk:
               the overlay, flushed when QEMU paused, hard-linked as the store's
               layer; a new overlay over it for the VM's next QEMU); then the
               snapshot's table and JSON are written (sealed when the JSON is)
-    sealed    children start; the VM is restarted from the frozen file
-    restarted the free pages of the frozen file are given back
+    sealed    the old QEMU gone, the snapshot sealed; a VM that did not switch (one
+              with a disk) is now restarted from the frozen file, then
+    restarted children start (at `sealed`, for a VM that switched); the free pages
+              of the frozen file are given back
 
-Up to `moving` the fork is undone: the RAM file moves back (the old QEMU never lost
-its mapping), the staged state is removed and the VM runs on as before, on the very
+Up to `moving` the fork is undone: a next QEMU is stopped and its files removed, the
+RAM file moves back (the old QEMU never lost its mapping), the staged state is
+removed and the VM runs on as before, on the very
 disk chain it had (the disk is touched only after the point of no return, so no
 layer is added and no disk data can be lost: before it, QEMU writes where it always
 did; after it, nothing writes the old overlay any more and every step only adds a
 name or a new empty file). From `stopping` on it is finished: the disk frozen and the
-snapshot sealed (again, if need be: both are idempotent) and the VM runs from it.
+snapshot sealed (again, if need be: both are idempotent) and the VM runs from it (a
+next QEMU that had not taken over is stopped and the VM restarted from the frozen
+file: it had not run yet, so nothing of the guest is lost; once `switched`, or at
+`restarted`, the VM's new QEMU is kept and only resumed).
 
 A fork of a VM that runs from a snapshot (kind "forked": its QEMU goes on) has the
 steps pausing (paused, state staged), sealing (its written pages stored, the
@@ -48,11 +61,11 @@ from hvkit.forking import disks
 from hvkit.memserver import Store
 from hvkit.qemu import VM
 from hvkit.qemu.ownership import Ownership
-from hvkit.qemu.runtime import RuntimeDir, VMSpec
+from hvkit.qemu.runtime import RuntimeDir, SuccessorDir, VMSpec
 
 log = logging.getLogger(__name__)
 
-UNDONE_STEPS = ("pausing", "moving")
+UNDONE_STEPS = ("prestarting", "pausing", "moving")
 
 
 def finish_fork(owner: Ownership, journal: dict, paths: Paths) -> None:
@@ -81,6 +94,9 @@ def finish_fork(owner: Ownership, journal: dict, paths: Paths) -> None:
 
 
 def _undo(rundir: RuntimeDir, journal: dict, old_alive: bool) -> None:
+    successor = SuccessorDir(rundir.path)
+    successor.kill_qemu()  # the VM's next QEMU, started before the pause
+    successor.discard()
     frozen, ram = Path(journal["frozen"]), Path(journal["ram"])
     if frozen.exists() and not ram.exists():
         os.rename(frozen, ram)  # the old QEMU still maps this very file
@@ -116,7 +132,7 @@ def _finish_forked(vm: VM, journal: dict, paths: Paths) -> None:
 
 
 def _finish(rundir: RuntimeDir, journal: dict, paths: Paths) -> str:
-    from hvkit.forking.forker import restart_from_frozen  # the forker's own restart
+    from hvkit.forking.forker import name_snapshot, restart_from_frozen  # the forker's own steps
 
     store = Store(Path(journal["store"]))
     try:
@@ -127,14 +143,22 @@ def _finish(rundir: RuntimeDir, journal: dict, paths: Paths) -> str:
             snap = store.freeze_ram_file(Path(journal["frozen"]), machine["memory"], rundir.name,
                                          Path(journal["state"]), machine, journal["fork_id"])
         Path(journal["state"]).unlink(missing_ok=True)  # a seal done before the kill keeps it otherwise
-        if journal.get("step") != "restarted":
-            spec = rundir.read_spec()
+        spec = rundir.read_spec()
+        switched = journal.get("switched") and spec is not None and VM(rundir, spec).run_state() in (
+            "running", "paused")  # its next QEMU took over and loaded the state (else: it never ran)
+        if not switched and journal.get("step") != "restarted":
             if spec is not None and spec.pid != journal.get("old_pid"):
                 VM(rundir, spec).kill()  # a replacement QEMU that never finished starting
             rundir.kill_qemus()  # also one spawned before its spec was written (the old one is killed)
             rundir.path.mkdir(mode=0o700, exist_ok=True)
             restart_from_frozen(rundir.name, snap, Path(journal["frozen"]), store, paths,
                                 run=bool(journal.get("run_after")))
+        else:  # its new QEMU took over, and may not have been resumed yet
+            vm = VM(rundir, spec) if spec is not None else None
+            if vm is not None and vm.is_alive():
+                name_snapshot(vm, snap.name)
+                if journal.get("run_after") and vm.run_state() == "paused":
+                    vm.qmp("cont")
         return snap.name
     finally:
         store.close()

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import shutil
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from hvkit.config import Paths
@@ -32,7 +32,8 @@ from hvkit.qemu.agent import GuestAgent
 from hvkit.qemu.disk import virtual_size
 from hvkit.qemu.ownership import Ownership, fault_point
 from hvkit.qemu.qmp import QMPUnreachable, incoming_migration, qmp
-from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name
+from hvkit.qemu.runtime import RuntimeDir, SuccessorDir, VMSpec, check_name
+from hvkit.qemu.thp import thp_disabled_for_children
 from hvkit.qemu.vm import VM, finish_abandoned
 from hvkit.units import MiB, format_size, parse_size
 
@@ -226,12 +227,45 @@ def launch_from_snapshot(name: str, machine: dict, snapshot: str, ram_file: Path
         raise
 
 
+def start_successor(vm: VM) -> VM:
+    """Starts the next QEMU of `vm` beside its current one, without waiting for it
+    (`wait_qmp_ready`): it maps the file the VM's RAM is (a VM with a RAM file) or comes
+    from (a fork child: its snapshot) privately (share=off) and waits, paused, for the
+    device state. A first fork moves the RAM file into the store (a rename: this QEMU
+    keeps mapping the same file) and seals it once the old QEMU is gone; this QEMU has
+    not touched a page of it before it loads the state (QEMU touches no guest RAM
+    before an incoming migration), so it then sees the file as frozen. A reset gives
+    a child a fresh QEMU of its snapshot this way. Its files are its own (SuccessorDir)
+    until it takes over (`SuccessorDir.take_over`). The caller holds the VM."""
+    old = vm.spec.command or []
+    cpu_model = old[old.index("-cpu") + 1] if "-cpu" in old[:-1] else None
+    child = vm.spec.ram == "snapshot"
+    spec = VMSpec(**{**asdict(vm.spec), "ram": "snapshot", "ram_file": vm.spec.ram_file if child else str(vm.ram_path),
+                     "snapshot": vm.spec.snapshot if child else None,
+                     "memserver_pid": vm.spec.memserver_pid if child else None,
+                     "pid": None, "started_at": None, "command": []})
+    rundir = SuccessorDir(vm.rundir.path)
+    rundir.discard()  # files of a successor that never took over
+    spec.command = qemu_command(qemu_binary(), rundir, spec, cpu_model)
+    successor = VM(rundir, spec)
+    try:
+        spawn_process(successor)
+    except BaseException:
+        rundir.kill_qemu()
+        rundir.discard()
+        raise
+    return successor
+
+
 def receive_state(vm: VM, state: Path, run: bool = True, timeout: float = 30.0) -> None:
     """Loads the device state saved by `VM.save_state` into `vm` (started by
     launch_from_snapshot), then lets it run unless `run` is False."""
     vm.raise_if_dead("before loading its device state")
     try:
-        status, outcome = incoming_migration(vm.qmp_path, f"exec:cat {shlex.quote(str(state))}", run, timeout)
+        with open(state, "rb") as f:  # QEMU reads it from the fd it is handed (getfd, fd:)
+            status, outcome = incoming_migration(vm.qmp_path, "fd:hvkit-state", run, timeout, fd=f.fileno())
+    except FileNotFoundError:
+        raise HvkitError(f"VM {vm.name!r}: its device state {state} is missing") from None
     except VMDied:
         vm.raise_if_dead("while loading its device state")
         raise
@@ -298,11 +332,10 @@ def qemu_command(binary: str, rundir: RuntimeDir, spec: VMSpec, cpu_model: str |
     size = format_size(spec.memory)
     cmd = [
         binary, "-name", f"hvkit-{spec.name}",
-        "-machine", "pc,memory-backend=ram0", "-accel", spec.accel,
+        "-machine", "pc,memory-backend=ram0", "-accel", accel_arg(spec),
         "-m", size, "-smp", str(spec.cpus),
         "-object", ram_backend(rundir, spec),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", spec.kernel, "-append", spec.append,
         "-chardev", f"file,id=con,path={rundir.console_log}" + (",append=on" if spec.ram == "snapshot" else ""),
         "-serial", "chardev:con",
         "-chardev", f"socket,id=ctl,path={rundir.ctl_sock},server=on,wait=off",
@@ -312,8 +345,11 @@ def qemu_command(binary: str, rundir: RuntimeDir, spec: VMSpec, cpu_model: str |
         # dump-guest-memory core carries it and drgn or crash open it as it is
         "-device", "vmcoreinfo",
     ]
-    if spec.initrd:
-        cmd += ["-initrd", spec.initrd]
+    if spec.ram != "snapshot":
+        # a VM that goes on from a snapshot has its kernel in memory already: without
+        # them its QEMU starts sooner and holds less (no option ROM, no copies of the
+        # kernel and initrd in fw_cfg); a reboot ends it (-no-reboot) as it ends any VM
+        cmd += ["-kernel", spec.kernel, "-append", spec.append] + (["-initrd", spec.initrd] if spec.initrd else [])
     if spec.disk:
         cmd += imagevm.device_args(rundir, spec)
     if spec.balloon:
@@ -325,6 +361,25 @@ def qemu_command(binary: str, rundir: RuntimeDir, spec: VMSpec, cpu_model: str |
         # configuration section: see hvkit.forking)
         cmd += ["-S", "-incoming", "defer", "-global", "migration.send-configuration=off"]
     return cmd
+
+
+# TCG's translation buffer for a QEMU that goes on from a snapshot (a fork child, or the
+# VM itself after its fork), in MiB. QEMU's default is min(1 GiB, host RAM / 8): the
+# buffer only grows until it is full, so a busy child could come to hold up to 1 GiB
+# of translated code. Measured (`info jit`, bench/fork.py's jit columns): an idle
+# child's code is 2-5 MiB after minutes, with no flush; 64 MiB bounds what a child can
+# hold while leaving a busy one room (a full buffer is flushed and refilled, costing
+# retranslation, not correctness). A fresh boot keeps the default (it translates far
+# more: BIOS, kernel, init).
+TB_SIZE_MIB = 64
+
+
+def accel_arg(spec: VMSpec) -> str:
+    """The -accel argument: TCG with a bounded translation buffer for a VM that goes on
+    from a snapshot."""
+    if spec.accel == "tcg" and spec.ram == "snapshot":
+        return f"tcg,tb-size={TB_SIZE_MIB}"
+    return spec.accel
 
 
 def ram_backend(rundir: RuntimeDir, spec: VMSpec) -> str:
@@ -340,9 +395,18 @@ def spawn(vm: VM, timeout: float) -> None:
     """Runs `vm.spec.command` in the background (its own session: Ctrl-C on hvkit does
     not reach QEMU) and returns once QEMU answers on QMP; VMDied with what QEMU said if
     it exits first."""
+    spawn_process(vm)
+    wait_qmp_ready(vm, timeout)
+
+
+def spawn_process(vm: VM) -> None:
+    """Starts QEMU (`vm.spec.command`) and writes the spec that names it, without
+    waiting for it to answer (wait_qmp_ready): a first fork starts the VM's next QEMU
+    this way and pauses the VM while it comes up. THP is off in it (thp.py)."""
     log.info("starting %s: %s", vm.name, " ".join(vm.spec.command))
     rundir = vm.rundir
-    with os.fdopen(os.open(rundir.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+    with os.fdopen(os.open(rundir.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out, \
+            thp_disabled_for_children():
         process = subprocess.Popen(
             vm.spec.command, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
             start_new_session=True,  # Ctrl-C on the hvkit command does not reach QEMU
@@ -351,12 +415,18 @@ def spawn(vm: VM, timeout: float) -> None:
     fault_point(f"qemu spawned {vm.name}")  # QEMU runs, and no spec names it yet
     vm.bind_process(process)
     rundir.write_spec(vm.spec)
+
+
+def wait_qmp_ready(vm: VM, timeout: float) -> None:
+    """Returns once the QEMU of `vm` answers on QMP; VMDied with what QEMU said if it
+    exits first, HvkitError after `timeout` seconds."""
+    rundir = vm.rundir
     deadline = time.monotonic() + timeout
     while not rundir.qmp_sock.exists():
         vm.raise_if_dead("while starting")
         if time.monotonic() > deadline:
             raise HvkitError(f"QEMU did not open its QMP socket within {timeout:.0f} s")
-        time.sleep(0.02)
+        time.sleep(0.002)
     while True:
         try:
             qmp(rundir.qmp_sock, "query-status")

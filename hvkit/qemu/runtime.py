@@ -9,6 +9,9 @@
                      qemu.log     QEMU's own stdout/stderr
                      disk.qcow2   a VM of a disk image: its overlay of the image (imagevm.py)
                      qga.sock     a VM of a disk image: the guest agent's channel (agent.py)
+                     *-next.*     while a first fork runs: the sockets, log and spec of the
+                                  VM's next QEMU, started before the fork pauses the VM
+                                  (SuccessorDir); renamed into place when it takes over
 
 The folder exists exactly as long as the VM: `hvkit vm stop` removes it, and a VM
 found dead has its folder removed by whoever notices first.
@@ -106,10 +109,15 @@ class RuntimeDir:
         make_private_dir(self.path.parent)
         os.mkdir(self.path, 0o700)  # guest memory lives here: its owner's alone
 
+    def own_files(self) -> tuple[Path, ...]:
+        """The files one QEMU of this folder has to itself (the console is shared)."""
+        return (self.qmp_sock, self.ctl_sock, self.qga_sock, self.qemu_log, self.spec_file)
+
     def clear_for_restart(self) -> None:
         """Removes what a stopped QEMU left in the folder (sockets, its log, its spec),
-        keeping the console: the same VM goes on in a new QEMU."""
-        for f in (self.qmp_sock, self.ctl_sock, self.qga_sock, self.qemu_log, self.spec_file):
+        and a successor's that never took over, keeping the console: the same VM goes on
+        in a new QEMU."""
+        for f in self.own_files() + SuccessorDir(self.path).own_files():
             f.unlink(missing_ok=True)
 
     def write_spec(self, spec: VMSpec) -> None:
@@ -141,6 +149,39 @@ class RuntimeDir:
             return ""
         kept = [line for line in text.splitlines() if line.strip()]
         return "\n".join(kept[-lines:]).strip()
+
+
+class SuccessorDir(RuntimeDir):
+    """The VM's next QEMU, beside its current one in the same folder: its own sockets,
+    log and spec (`*-next.*`), the console shared (both append to it; only the one that
+    runs writes). A first fork starts it before it pauses the VM, so that the VM goes on
+    as soon as its snapshot is sealed; `take_over` then renames its files into place."""
+
+    qmp_sock = property(lambda self: self.path / "qmp-next.sock")
+    ctl_sock = property(lambda self: self.path / "ctl-next.sock")
+    qga_sock = property(lambda self: self.path / "qga-next.sock")
+    qemu_log = property(lambda self: self.path / "qemu-next.log")
+    spec_file = property(lambda self: self.path / "vm-next.json")
+
+    def take_over(self, spec: VMSpec) -> RuntimeDir:
+        """Its files renamed to the VM's own names (the current QEMU is gone), `spec`
+        written as the VM's spec last: until then the folder's spec names the old QEMU."""
+        current = RuntimeDir(self.path)
+        for mine, theirs in zip(self.own_files()[:-1], current.own_files()[:-1]):
+            if mine.exists():
+                os.replace(mine, theirs)
+        self.write_spec(spec)
+        os.replace(self.spec_file, current.spec_file)
+        return current
+
+    def discard(self) -> None:
+        for f in self.own_files():
+            f.unlink(missing_ok=True)
+
+    def kill_qemu(self) -> list[int]:
+        """SIGKILLs the successor QEMU of this folder, if one runs (found by its QMP
+        socket on its command line: also one whose spec was never written)."""
+        return kill_processes_with(f"\0hvkit-{self.name}\0".encode(), str(self.qmp_sock).encode())
 
 
 def free_space_note(folder: Path) -> str:

@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import time
@@ -36,7 +37,7 @@ from hvkit.procs import left_by_dead_process, process_runs, process_start_ticks,
 from hvkit.qemu import imagevm
 from hvkit.qemu.agent import GuestAgent
 from hvkit.qemu.ownership import LOCK_WAIT, Ownership, fault_point
-from hvkit.qemu.qmp import QMPUnreachable, libvirt_qmp, qmp
+from hvkit.qemu.qmp import QMPUnreachable, libvirt_qmp, qmp, qmp_all
 from hvkit.qemu.runtime import RuntimeDir, VMSpec, free_space_note
 from hvkit.signals import deferred_signals
 from hvkit.units import format_size
@@ -257,11 +258,28 @@ class VM:
             partial.unlink(missing_ok=True)
         return path
 
-    def save_state(self, path: Path) -> None:
+    def save_state(self, path: Path, pause_first: bool = False) -> None:
         """Writes the device state of this paused VM, without its RAM, to `path` (QEMU's
         xen-save-devices-state: its name is historical; it works for any VM).
-        launch.receive_state loads it into a new QEMU."""
-        self.qmp("xen-save-devices-state", {"filename": str(path), "live": False})
+        launch.receive_state loads it into a new QEMU. With `pause_first`, the VM is
+        paused first, in the same QMP session (a fork's pause is that much shorter)."""
+        save = ("xen-save-devices-state", {"filename": str(path), "live": False})
+        if not pause_first:
+            self.qmp(*save)
+            return
+        deadline = time.monotonic() + 10.0
+        while True:
+            self.raise_if_dead("before it was paused")
+            try:
+                qmp_all(self.qmp_path, [("stop", None), save])
+                return
+            except QMPUnreachable:  # another client has the socket: as in qmp()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+            except VMDied:
+                self.raise_if_dead("while it was paused and its state saved")
+                raise
 
     # ---- QMP, pause and resume ----------------------------------------------------------
 
@@ -364,10 +382,12 @@ class VM:
         """Whether QEMU is gone, its last thread too (files and mappings go with it),
         within `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while self.qemu_alive() or threads_still_exiting(self.pid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
+        with _exit_watch(self.pid) as exited:
+            while self.qemu_alive() or threads_still_exiting(self.pid):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                exited(min(left, 0.02))
         return True
 
     def kill(self, first: signal.Signals = signal.SIGTERM) -> None:
@@ -433,6 +453,25 @@ class VM:
     def agent(self) -> GuestAgent:
         imagevm.load_image(self.spec)  # a clear error for a VM that has none
         return GuestAgent(self.rundir.qga_sock)
+
+
+@contextlib.contextmanager
+def _exit_watch(pid: int | None) -> Iterator:
+    """A function that waits up to its argument (s) for process `pid` to end: on its
+    pidfd, which becomes readable once its last thread is gone (with its mappings),
+    so a killed QEMU is seen gone at once; without one (no such process), a sleep."""
+    try:
+        fd = os.pidfd_open(pid) if pid else None
+    except OSError:
+        fd = None
+    try:
+        if fd is None:
+            yield time.sleep
+        else:
+            yield lambda seconds: select.select([fd], [], [], seconds)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def resident_ram_of(pid: int | None, size: int, own_only: bool = False) -> int:
