@@ -7,7 +7,6 @@ identify, a SIGKILL of hvkit at every step harmless, refusals in one line."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
