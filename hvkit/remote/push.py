@@ -189,13 +189,7 @@ def _push_working_set(objects: ObjectStore, store: Store, snap: Snapshot, digest
     chunks = chunks[chunks < len(digests)]
     chunks = chunks[digests[chunks].any(axis=1)].astype("<u4")
     report.working_set_chunks = len(chunks)
-    data = chunks.tobytes()
-    hexname = digest(data).hex()
-    if hexname not in have:
-        objects.put(blob_key(hexname), compress(data))
-        have.add(hexname)
-        report.blobs_uploaded += 1
-    return Blob(hexname, len(data))
+    return _upload_blob(objects, chunks.tobytes(), have, report)
 
 
 def _push_blob(objects: ObjectStore, path: Path, have: set[str], report: PushReport) -> Blob:
@@ -204,6 +198,11 @@ def _push_blob(objects: ObjectStore, path: Path, have: set[str], report: PushRep
         data = path.read_bytes()
     except OSError as e:
         raise HvkitError(f"{path} cannot be read ({e.strerror}); the snapshot needs it") from None
+    return _upload_blob(objects, data, have, report)
+
+
+def _upload_blob(objects: ObjectStore, data: bytes, have: set[str], report: PushReport) -> Blob:
+    """`data` as a blob named by its hash, uploaded unless the store has it."""
     hexname = digest(data).hex()
     if hexname not in have:
         objects.put(blob_key(hexname), compress(data))
