@@ -29,12 +29,14 @@ class PlainQemu:
     initramfs and a second serial port only so that the tests can ask the guest for its
     own view of its memory (ground truth); hvkit is not told about either."""
 
-    def __init__(self, folder: Path, guest, workload: str, ram_file: Path | None = None) -> None:
+    def __init__(self, folder: Path, guest, workload: str, ram_file: Path | None = None,
+                 memory: list[str] | None = None) -> None:
+        """`memory`: QEMU's options for guest RAM (default `-m 256M`, or in `ram_file`)."""
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.qmp = folder / "qmp.sock"
         self.console = folder / "console.log"
-        ram = ["-m", "256M"]
+        ram = memory or ["-m", "256M"]
         if ram_file is not None:
             ram += ["-object", f"memory-backend-file,id=pc.ram,size=256M,mem-path={ram_file},share=on",
                     "-machine", "memory-backend=pc.ram"]

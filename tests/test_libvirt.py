@@ -55,7 +55,8 @@ class Domain:
     second serial port is the guest's control port, lent to hvkit's VM folder by the
     test so that the guest can report its own view (test instrumentation only)."""
 
-    def __init__(self, name: str, guest, workload: str, shared_file: bool) -> None:
+    def __init__(self, name: str, guest, workload: str, shared_file: bool, nodes: int = 1) -> None:
+        """`nodes` > 1: that many NUMA cells of equal memory, a vCPU each."""
         self.name = name
         self.folder = Path(tempfile.mkdtemp(prefix=f"hvt-{name}-"))
         self.folder.chmod(0o777)  # libvirt's QEMU runs as libvirt-qemu
@@ -69,7 +70,8 @@ class Domain:
         xml = f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
+  <vcpu>{nodes}</vcpu>
+  {_numa_cells(nodes, 256) if nodes > 1 else ''}
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{images / 'vmlinuz'}</kernel><initrd>{images / 'initrd'}</initrd>
     <cmdline>console=ttyS0 quiet panic=-1 hvkit.workload={wl} hvkit.mib={mib or 64}</cmdline>
@@ -97,6 +99,11 @@ class Domain:
     def destroy(self) -> None:
         _virsh("destroy", self.name, check=False)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _numa_cells(nodes: int, mib: int) -> str:
+    cells = "".join(f"<cell id='{i}' cpus='{i}' memory='{mib // nodes}' unit='MiB'/>" for i in range(nodes))
+    return f"<cpu><numa>{cells}</numa></cpu>"
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +146,16 @@ def test_a_libvirt_domain_is_attached_read_and_shared(shared_domain, paths):
 
 
 def test_share_gives_back_a_domain_without_shared_file_memory(libvirt_daemon, guest, paths):
-    """libvirt's default memory (anonymous, inside QEMU): read from QEMU's process, and
-    its free pages dropped by an madvise hvkit runs inside QEMU (test_share_private.py)."""
-    d = Domain(f"hvt-anon-{os.getpid()}", guest, "idle", shared_file=False)
+    """libvirt's default memory (anonymous, inside QEMU), in two NUMA cells (one backend
+    each, which libvirt names and QEMU lays out; test_numa.py): read from QEMU's process,
+    and its free pages dropped by an madvise hvkit runs inside QEMU (test_share_private.py)."""
+    d = Domain(f"hvt-anon-{os.getpid()}", guest, "idle", shared_file=False, nodes=2)
     try:
         d.wait_for("HVKIT-READY")
         assert run_cli("vm", "attach", "--libvirt", d.name, "--name", "lvanon").returncode == 0
+        vm = find_vm("lvanon", paths)
+        assert vm.spec.memory == 256 << 20 and [b.size for b in vm.spec.ram_nodes] == [128 << 20] * 2
+        assert len({b.host for b in vm.spec.ram_nodes} - {None}) == 2  # placed by QEMU's own records
         proc = run_cli("ps", "lvanon", "--json")  # read from QEMU's process instead
         assert proc.returncode == 0 and len(json.loads(proc.stdout)["processes"]) > 5, proc.stderr
         proc = run_cli("share", "lvanon")

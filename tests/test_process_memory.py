@@ -22,7 +22,7 @@ def test_process_memory_reads_what_the_ram_file_holds(shared_vm):
     with shared_vm.paused():
         (mapping,) = ram_mappings(shared_vm.pid, shared_vm.spec.memory, str(shared_vm.ram_path))
         with RamFileMemory(shared_vm.ram_path) as ram, \
-                ProcessMemory(shared_vm.pid, mapping.start, shared_vm.spec.memory) as live:
+                ProcessMemory.at(shared_vm.pid, mapping.start, shared_vm.spec.memory) as live:
             extents = live.data_extents()
             assert extents and sum(size for _, size in extents) <= live.size
             rng = np.random.default_rng(3)

@@ -7,6 +7,8 @@ identify, a SIGKILL of hvkit at every step harmless, refusals in one line."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -88,7 +90,7 @@ def test_dropped_pages_of_a_child_read_back_as_its_snapshot(family, paths):
     with open_guest(kid.name, paths=paths) as g:
         assert isinstance(g.memory, ProcessMemory)
         ram = PrivateRam.of(g.memory)
-        assert not ram.anonymous and ram.mapping.path == kid.spec.ram_file
+        assert not ram.anonymous and [m.path for m in ram.mappings] == [kid.spec.ram_file]
         from hvkit.sharing.freepages import free_pages_to_release
 
         _, release = free_pages_to_release(g, ram)
@@ -112,7 +114,7 @@ def test_guest_that_zeroes_free_pages_is_refused_on_a_snapshot_not_on_anonymous_
         g.kernel.symbols.addresses["init_on_free"] = g.kernel.symbols["max_pfn"]
         with pytest.raises(ShareRefused, match="init_on_free"):
             ram.check_guest(g.kernel)
-        ram.mapping = type(ram.mapping)(ram.mapping.start, ram.mapping.end, ram.mapping.perms, 0, "")
+        ram.mappings = [dataclasses.replace(m, offset=0, path="") for m in ram.mappings]
         ram.check_guest(g.kernel)  # anonymous RAM reads back zeros: fine
 
 

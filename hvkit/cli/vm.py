@@ -110,7 +110,9 @@ def attach(qmp_socket: Path | None, domain: str | None, connect: str, name: str 
     if as_json:
         print_json(vm_status(machine).to_json())
         return
-    where = f"RAM file {machine.ram_path}" if machine.spec.ram == "file" else "RAM inside QEMU"
+    where = f"RAM file {machine.ram_file()}" if machine.spec.ram == "file" else "RAM inside QEMU"
+    if machine.spec.ram_nodes:
+        where = f"{len(machine.spec.ram_nodes)} NUMA nodes, " + where.replace("RAM file", "RAM files")
     console().print(f"attached QEMU pid {machine.pid} as VM [bold]{machine.name}[/]: "
                     f"{mib(machine.spec.memory):.0f} MiB ({where}), kernel {machine.spec.kernel_release}")
 

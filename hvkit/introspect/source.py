@@ -13,6 +13,7 @@ from typing import Iterator
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.introspect.kernelspace import KernelSpace
+from hvkit.introspect.numa import kernel_nodes
 from hvkit.kernel.headers import debian_tree, prepared_tree
 from hvkit.kernel.image import read_kernel_image
 from hvkit.kernel.layout import Layout, build_layout
@@ -72,13 +73,17 @@ class _Located:
 
 def _locate_in(vm: VM, knowledge: KernelKnowledge) -> _Located:
     """The guest memory of `vm` where its kernel is found: its RAM file, or of the
-    mappings of its QEMU process that could be its RAM, the one that holds it."""
+    mappings of its QEMU process that could be its RAM, the one that holds it (a NUMA
+    VM's: the placement of its nodes' backends where the kernel finds its nodes)."""
     candidates = vm.memory_candidates()
+    nodes = len(vm.spec.ram_nodes)
     failure: HvkitError | None = None
     try:
         for i, memory in enumerate(candidates):
             try:
                 located = _Located(memory, KernelSpace.locate(memory, knowledge.symbols, knowledge.layout.fixed_bases()))
+                if nodes > 1:
+                    kernel_nodes(located.kernel, knowledge.layout, nodes)
             except HvkitError as e:
                 failure = failure or e
                 continue

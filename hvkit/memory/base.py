@@ -1,8 +1,10 @@
-"""The GuestMemory interface: guest-physical ranges backed by offsets of one host file.
+"""The GuestMemory interface: guest-physical ranges backed by offsets of host files.
 
 A guest-physical address (GPA) is not a file offset: QEMU's PC machine puts RAM above
-3 GiB at 4 GiB and up, and an ELF core stores its segments wherever it likes. Each
-backend describes its layout as MemoryRange rows; reading is then the same for all.
+3 GiB at 4 GiB and up, an ELF core stores its segments wherever it likes, and a NUMA
+guest has one memory backend per node, laid end to end in the machine's RAM. Each
+backend describes its layout as MemoryRange rows (which file, where in it); reading is
+then the same for all.
 Reads use pread(2), never a mapping: on tmpfs a read through a mapping allocates pages
 for holes, which would undo what sharing gave back.
 """
@@ -14,6 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -31,20 +34,60 @@ class MemoryRange:
     gpa: int  # first guest-physical address
     size: int  # bytes
     offset: int  # where the range starts in the backing file
+    file: int = 0  # which of the memory's files backs it
 
     @property
     def end(self) -> int:
         return self.gpa + self.size
 
 
-class GuestMemory:
-    """Guest-physical memory backed by one host file (see the backends)."""
+@dataclass(frozen=True)
+class RamPiece:
+    """One memory backend of a machine's RAM: `size` bytes at `offset` of file `file`.
+    A machine's RAM is its pieces end to end, in the order QEMU lays them out (one
+    piece, or one per NUMA node in node order)."""
 
-    def __init__(self, path: Path, ranges: list[MemoryRange]) -> None:
-        self.path = Path(path)
+    size: int
+    offset: int = 0
+    file: int = 0
+
+
+def place_on_pieces(ranges: list[MemoryRange], pieces: Sequence[RamPiece]) -> list[MemoryRange]:
+    """`ranges` (whose offsets are offsets into the machine's whole RAM) split where one
+    piece ends and the next begins, each with the file and offset of its piece."""
+    starts, at = [], 0
+    for piece in pieces:
+        starts.append(at)
+        at += piece.size
+    out = []
+    for r in ranges:
+        gpa, ram, left = r.gpa, r.offset, r.size
+        while left > 0:
+            i = bisect.bisect_right(starts, ram) - 1
+            if i < 0 or ram >= starts[i] + pieces[i].size:
+                raise HvkitError(f"guest RAM at {gpa:#x} lies beyond the memory backends ({at >> 20} MiB)")
+            n = min(left, starts[i] + pieces[i].size - ram)
+            out.append(MemoryRange(gpa, n, pieces[i].offset + ram - starts[i], pieces[i].file))
+            gpa, ram, left = gpa + n, ram + n, left - n
+    return out
+
+
+class GuestMemory:
+    """Guest-physical memory backed by host files (one, or one per memory backend of a
+    NUMA guest; see the backends). `path` is the first of them."""
+
+    def __init__(self, paths: Path | Sequence[Path], ranges: list[MemoryRange]) -> None:
+        self.paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+        self.path = self.paths[0]
         self.ranges = sorted(ranges, key=lambda r: r.gpa)
         self._starts = [r.gpa for r in self.ranges]
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fds: list[int] = []
+        try:
+            for p in self.paths:
+                self._fds.append(os.open(p, os.O_RDONLY))
+        except BaseException:
+            self.close()
+            raise
 
     # -- layout ----------------------------------------------------------------------
 
@@ -79,7 +122,7 @@ class GuestMemory:
         while size > 0:
             r = self._range_of(gpa)
             n = min(size, r.end - gpa)
-            chunk = os.pread(self._fd, n, r.offset + gpa - r.gpa)
+            chunk = os.pread(self._fds[r.file], n, r.offset + gpa - r.gpa)
             if len(chunk) < n:  # a file shorter than its layout (it shrank since it was opened)
                 chunk += bytes(n - len(chunk))
             out += chunk
@@ -93,7 +136,7 @@ class GuestMemory:
         while done < len(into):
             r = self._range_of(gpa + done)
             n = min(len(into) - done, r.end - gpa - done)
-            got = os.preadv(self._fd, [into[done : done + n]], r.offset + gpa + done - r.gpa)
+            got = os.preadv(self._fds[r.file], [into[done : done + n]], r.offset + gpa + done - r.gpa)
             if got < n:  # a file shorter than its layout (it shrank since it was opened)
                 into[done + got : done + n] = bytes(n - got)
             done += n
@@ -113,12 +156,12 @@ class GuestMemory:
             pos, end = r.offset, r.offset + r.size
             while pos < end:
                 try:
-                    start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                    start = os.lseek(self._fds[r.file], pos, os.SEEK_DATA)
                 except OSError:  # no data after pos
                     break
                 if start >= end:
                     break
-                stop = min(os.lseek(self._fd, start, os.SEEK_HOLE), end)
+                stop = min(os.lseek(self._fds[r.file], start, os.SEEK_HOLE), end)
                 out.append((r.gpa + start - r.offset, stop - start))
                 pos = stop
         return out
@@ -141,9 +184,8 @@ class GuestMemory:
     # -- lifetime --------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        while self._fds:
+            os.close(self._fds.pop())
 
     def __enter__(self) -> "GuestMemory":
         return self
@@ -152,4 +194,5 @@ class GuestMemory:
         self.close()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.path}, {self.size >> 20} MiB in {len(self.ranges)} ranges)"
+        files = self.path if len(self.paths) == 1 else ", ".join(map(str, self.paths))
+        return f"{type(self).__name__}({files}, {self.size >> 20} MiB in {len(self.ranges)} ranges)"

@@ -8,7 +8,9 @@ touched reads through the kernel's shared zero page.
 
 Finding the mapping is the caller's part (`ram_mappings` lists the candidates: the
 mapping of a known file, or every mapping of exactly the RAM's size); a candidate is
-confirmed by finding the guest kernel in it (hvkit.introspect.source does that).
+confirmed by finding the guest kernel in it (hvkit.introspect.source does that). A NUMA
+guest has one mapping per node's memory backend: the guest's RAM is those pieces end to
+end, in node order.
 Needs the right to trace QEMU (root, or the same user with ptrace allowed).
 """
 
@@ -17,11 +19,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from hvkit.errors import HvkitError
-from hvkit.memory.base import PAGE_SIZE, GuestMemory, MemoryRange
+from hvkit.memory.base import PAGE_SIZE, GuestMemory, RamPiece, place_on_pieces
 from hvkit.memory.ramfile import pc_ram_ranges
 
 PRESENT, SWAPPED = 1 << 63, 1 << 62
@@ -58,11 +61,13 @@ def process_mappings(pid: int) -> list[Mapping]:
     return out
 
 
-def ram_mappings(pid: int, ram_size: int, path: str | None = None) -> list[Mapping]:
-    """Mappings of process `pid` that can hold guest RAM of `ram_size` bytes: the one of
-    file `path` at offset 0 when given, else every readable, writable mapping of exactly
-    that size (anonymous first: `-m 4G` and memory-backend-ram are anonymous)."""
-    found = [m for m in process_mappings(pid)
+def ram_mappings(pid: int, ram_size: int, path: str | None = None,
+                 mappings: list[Mapping] | None = None) -> list[Mapping]:
+    """Mappings of process `pid` (or of its `mappings`, read once by the caller) that can
+    hold guest RAM of `ram_size` bytes: the one of file `path` at offset 0 when given,
+    else every readable, writable mapping of exactly that size (anonymous first:
+    `-m 4G` and memory-backend-ram are anonymous)."""
+    found = [m for m in (mappings if mappings is not None else process_mappings(pid))
              if m.perms.startswith("rw") and m.size >= ram_size and m.offset == 0]
     if path is not None:
         return [m for m in found if m.path == path]
@@ -71,14 +76,16 @@ def ram_mappings(pid: int, ram_size: int, path: str | None = None) -> list[Mappi
 
 
 class ProcessMemory(GuestMemory):
-    """Guest-physical memory of the QEMU process `pid`, whose guest RAM (`ram_size`
-    bytes, laid out as QEMU's PC `machine` does: below the hole under 4 GiB and above
-    it) is mapped at host-virtual address `host_start`."""
+    """Guest-physical memory of the QEMU process `pid`, whose guest RAM (laid out as
+    QEMU's PC `machine` does: below the hole under 4 GiB and above it) is `pieces`
+    end to end: each a mapping in QEMU (RamPiece.offset: its host-virtual address).
+    `ProcessMemory.at` is the common case of one mapping."""
 
-    def __init__(self, pid: int, host_start: int, ram_size: int, machine: str = "pc") -> None:
+    def __init__(self, pid: int, pieces: Sequence[RamPiece], machine: str = "pc") -> None:
         self.pid = pid
-        self.host_start = host_start
-        ranges = [MemoryRange(r.gpa, r.size, host_start + r.offset) for r in pc_ram_ranges(ram_size, machine)]
+        self.pieces = list(pieces)
+        self.host_start = self.pieces[0].offset
+        ranges = place_on_pieces(pc_ram_ranges(sum(p.size for p in self.pieces), machine), self.pieces)
         try:
             super().__init__(Path(f"/proc/{pid}/mem"), ranges)
         except PermissionError:
@@ -86,6 +93,11 @@ class ProcessMemory(GuestMemory):
                              "run hvkit as root (or as QEMU's user with ptrace allowed)") from None
         except FileNotFoundError:
             raise HvkitError(f"QEMU process {pid} is gone") from None
+
+    @classmethod
+    def at(cls, pid: int, host_start: int, ram_size: int, machine: str = "pc") -> "ProcessMemory":
+        """Guest RAM of `ram_size` bytes mapped at `host_start` in QEMU process `pid`."""
+        return cls(pid, [RamPiece(ram_size, host_start)], machine)
 
     def read(self, gpa: int, size: int) -> bytes:
         try:
@@ -123,4 +135,5 @@ class ProcessMemory(GuestMemory):
         return out
 
     def __repr__(self) -> str:
-        return f"ProcessMemory(pid {self.pid} at {self.host_start:#x}, {self.size >> 20} MiB)"
+        at = ", ".join(f"{p.offset:#x}" for p in self.pieces)
+        return f"ProcessMemory(pid {self.pid} at {at}, {self.size >> 20} MiB)"

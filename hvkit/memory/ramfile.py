@@ -1,5 +1,6 @@
-"""Raw guest RAM in a host file: a running VM's memory-backend-file or a copy of one.
-The one backend whose pages can be given back: `discard` punches holes in the file."""
+"""Raw guest RAM in host files: a running VM's memory-backend-file or a copy of one (a
+NUMA guest: one file per node, in node order). The one backend whose pages can be
+given back: `discard` punches holes in the files."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import mmap
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from hvkit.errors import HvkitError
-from hvkit.memory.base import PAGE_SIZE, GuestMemory, MemoryRange
+from hvkit.memory.base import PAGE_SIZE, GuestMemory, MemoryRange, RamPiece, place_on_pieces
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -55,41 +57,56 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+def _ram_file_size(path: Path) -> int:
+    if not path.is_file():
+        raise HvkitError(f"RAM file {path} does not exist or is not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise HvkitError(f"{path} is empty, not a guest RAM file")
+    if size % PAGE_SIZE:
+        raise HvkitError(f"{path} is not a guest RAM file (its size, {size} bytes, "
+                         "is not a whole number of pages)")
+    return size
+
+
 class RamFileMemory(GuestMemory):
-    def __init__(self, path: str | Path, machine: str = "pc") -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise HvkitError(f"RAM file {path} does not exist or is not a file")
-        size = path.stat().st_size
-        if size == 0:
-            raise HvkitError(f"{path} is empty, not a guest RAM file")
-        if size % 4096:
-            raise HvkitError(f"{path} is not a guest RAM file (its size, {size} bytes, "
-                             "is not a whole number of pages)")
-        super().__init__(path, pc_ram_ranges(size, machine))
+    """Guest RAM in one file, or in one file per memory backend (`path` a list: a NUMA
+    guest's node files in node order, the machine's RAM being them end to end)."""
+
+    def __init__(self, path: str | Path | Sequence[str | Path], machine: str = "pc") -> None:
+        files = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+        pieces = [RamPiece(_ram_file_size(f), 0, i) for i, f in enumerate(files)]
+        ranges = pc_ram_ranges(sum(p.size for p in pieces), machine)
+        super().__init__(files, place_on_pieces(ranges, pieces))
 
     def backed(self, pages: int) -> np.ndarray:
         """Per page frame below `pages`: does the host hold memory for it? One mincore(2)
-        over a read-only shared mapping that is never touched (so nothing is allocated):
-        much faster than SEEK_DATA/SEEK_HOLE over a file fragmented page by page. A page
-        swapped out counts as not held."""
-        libc = _libc()
-        size = self.path.stat().st_size
-        vec = np.zeros(size // PAGE_SIZE, np.uint8)
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, self._fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise HvkitError(f"cannot map {self.path}: {os.strerror(ctypes.get_errno())}")
-        try:
-            if libc.mincore(addr, size, vec.ctypes.data) != 0:
-                raise HvkitError(f"mincore on {self.path} failed: {os.strerror(ctypes.get_errno())}")
-        finally:
-            libc.munmap(addr, size)
+        per file over a read-only shared mapping that is never touched (so nothing is
+        allocated): much faster than SEEK_DATA/SEEK_HOLE over a file fragmented page by
+        page. A page swapped out counts as not held."""
+        held = [self._held_pages(i) for i in range(len(self.paths))]
         out = np.zeros(pages, bool)
         for r in self.ranges:
             first, end = r.gpa // PAGE_SIZE, min(r.end // PAGE_SIZE, pages)
             if end > first:
-                out[first:end] = vec[r.offset // PAGE_SIZE : r.offset // PAGE_SIZE + end - first] & 1
+                out[first:end] = held[r.file][r.offset // PAGE_SIZE : r.offset // PAGE_SIZE + end - first] & 1
         return out
+
+    def _held_pages(self, file: int) -> np.ndarray:
+        """mincore's vector of file `file`: bit 0 set where the host holds the page."""
+        libc = _libc()
+        path, fd = self.paths[file], self._fds[file]
+        size = path.stat().st_size
+        vec = np.zeros(size // PAGE_SIZE, np.uint8)
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise HvkitError(f"cannot map {path}: {os.strerror(ctypes.get_errno())}")
+        try:
+            if libc.mincore(addr, size, vec.ctypes.data) != 0:
+                raise HvkitError(f"mincore on {path} failed: {os.strerror(ctypes.get_errno())}")
+        finally:
+            libc.munmap(addr, size)
+        return vec
 
     def discard(self, pfns: np.ndarray, counts: np.ndarray, deadline: float | None = None) -> int:
         """Gives the host memory of page runs back: [pfns[i], pfns[i] + counts[i]) for
@@ -97,9 +114,11 @@ class RamFileMemory(GuestMemory):
         allocates a page again only when the guest touches it. Holes are punched at most
         DISCARD_CHUNK at a time, and no more once time.monotonic() passes `deadline`.
         Returns the number of pages given back (all of them unless the deadline hit)."""
-        fd = os.open(self.path, os.O_RDWR)
+        fds: list[int] = []
         done = 0
         try:
+            for p in self.paths:
+                fds.append(os.open(p, os.O_RDWR))
             for r in self.ranges:
                 first, end = r.gpa // PAGE_SIZE, r.end // PAGE_SIZE
                 lo = np.maximum(pfns, first)
@@ -112,15 +131,17 @@ class RamFileMemory(GuestMemory):
                         if deadline is not None and time.monotonic() > deadline:
                             return done
                         n = min(DISCARD_CHUNK, off + length - at)
-                        self._punch(fd, at, n)
+                        self._punch(fds[r.file], at, n, self.paths[r.file])
                         done += n // PAGE_SIZE
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
         return done
 
-    def _punch(self, fd: int, offset: int, length: int) -> None:
+    @staticmethod
+    def _punch(fd: int, offset: int, length: int, path: Path) -> None:
         if _libc().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
             err = ctypes.get_errno()
-            raise HvkitError(f"cannot punch a hole in {self.path}: {os.strerror(err)}",
+            raise HvkitError(f"cannot punch a hole in {path}: {os.strerror(err)}",
                              "the RAM file must be on tmpfs or a file system that supports "
                              "hole punching" if err == errno.EOPNOTSUPP else None)

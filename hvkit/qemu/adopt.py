@@ -19,6 +19,7 @@ from hvkit.procs import process_start_ticks
 from hvkit.qemu.launch import claim_folder, free_name
 from hvkit.qemu.listing import list_vms
 from hvkit.qemu.ownership import Ownership
+from hvkit.qemu.ramblocks import place_backends
 from hvkit.qemu.probe import (QemuFacts, fetch_debian_kernel, probe_libvirt, probe_qmp, qemu_cmdline,
                               release_in_memory)
 from hvkit.qemu.runtime import NAME_RE, RuntimeDir, VMSpec, check_name
@@ -53,8 +54,12 @@ def adopt_vm(qmp_socket: str | Path | None = None, name: str | None = None,
 
 def _adopt_as(name: str, facts: QemuFacts, origin: str, transport: dict,
               kernel: str | Path | None, paths: Paths) -> VM:
+    # RAM hvkit reads from its files only where they are all mapped shared: a file mapped
+    # share=off does not hold what the guest wrote (QEMU's own copies of those pages do)
+    in_files = facts.shared and all(b.path for b in facts.nodes) and facts.ram_file is not None
     spec = VMSpec(name=name, memory=facts.memory, cpus=facts.cpus, kernel=facts.kernel or "", initrd=None,
-                  append="", accel=facts.accel, ram="file" if facts.ram_file else "anonymous",
+                  append="", accel=facts.accel, ram="file" if in_files else "anonymous",
+                  ram_nodes=place_backends(facts.pid, list(facts.nodes)) if facts.nodes else [],
                   ram_file=facts.ram_file, origin=origin, memdev=facts.memdev, machine=facts.machine,
                   pid=facts.pid, proc_start=process_start_ticks(facts.pid), started_at=time.time(),
                   command=qemu_cmdline(facts.pid), **transport)

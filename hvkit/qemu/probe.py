@@ -8,7 +8,10 @@ What hvkit needs to know of such a VM it asks QEMU and the kernel, never the use
   names the libvirt domain; checked to be a QEMU;
 - its guest RAM: the machine's RAM backend (QMP `query-memdev`, `qom-get` of the
   machine's `memory-backend` and of the backend's `mem-path`/`share`): a shared file
-  hvkit can read and punch holes in, or memory inside QEMU read through /proc/PID/mem;
+  hvkit can read and punch holes in, or memory inside QEMU read through /proc/PID/mem.
+  A NUMA machine has no `memory-backend` but one backend per node (`-numa
+  node,memdev=ID`), which QEMU lays end to end in a RAM container; where each lies in
+  it comes from QEMU's own memory tree (HMP `info mtree`, the container's section);
 - the machine's RAM layout: i440fx (`pc`) or q35, from `qom-get /machine type`;
 - the guest kernel: QEMU's `-kernel` file when it has one; else the release found in
   guest memory (the kernel's banner) and that Debian kernel package fetched; else
@@ -31,6 +34,7 @@ from typing import Any, Callable
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.qemu.qmp import QMPUnreachable, libvirt_qmp, qmp
+from hvkit.qemu.runtime import RamBackend
 
 MACHINES = {"i440fx": "pc", "q35": "q35"}
 
@@ -46,6 +50,7 @@ class QemuFacts:
     cpus: int
     accel: str
     kernel: str | None  # QEMU's -kernel, if it has one
+    nodes: tuple[RamBackend, ...] = ()  # a NUMA machine's backends in node order (else empty)
 
 
 def peer_pid(sock: Path) -> int:
@@ -141,26 +146,88 @@ def _facts(call: Callable[..., Any], pid: int, cmdline: list[str]) -> QemuFacts:
         raise HvkitError(f"the VM's machine is {machine_type}; hvkit knows the RAM layout of the PC "
                          "machines (i440fx and q35) only")
     memdevs = call("query-memdev")
+    backends = machine_ram_backends(call, memdevs, pid)
+    kernel = cmdline[cmdline.index("-kernel") + 1] if "-kernel" in cmdline[:-1] else None
+    accel = "kvm" if any("kvm" in a for a in cmdline) else "tcg"
+    first = backends[0]
+    return QemuFacts(pid=pid, memory=sum(b.size for b in backends), memdev=first.memdev, ram_file=first.path,
+                     shared=all(b.shared for b in backends), machine=machine,
+                     cpus=len(call("query-cpus-fast")), accel=accel, kernel=kernel,
+                     nodes=tuple(backends) if len(backends) > 1 else ())
+
+
+def machine_ram_backends(call: Callable[..., Any], memdevs: list[dict], pid: int) -> list[RamBackend]:
+    """The memory backends the machine's RAM is made of, in the order QEMU lays them out:
+    the machine's `memory-backend`, or a NUMA machine's node backends (from its memory
+    tree), checked against the RAM size QEMU reports."""
     try:
         main = call("qom-get", {"path": "/machine", "property": "memory-backend"})
     except HvkitError:
         main = None
     main = main.rsplit("/", 1)[-1] if main else None
-    chosen = next((m for m in memdevs if m.get("id") == main), None) or \
-        max(memdevs, key=lambda m: m.get("size", 0), default=None)
-    if chosen is None:
+    by_id = {m.get("id"): m for m in memdevs}
+    if main in by_id:
+        chosen = [by_id[main]]
+    else:
+        try:
+            ids = ram_container_backends(call("human-monitor-command", {"command-line": "info mtree"}))
+        except HvkitError:
+            ids = []
+        chosen = [by_id[i] for i in ids] if ids and all(i in by_id for i in ids) else []
+        if not chosen and memdevs:  # an older QEMU: the largest backend
+            chosen = [max(memdevs, key=lambda m: m.get("size", 0))]
+    if not chosen:
         raise HvkitError(f"QEMU process {pid} reports no RAM backend (query-memdev is empty)",
                          "is this a QEMU older than 5.0?")
-    memdev = chosen.get("id") or "pc.ram"
+    backends = [_backend(call, m) for m in chosen]
     try:
-        ram_file = call("qom-get", {"path": f"/objects/{memdev}", "property": "mem-path"})
+        base = int(call("query-memory-size-summary")["base-memory"])
+    except (HvkitError, KeyError, TypeError, ValueError):
+        base = None
+    if base is not None and sum(b.size for b in backends) != base:
+        raise HvkitError(f"QEMU process {pid} has {base >> 20} MiB of RAM, but its backends "
+                         f"{', '.join(b.memdev for b in backends)} hold {sum(b.size for b in backends) >> 20} MiB",
+                         "hvkit reads RAM made of memory backends only (no pc-dimm or virtio-mem hotplug yet)")
+    return backends
+
+
+def _backend(call: Callable[..., Any], memdev: dict) -> RamBackend:
+    ident = memdev.get("id") or "pc.ram"
+    try:
+        path = call("qom-get", {"path": f"/objects/{ident}", "property": "mem-path"})
     except HvkitError:
-        ram_file = None  # memory-backend-ram (or memfd): inside QEMU
-    kernel = cmdline[cmdline.index("-kernel") + 1] if "-kernel" in cmdline[:-1] else None
-    accel = "kvm" if any("kvm" in a for a in cmdline) else "tcg"
-    return QemuFacts(pid=pid, memory=int(chosen["size"]), memdev=memdev, ram_file=ram_file,
-                     shared=bool(chosen.get("share")), machine=machine,
-                     cpus=len(call("query-cpus-fast")), accel=accel, kernel=kernel)
+        path = None  # memory-backend-ram (or memfd): inside QEMU
+    return RamBackend(memdev=ident, size=int(memdev["size"]), path=path or None, shared=bool(memdev.get("share")))
+
+
+_SECTION = re.compile(r"^memory-region: (\S+)$")
+_RAM_ALIAS = re.compile(r"\): alias ram-below-4g @(\S+) ")
+_SUBREGION = re.compile(r"^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ram\): (\S+)$")
+
+
+def ram_container_backends(mtree: str) -> list[str]:
+    """From QEMU's `info mtree`: the ids of the backends in the container the PC
+    machine's low RAM aliases (`ram-below-4g @CONTAINER`), in address order, when they
+    fill it from 0 without a gap; [] when the text shows no such container."""
+    alias = _RAM_ALIAS.search(mtree)
+    if alias is None:
+        return []
+    section, rows = None, []
+    for line in mtree.splitlines():
+        head = _SECTION.match(line)
+        if head:
+            section = head.group(1)
+            continue
+        row = _SUBREGION.match(line) if section == alias.group(1) else None
+        if row:
+            rows.append((int(row.group(1), 16), int(row.group(2), 16) + 1, row.group(3)))
+    rows.sort()
+    at = 0
+    for start, end, _ in rows:
+        if start != at:
+            return []
+        at = end
+    return [name for _, _, name in rows]
 
 
 BANNER = re.compile(rb"Linux version (\S+) \(")

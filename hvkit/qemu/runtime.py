@@ -41,6 +41,17 @@ def check_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class RamBackend:
+    """One of the memory backends a NUMA machine's RAM is made of, in node order."""
+
+    memdev: str  # QEMU's id of the backend object
+    size: int  # bytes
+    path: str | None = None  # its mem-path (a file backend), else None (memory inside QEMU)
+    shared: bool = False  # mapped share=on
+    host: int | None = None  # inside QEMU: where QEMU maps it (ramblocks.py), when its records say
+
+
 @dataclass
 class VMSpec:
     """What a VM was started with: enough to describe it and to start its like again."""
@@ -82,6 +93,12 @@ class VMSpec:
     boot_seconds: float | None = None  # from QEMU's start until the guest was ready (agent and HVKIT-READY)
     vmgenid: str | None = None  # its VM generation id (a forked child gets a new one)
     frozen_disk: str | None = None  # its disk as frozen at its last fork (a child: the one it started from)
+    ram_nodes: list[RamBackend] = field(default_factory=list)  # an attached NUMA VM: its RAM is these
+    #                    backends end to end (ram "file": all shared files; else read inside QEMU);
+    #                    [] for RAM in one backend (memdev, ram_file)
+
+    def __post_init__(self) -> None:
+        self.ram_nodes = [b if isinstance(b, RamBackend) else RamBackend(**b) for b in self.ram_nodes]
 
 
 class RuntimeDir:

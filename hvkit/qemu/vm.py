@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import logging
 import os
 import re
@@ -31,18 +32,21 @@ from typing import Iterator
 from hvkit.config import Paths
 from hvkit.errors import HvkitError, VMDied
 from hvkit.memory import GuestMemory, RamFileMemory
-from hvkit.memory.process import ProcessMemory, ram_mappings
+from hvkit.memory.base import RamPiece
+from hvkit.memory.process import ProcessMemory, process_mappings, ram_mappings
 from hvkit.memserver.daemon import memserver_alive
 from hvkit.procs import left_by_dead_process, process_runs, process_start_ticks, threads_still_exiting
 from hvkit.qemu import imagevm
 from hvkit.qemu.agent import GuestAgent
 from hvkit.qemu.ownership import LOCK_WAIT, Ownership, fault_point
 from hvkit.qemu.qmp import QMPUnreachable, libvirt_qmp, qmp, qmp_all
-from hvkit.qemu.runtime import RuntimeDir, VMSpec, free_space_note
+from hvkit.qemu.runtime import RamBackend, RuntimeDir, VMSpec, free_space_note
 from hvkit.signals import deferred_signals
 from hvkit.units import format_size
 
 log = logging.getLogger(__name__)
+
+MAX_PLACEMENTS = 24  # ways of placing a NUMA VM's backends on QEMU's mappings tried at most (4 alike nodes)
 
 
 @dataclass
@@ -105,11 +109,21 @@ class VM:
         return Paths(Paths.from_env().cache, self.rundir.path.parent)
 
     def ram_file(self) -> str | None:
-        """The host file guest RAM is mapped from: its RAM file, or the snapshot file a
-        forked VM maps privately; None for RAM inside QEMU."""
+        """The host file guest RAM is mapped from: its RAM file (a NUMA VM's: its nodes'
+        files, comma-separated), or the snapshot file a forked VM maps privately; None
+        for RAM inside QEMU."""
         if self.spec.ram == "file":
-            return str(self.ram_path)
+            return ", ".join(self.ram_files())
         return self.spec.ram_file if self.spec.ram == "snapshot" else None
+
+    def ram_files(self) -> list[str]:
+        """RAM "file": the files guest RAM is, in node order (one for most VMs)."""
+        return [b.path for b in self.spec.ram_nodes if b.path] or [str(self.ram_path)]
+
+    def ram_backends(self) -> list[RamBackend]:
+        """The memory backends guest RAM is made of, end to end: one per node of a NUMA
+        VM, else the one backend."""
+        return self.spec.ram_nodes or [RamBackend(self.spec.memdev, self.spec.memory, self.spec.ram_file)]
 
     # ---- one owner at a time (ownership.py) ------------------------------------------
 
@@ -215,29 +229,37 @@ class VM:
         return candidates[0]
 
     def memory_candidates(self) -> list[GuestMemory]:
-        """Every place guest RAM may be: one RAM file, or the mappings of QEMU's process
-        that could hold it (the snapshot file it maps, else every mapping of the RAM's
-        size); the caller keeps the one where it finds the guest kernel."""
+        """Every place guest RAM may be: its RAM files, or the mappings of QEMU's process
+        that could hold it (the file each backend maps, else every mapping of the
+        backend's size; for several backends, each way of assigning them distinct
+        mappings, at most MAX_PLACEMENTS); the caller keeps the one where it finds the
+        guest kernel (and, for a NUMA guest, its nodes where the kernel says they are)."""
         if self.spec.ram == "file":
-            return [RamFileMemory(self.ram_path, self.spec.machine)]
-        path = self.spec.ram_file if self.spec.ram == "snapshot" else None
-        found = ram_mappings(self.pid, self.spec.memory, path)
-        if not found:
+            return [RamFileMemory(self.ram_files(), self.spec.machine)]
+        backends = self.ram_backends()
+        mappings = process_mappings(self.pid)
+        choices = [[m for m in ram_mappings(self.pid, b.size, b.path, mappings) if b.host in (None, m.start)]
+                   for b in backends]
+        placements = list(itertools.islice((c for c in itertools.product(*choices) if len({m.start for m in c}) == len(c)),
+                                           MAX_PLACEMENTS))
+        if not placements:
+            missing = next((b for b, c in zip(backends, choices) if not c), backends[0])
             raise HvkitError(f"cannot find the guest RAM of VM {self.name!r} in QEMU process {self.pid} "
-                             f"(no mapping of {format_size(self.spec.memory)}"
-                             + (f" of {path})" if path else ")"))
-        return [ProcessMemory(self.pid, m.start, self.spec.memory, self.spec.machine) for m in found]
+                             f"(no mapping of {format_size(missing.size)}"
+                             + (f" of {missing.path})" if missing.path else ")"))
+        return [ProcessMemory(self.pid, [RamPiece(b.size, m.start) for b, m in zip(backends, c)], self.spec.machine)
+                for c in placements]
 
     def host_memory(self) -> int:
-        """Bytes of guest RAM the host holds: allocated blocks of the RAM file; for
-        anonymous RAM, what the RAM mapping of QEMU has resident, minus the pages KSM
-        merged (they are held once, elsewhere)."""
+        """Bytes of guest RAM the host holds: allocated blocks of the RAM files; for RAM
+        inside QEMU, what its RAM mappings have resident, minus the pages KSM merged
+        (they are held once, elsewhere)."""
         if self.spec.ram == "file":
             try:
-                return self.ram_path.stat().st_blocks * 512
+                return sum(Path(f).stat().st_blocks * 512 for f in self.ram_files())
             except OSError:
                 return 0
-        return resident_ram_of(self.pid, self.spec.memory, own_only=self.spec.ram == "snapshot")
+        return resident_ram_of(self.pid, [b.size for b in self.ram_backends()], own_only=self.spec.ram == "snapshot")
 
     def dump_core(self, path: Path) -> Path:
         """Writes guest memory as a QEMU dump-guest-memory ELF core (VM paused meanwhile;
@@ -474,22 +496,26 @@ def _exit_watch(pid: int | None) -> Iterator:
             os.close(fd)
 
 
-def resident_ram_of(pid: int | None, size: int, own_only: bool = False) -> int:
-    """Resident bytes of the guest-RAM mapping (the one of `size` bytes) of QEMU
-    process `pid`, without pages KSM merged, from /proc/<pid>/smaps; with `own_only`,
-    only its anonymous pages (in a private file mapping: the pages the guest wrote)."""
+def resident_ram_of(pid: int | None, size: int | list[int], own_only: bool = False) -> int:
+    """Resident bytes of the guest-RAM mapping (the one of `size` bytes; a list: one
+    mapping of each size) of QEMU process `pid`, without pages KSM merged, from
+    /proc/<pid>/smaps; with `own_only`, only its anonymous pages (in a private file
+    mapping: the pages the guest wrote)."""
     try:
         text = Path(f"/proc/{pid}/smaps").read_text()
     except (OSError, TypeError):
         return 0
+    wanted = [size] if isinstance(size, int) else list(size)
+    total = 0
     for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
         start, _, end = block.partition(" ")[0].partition("-")
-        if start and end and int(end, 16) - int(start, 16) == size:
+        if start and end and int(end, 16) - int(start, 16) in wanted:
+            wanted.remove(int(end, 16) - int(start, 16))
             kb = dict(re.findall(r"^(\w+):\s+(\d+) kB", block, re.M))
-            if own_only:
-                return int(kb.get("Anonymous", 0)) * 1024
-            return (int(kb.get("Rss", 0)) - int(kb.get("KSM", 0))) * 1024
-    return 0
+            total += (int(kb.get("Anonymous", 0)) if own_only else int(kb.get("Rss", 0)) - int(kb.get("KSM", 0))) * 1024
+            if not wanted:
+                break
+    return total
 
 
 # ---- finishing what a dead owner left (ownership.py) -----------------------------------

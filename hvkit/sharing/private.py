@@ -91,41 +91,50 @@ def init_on_free(ks: KernelSpace) -> bool:
 
 @dataclass
 class PrivateRam:
-    """The mapping of guest RAM inside QEMU process `memory.pid`, for sharing."""
+    """The mappings of guest RAM inside QEMU process `memory.pid` (one, or one per NUMA
+    node's memory backend), for sharing."""
 
     memory: ProcessMemory
-    mapping: Mapping
+    mappings: list[Mapping]
     _entries: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # pagemap of the last `backed`
     _vpn: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     _release_sum: np.ndarray | None = None  # running count of the last `plan`'s release
 
     @classmethod
     def of(cls, memory: ProcessMemory) -> "PrivateRam":
-        found = [m for m in process_mappings(memory.pid) if m.start <= memory.host_start < m.end]
-        if not found:
-            raise ShareRefused(f"QEMU process {memory.pid} no longer maps guest RAM at {memory.host_start:#x}")
-        ram = cls(memory, found[0])
-        if ram.on_hugetlbfs():
-            raise ShareRefused(f"the RAM of QEMU process {memory.pid} is on huge pages ({ram.mapping.path})",
+        now = process_mappings(memory.pid)
+        mappings = []
+        for piece in memory.pieces:
+            found = [m for m in now if m.start <= piece.offset and piece.offset + piece.size <= m.end]
+            if not found:
+                raise ShareRefused(f"QEMU process {memory.pid} no longer maps guest RAM at {piece.offset:#x}")
+            mappings.append(found[0])
+        ram = cls(memory, mappings)
+        if (huge := ram.on_hugetlbfs()) is not None:
+            raise ShareRefused(f"the RAM of QEMU process {memory.pid} is on huge pages ({huge})",
                                "a huge page cannot be given back for one free 4 KiB page")
         return ram
 
     @property
     def anonymous(self) -> bool:
         """Anonymous memory (a dropped page reads as zeros), not a private file mapping."""
-        return self.mapping.path == ""
+        return all(m.path == "" for m in self.mappings)
 
-    def on_hugetlbfs(self) -> bool:
-        """hugetlbfs memory: anonymous (shown as /anon_hugepage) or a file on hugetlbfs
-        (not /proc/<pid>/smaps: reading all of QEMU's would cost tens of ms of pause)."""
-        path = self.mapping.path
-        return path.startswith("/anon_hugepage") or (path.startswith("/") and filesystem_of(path) == "hugetlbfs")
+    def on_hugetlbfs(self) -> str | None:
+        """The first mapping that is hugetlbfs memory: anonymous (shown as
+        /anon_hugepage) or a file on hugetlbfs (not /proc/<pid>/smaps: reading all of
+        QEMU's would cost tens of ms of pause); None when there is none."""
+        for m in self.mappings:
+            if m.path.startswith("/anon_hugepage") or (m.path.startswith("/") and filesystem_of(m.path) == "hugetlbfs"):
+                return m.path
+        return None
 
     def check_guest(self, ks: KernelSpace) -> None:
         """Refuses a guest that would read a dropped page wrongly (see the module)."""
-        if not self.anonymous and init_on_free(ks):
+        files = [m.path for m in self.mappings if m.path]
+        if files and init_on_free(ks):
             raise ShareRefused("the guest zeroes its free pages (init_on_free=1) and its RAM is a private "
-                               f"mapping of {self.mapping.path}: a dropped page would read as that file's "
+                               f"mapping of {files[0]}: a dropped page would read as that file's "
                                "old page, not zeros", "boot it without init_on_free")
 
     def page_map(self, pages: int) -> tuple[np.ndarray, np.ndarray]:

@@ -306,7 +306,7 @@ class Service:
         identifies the same way). None when the RAM is not a file of its own or the read,
         racing with the guest, does not add up (the pause then decides, as always).
         Reading never changes guest memory: pread and mincore only."""
-        if vm.spec.ram != "file":
+        if vm.spec.ram != "file" or vm.spec.ram_nodes:  # (a NUMA VM's RAM is several files: no preview)
             return None
         try:
             if w.knowledge is None:

@@ -70,13 +70,13 @@ def check_vm_ram(vm: VM) -> None:
     if vm.spec.ram != "file":
         raise ShareRefused(f"VM {vm.name!r} has RAM of a kind hvkit does not know ({vm.spec.ram!r})",
                            SHARED_FILE_HINT)
-    if not vm.qmp("qom-get", {"path": f"/objects/{vm.spec.memdev}", "property": "share"}):
-        raise ShareRefused(f"the RAM of VM {vm.name!r} is not mapped shared (share=off)",
-                           "holes punched in the file would not reach the guest")
-    fs = filesystem_of(vm.ram_path)
-    if fs == "hugetlbfs":
-        raise ShareRefused(f"the RAM of VM {vm.name!r} is on huge pages ({vm.ram_path})",
-                           "a 2 MiB page cannot be given back for one free 4 KiB page")
+    for backend, path in zip(vm.ram_backends(), vm.ram_files()):  # (one per node of a NUMA VM)
+        if not vm.qmp("qom-get", {"path": f"/objects/{backend.memdev}", "property": "share"}):
+            raise ShareRefused(f"the RAM of VM {vm.name!r} is not mapped shared (share=off)",
+                               "holes punched in the file would not reach the guest")
+        if filesystem_of(Path(path)) == "hugetlbfs":
+            raise ShareRefused(f"the RAM of VM {vm.name!r} is on huge pages ({path})",
+                               "a 2 MiB page cannot be given back for one free 4 KiB page")
 
 
 class Sharer:
