@@ -8,6 +8,7 @@ user's VMs, and the session ends by checking that no QEMU of that folder is left
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -129,3 +130,17 @@ def s3_store():
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def last_heartbeat(text: str) -> int:
+    """The number of the last heartbeat line a default guest's console shows."""
+    return int(re.findall(r"HVKIT-HEARTBEAT (\d+)\n", text)[-1])
+
+
+def stop_vms_and_memserver(paths: Paths, keep: set[str]) -> None:
+    """A module's end: every live VM but those in `keep` (the session's shared ones)
+    stopped, and the memory server with them."""
+    for row in list_vms(paths):
+        if row.state != "dead" and row.name not in keep:
+            find_vm(row.name, paths).stop()
+    MemServer.of(paths).stop(force=True)

@@ -21,7 +21,7 @@ from hvkit.memserver.table import TableFile, TableWriter, frames_entry, levels_f
 from hvkit.qemu import VM, find_vm, list_vms, start_vm
 from hvkit.guest.control import request
 
-from conftest import run_cli
+from conftest import run_cli, last_heartbeat, stop_vms_and_memserver
 
 PAGE = 4096
 MARK_MIB = 4
@@ -166,14 +166,7 @@ def origin(paths, guest):
     request(vm, f"mark parent1 {MARK_MIB}", "HVKIT-MARKED parent1")
     vm.wait_for_console(r"HVKIT-HEARTBEAT 2\b", timeout=60)
     yield vm
-    for row in list_vms(paths):
-        if row.state != "dead" and row.name not in before:
-            find_vm(row.name, paths).stop()
-    MemServer.of(paths).stop(force=True)
-
-
-def last_heartbeat(text: str) -> int:
-    return int(re.findall(r"HVKIT-HEARTBEAT (\d+)\n", text)[-1])
+    stop_vms_and_memserver(paths, before)
 
 
 def marks(vm: VM) -> list[str]:

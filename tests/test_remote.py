@@ -35,7 +35,7 @@ from hvkit.remote.fetch import FetchReport, ObjectCache, chunk_list, read_manife
 from hvkit.remote.layout import chunk_key, compress
 from hvkit.remote.objects import ObjectStore, StoreURL
 
-from conftest import run_cli
+from conftest import run_cli, last_heartbeat, stop_vms_and_memserver
 
 pytestmark = pytest.mark.skipif(fuse_unavailable_reason() is not None,
                                 reason=f"no FUSE here: {fuse_unavailable_reason()}")
@@ -180,14 +180,7 @@ def pushed(paths, guest, s3_env):
     store.close()
     pushed_report = push(paths, report.snapshot, STORE)
     yield vm, report.snapshot, beat, pushed_report
-    for row in list_vms(paths):
-        if row.state != "dead" and row.name not in before:
-            find_vm(row.name, paths).stop()
-    MemServer.of(paths).stop(force=True)
-
-
-def last_heartbeat(text: str) -> int:
-    return int(re.findall(r"HVKIT-HEARTBEAT (\d+)\n", text)[-1])
+    stop_vms_and_memserver(paths, before)
 
 
 def snapshot_bytes(paths: Paths, name: str) -> np.ndarray:

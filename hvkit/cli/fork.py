@@ -90,14 +90,8 @@ def _children_of_snapshot(name: str, n: int, as_json: bool) -> None:
     paths = Paths.from_env()
     t0 = time.monotonic()
     server = MemServer.of(paths)
-    if not server.store_path.is_dir():
-        raise HvkitError(f"no snapshot named {name!r}: there is no memory-server store in {server.root}",
-                         "fork a running VM first ('hvkit fork VM')")
-    store = server.store()
-    try:
-        snap = store.snapshot(name)  # before the server starts: a bad name leaves nothing running
-    finally:
-        store.close()
+    store, snap = server.open_snapshot(name)  # before the server starts: a bad name leaves nothing running
+    store.close()
     names = child_names(snap.vm, n, paths)
     pid = server.start()
     children = start_children(snap, names, server, pid, snap.vm, paths, t0,

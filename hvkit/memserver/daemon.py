@@ -24,7 +24,7 @@ from pathlib import Path
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.memserver.server import STATS
-from hvkit.memserver.store import SNAPSHOT_SUFFIX, Store, state_file
+from hvkit.memserver.store import SNAPSHOT_SUFFIX, Snapshot, Store, state_file
 from hvkit.procs import process_runs
 from hvkit.config import make_private_dir
 
@@ -79,6 +79,20 @@ class MemServer:
 
     def store(self) -> Store:
         return Store(self.store_path)
+
+    def open_snapshot(self, name: str) -> tuple[Store, Snapshot]:
+        """The store (close it when done) and its snapshot `name`; one line saying what
+        to do when there is no store or no such snapshot. Opens files only: no server is
+        started, so a bad name leaves nothing running."""
+        if not self.store_path.is_dir():
+            raise HvkitError(f"no snapshot named {name!r}: there is no memory-server store in {self.root}",
+                             "fork a running VM first ('hvkit fork VM')")
+        store = self.store()
+        try:
+            return store, store.snapshot(name)
+        except BaseException:
+            store.close()
+            raise
 
     def _mount_state(self) -> str:
         """'mounted', 'stale' (a dead server's mount) or 'none'."""

@@ -53,19 +53,6 @@ class PushReport:
         return asdict(self)
 
 
-def local_snapshot(paths: Paths, name: str) -> tuple[Store, Snapshot]:
-    server = MemServer.of(paths)
-    if not server.store_path.is_dir():
-        raise HvkitError(f"no snapshot named {name!r}: there is no memory-server store in {server.root}",
-                         "fork a VM first ('hvkit fork VM')")
-    store = server.store()
-    try:
-        return store, store.snapshot(name)
-    except BaseException:
-        store.close()
-        raise
-
-
 def push(paths: Paths, name: str, url: str, as_name: str | None = None, endpoint: str | None = None,
          chunk_bytes: int = DEFAULT_CHUNK_BYTES, working_set: bool = True) -> PushReport:
     """Pushes local snapshot `name` to the store `url` (as `as_name`, default `name`),
@@ -75,7 +62,7 @@ def push(paths: Paths, name: str, url: str, as_name: str | None = None, endpoint
     if chunk_bytes < PAGE or chunk_bytes > 4 << 20 or chunk_bytes & (chunk_bytes - 1):
         raise HvkitError(f"invalid chunk size {chunk_bytes}", "give a power of two from 4 KiB to 4 MiB")
     objects = ObjectStore(StoreURL.parse(url), endpoint)
-    store, snap = local_snapshot(paths, name)
+    store, snap = MemServer.of(paths).open_snapshot(name)
     try:
         if snap.machine.get("disk") or snap.machine.get("frozen_disk"):
             raise HvkitError(f"snapshot {name!r} is of a VM with a disk image; hvkit pushes snapshots of "
