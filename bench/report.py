@@ -395,11 +395,24 @@ def render_remote(results: Path, docs: Path) -> str:
     return text + "\n\n" + conditions(data, "remote")
 
 
+def render_soak(results: Path, docs: Path) -> str:
+    data = load(results, "soak")
+    rows = [[vm, c["rounds"], c["errors"], c["corrupt_words"], f"{c['given_mib']:.0f} MiB"] for vm, c in data["vms"].items()]
+    ran = ", ".join(f"{op} {c['ran']} (median {c['median_s']:.1f} s)" for op, c in sorted(data["commands"].items()))
+    text = (f"{data['seconds']:.0f} s of the service (every {data['watch']:g} s) on {len(rows)} VMs, two commands at "
+            f"a time beside it: {ran}; {len(data['failures'])} failed. "
+            f"{'Held' if data['held'] else 'NOT held'}: 0 corrupt words in every VM.\n\n"
+            + table(["VM", "checker rounds", "errors", "corrupt words", "given back by the service"], rows))
+    if data["failures"]:
+        text += "\n\nFailed: " + "; ".join(f"`{f}`" for f in data["failures"][:5])
+    return text + "\n\n" + conditions(data, "soak")
+
+
 RENDERERS: dict[str, Callable[[Path, Path], str]] = {
     "fork": render_fork, "fork-image": render_fork_image, "share": render_share,
     "share-page-cache": render_share_cache, "share-private": render_share_private,
     "identify": render_identify, "isf": render_isf,
-    "hypercall": render_hypercall, "service": render_service, "remote": render_remote,
+    "hypercall": render_hypercall, "service": render_service, "remote": render_remote, "soak": render_soak,
 }
 
 

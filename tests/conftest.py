@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -22,6 +23,17 @@ from hvkit.config import Paths
 from hvkit.guest import build_default_guest
 from hvkit.memserver import MemServer
 from hvkit.qemu import find_vm, list_vms, start_vm
+
+
+def _interrupted(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config) -> None:
+    """SIGTERM (a CI's timeout, `kill`) ends the run as Ctrl-C does: pytest then tears
+    the fixtures down, so the session's VMs and memory server are stopped, not left
+    running with nobody to stop them."""
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 def _qemus_of(folder: Path) -> list[int]:
