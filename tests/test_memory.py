@@ -43,6 +43,34 @@ def test_reads_across_the_hole_map_to_file_offsets(tmp_path):
     assert os.stat(ram).st_blocks * 512 <= 2 * 4096 * 2  # reading allocated nothing
 
 
+def test_numa_node_files_are_one_ram_across_the_hole(tmp_path):
+    """Two sparse node files, 4 GiB and 2 GiB, as a 6 GiB NUMA guest's RAM: low RAM is
+    the first 3 GiB of node 0, high RAM (from 4 GiB) the rest of node 0 then node 1; a
+    read across the node boundary joins both files, and holes are punched in the file
+    of the node they belong to."""
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    for f, size in zip(nodes, (4 * GiB, 2 * GiB)):
+        with f.open("wb") as out:
+            out.truncate(size)
+    with nodes[0].open("r+b") as f:
+        f.seek(3 * GiB)
+        f.write(b"N0-HIGH!")
+        f.seek(4 * GiB - 4)
+        f.write(b"N0|-")
+    with nodes[1].open("r+b") as f:
+        f.write(b"N1-GO!")
+    with RamFileMemory(nodes) as mem:
+        assert [(r.gpa, r.size, r.offset, r.file) for r in mem.ranges] == [
+            (0, 3 * GiB, 0, 0), (4 * GiB, GiB, 3 * GiB, 0), (5 * GiB, 2 * GiB, 0, 1)]
+        assert mem.read(4 * GiB, 8) == b"N0-HIGH!"
+        assert mem.read(5 * GiB - 4, 10) == b"N0|-N1-GO!"  # across the nodes
+        assert mem.max_pfn == (7 * GiB) >> 12
+        assert mem.find(b"N1-GO!") == [5 * GiB]
+        assert mem.discard(np.array([(5 * GiB) >> 12]), np.array([1])) == 1
+        assert mem.read(5 * GiB, 6) == bytes(6)  # given back in node 1's file, not node 0's
+        assert mem.read(4 * GiB, 8) == b"N0-HIGH!"
+
+
 def test_not_a_ram_file(tmp_path):
     odd = tmp_path / "odd"
     odd.write_bytes(b"x" * 100)
