@@ -4,6 +4,7 @@
                                    [--repeat 3] [--json docs/results/fork.json]
                                    [--image-guest | --no-image-guest] [--image-memory 1G]
                                    [--image-children 4] [--image-methods ...] [--vm-name bench]
+    .venv/bin/python bench/fork.py --plot-only [--json docs/results/fork.json]
 
 For every guest size and N, a fresh default guest (idle workload) is booted and forked:
   hvkit fork          `hvkit.fork(vm, N)`: the RAM file becomes a memory-server
@@ -38,6 +39,10 @@ freshly booted guest (a boot is ~40 s under TCG).
 Targets (issue 4): first child within 150 ms at every size, 4 GiB no more than 1.3x
 256 MiB; 8 children of an idle 1 GiB guest each at most 64 MiB of their own after 10 s;
 at least 10x faster than migrate + restore at 1 GiB.
+
+A PNG beside the JSON (fork.png; --plot-only draws it again from the JSON): time until the
+first child runs against guest size, and PSS per idle child against N, one line per
+method (log scales: the methods are orders of magnitude apart).
 """
 
 from __future__ import annotations
@@ -356,6 +361,45 @@ def median_row(runs: list[dict]) -> dict:
     return row
 
 
+def picture(rows: list[dict], path: Path) -> None:
+    """Time to the first child against size (N = 1), PSS per idle child against N (at the
+    largest size measured), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    sizes = sorted({r["size"] for r in rows}, key=parse_size)
+    largest = sizes[-1] if sizes else None
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        one = sorted((r for r in mine if r["n"] == 1), key=lambda r: parse_size(r["size"]))
+        a.plot([parse_size(r["size"]) / MiB for r in one], [r["first_child_s"] * 1000 for r in one], "o-", label=method)
+        by_n = sorted((r for r in mine if r["size"] == largest), key=lambda r: r["n"])
+        b.plot([r["n"] for r in by_n], [r["pss_mib_mean"] for r in by_n], "o-", label=method)
+    a.set(xscale="log", yscale="log", xlabel="guest memory (MiB)", ylabel="first child running (ms)",
+          title="time to the first child (N = 1)")
+    b.set(xscale="log", yscale="log", xlabel="children N", ylabel="PSS per idle child (MiB)",
+          title=f"host memory per child ({largest})")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    a.set_xticks([parse_size(s) / MiB for s in sizes])
+    b.set_xticks(sorted({r["n"] for r in rows}))
+    for ax in (a, b):  # plain numbers on the log axes: the sizes and Ns measured, every y tick
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize="x-small")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="256M,1G,4G")
@@ -370,7 +414,13 @@ def main() -> int:
     ap.add_argument("--image-children", type=int, default=4, help="children of the Debian image guest")
     ap.add_argument("--image-methods", default=f"hvkit fork,{UNSETTLED},migrate + restore,template copy")
     ap.add_argument("--vm-name", default="bench", help="name of the parent VM (children: NAME-1, ...)")
+    ap.add_argument("--plot-only", action="store_true", help="draw the PNG again from --json, run nothing")
     args = ap.parse_args()
+    if args.plot_only:
+        rows = json.loads(Path(args.json).read_text())["rows"]
+        picture(rows, Path(args.json).with_suffix(".png"))
+        print(f"wrote {Path(args.json).with_suffix('.png')}")
+        return 0
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: where is it stuck?
     paths = Paths.from_env()
     build_default_guest(paths)
@@ -471,6 +521,8 @@ def main() -> int:
             summary["debian_pss_mib_max"] = ours["pss_mib_max"]
     Path(args.json).write_text(json.dumps({"rows": rows, "image_rows": image_rows, "summary": summary,
                                            "host_cores": os.cpu_count(), "run": run_info()}, indent=1) + "\n")
+    if rows:
+        picture(rows, Path(args.json).with_suffix(".png"))
     return 0
 
 

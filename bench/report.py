@@ -152,7 +152,8 @@ def render_fork(results: Path, docs: Path) -> str:
     hv = [r for r in rows if r["method"] == "hvkit fork" and r.get("runs", 1) > 1]
     note = (f"hvkit's rows are the median of {hv[0]['runs']} runs, the baselines' one run each."
             if hv else "Every row is a single run (`--repeat 1`).")
-    return text + "\n\n" + note + " " + conditions(data, "fork")
+    return (text + "\n\n" + note + " " + conditions(data, "fork")
+            + chart("fork", "time to the first child against size, PSS per child against N", results, docs))
 
 
 def _fork_before(results: Path, by: dict) -> str:
