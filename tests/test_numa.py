@@ -12,8 +12,10 @@ memory checker's data."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -131,6 +133,18 @@ def test_nodes_in_files_are_read_shared_and_dumped_as_one_guest(in_files, paths,
                 [(0, 1), (1, NODES[0] * MiB // 4096)]  # node 1 starts where the first backend ends
             assert_agrees_with_kpageflags(truth, pm, g.layout)
         core.unlink()
+
+        # copies of the node files, read as one guest on the command line; in the wrong order, one line
+        copies = [tmp_path / f"n{i}.ram" for i in range(len(files))]
+        with vm.paused("test"):
+            for f, c in zip(files, copies):
+                shutil.copyfile(f, c)
+        proc = run_cli("ps", ",".join(map(str, copies)), "--kernel", str(guest.kernel), "--json")
+        assert proc.returncode == 0 and len(json.loads(proc.stdout)["processes"]) > 5, proc.stderr
+        proc = run_cli("identify", ",".join(map(str, copies[::-1])), "--kernel", str(guest.kernel))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+        for c in copies:
+            c.unlink()
 
         # free pages given back from both files; then again and again while the checker runs: no word lost
         truth, result = frozen_ground_truth(vm, lambda: share_once(vm, paths))

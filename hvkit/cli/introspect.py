@@ -28,7 +28,8 @@ headers_option = click.option("--headers", type=click.Path(path_type=Path),
 def ps(source: str, kernel: Path | None, headers: Path | None, as_json: bool) -> None:
     """List the processes of a Linux guest from outside it.
 
-    SOURCE is an hvkit VM name (paused while it is read), a raw RAM file or a QEMU
+    SOURCE is an hvkit VM name (paused while it is read), a raw RAM file (a NUMA
+    guest's: its node files in node order, joined by commas) or a QEMU
     dump-guest-memory ELF core. Structure layouts come from compiling hvkit's interface
     against the headers of the guest's exact kernel; no agent runs in the guest.
     """
@@ -88,7 +89,8 @@ def identify(source: str, kernel: Path | None, headers: Path | None, as_json: bo
     kernel other (stacks, vmalloc, per-CPU lists, ...) or not present. The classes come
     from the guest kernel's own struct page array, decoded with layouts compiled
     against the headers of its exact version. SOURCE is an hvkit VM name (paused while
-    it is read), a raw RAM file or a QEMU dump-guest-memory ELF core.
+    it is read), a raw RAM file (a NUMA guest's: its node files in node order, joined
+    by commas) or a QEMU dump-guest-memory ELF core.
 
     --json prints counts, free blocks per order, the owners of anonymous pages and every
     run of pages of one class as [first pfn, pages, class].

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
-from hvkit.introspect.kernelspace import KernelSpace
+from hvkit.introspect.kernelspace import GuestInconsistent, KernelSpace
 from hvkit.introspect.numa import kernel_nodes
 from hvkit.kernel.headers import debian_tree, prepared_tree
 from hvkit.kernel.image import read_kernel_image
@@ -32,6 +32,19 @@ class Guest:
     paused_for: float = 0.0  # seconds a running VM was paused (filled in on exit)
     paused_at: float | None = None  # time.monotonic() when hvkit paused it; None: not paused by hvkit
     vm: VM | None = None  # the VM it is, as it was when paused (None: a file)
+
+
+def _node_files(source: str) -> list[Path] | None:
+    """The files of `source` when it names a NUMA guest's RAM as node files joined by
+    commas ("n0.ram,n1.ram"), each of which exists; else None (one file)."""
+    if Path(source).exists() or "," not in source:
+        return None
+    files = [Path(part) for part in source.split(",")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise HvkitError(f"{', '.join(missing)} does not exist", "give a NUMA guest's node RAM files, "
+                         "in node order, joined by commas")
+    return files
 
 
 def _open_file(path: Path) -> GuestMemory:
@@ -113,13 +126,28 @@ def kernel_named_by_core(path: Path, paths: Paths) -> Path | None:
 def open_guest(source: str, kernel: str | Path | None = None, headers: str | Path | None = None,
                paths: Paths | None = None, knowledge: KernelKnowledge | None = None,
                op: str = "identify") -> Iterator[Guest]:
-    """The guest in `source` (a VM name, a RAM file or an ELF core), ready to read.
+    """The guest in `source` (a VM name, a RAM file, a NUMA guest's node RAM files
+    joined by commas, or an ELF core), ready to read.
     A VM is held and paused inside the block (VM.paused: no other hvkit command resumes
     or changes it meanwhile, and it runs again after, unless the user had paused it);
     its memory is opened only then, so it is the memory of the VM as it is now.
     `knowledge` (of this guest's kernel) saves loading symbols and layout again."""
     paths = paths or Paths.from_env()
     path = Path(source)
+    nodes = _node_files(source)
+    if nodes is not None:
+        if kernel is None:
+            raise HvkitError(f"reading {source} needs the guest's kernel", "pass --kernel FILE (its bzImage or vmlinux)")
+        knowledge = knowledge or load_kernel_knowledge(Path(kernel), headers, paths)
+        with contextlib.closing(RamFileMemory(nodes)) as memory:
+            located = KernelSpace.locate(memory, knowledge.symbols, knowledge.layout.fixed_bases())
+            try:
+                kernel_nodes(located, knowledge.layout, len(nodes))
+            except GuestInconsistent as e:
+                raise HvkitError(f"{source} does not read as one guest's nodes ({e.message})",
+                                 "give the node files in node order") from None
+            yield Guest(memory, located, knowledge.layout)
+        return
     if path.exists() or "/" in source:
         if not path.exists():
             raise HvkitError(f"{source} does not exist", "give a VM name, a RAM file or an ELF core")
