@@ -5,6 +5,7 @@ the same code (bench/ is on sys.path when a bench runs: `from benchlib import ..
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -57,24 +58,56 @@ def process_cpu(pid: int | None) -> float:
 class KsmOn:
     """KSM running with the bench's settings; on the way out (an exception or Ctrl-C
     included) everything it merged is unmerged and the host's own values are written
-    back, `run` last."""
+    back, `run` last. With `state`, the host's values are also written to that file
+    first (with this process's id) and the file removed at the end: a run killed with
+    -9 leaves it, and `restore_ksm_left_by(state)` in the next run puts them back."""
 
-    def __init__(self, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: dict[str, str] | None = None, state: Path | None = None) -> None:
         self.settings = KSM_SETTINGS if settings is None else settings
+        self.state = state
 
     def __enter__(self) -> "KsmOn":
         self.saved = {name: (KSM / name).read_text().strip() for name in ("run", *self.settings)}
+        if self.state:
+            tmp = self.state.with_name(self.state.name + ".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), "saved": self.saved}))
+            tmp.replace(self.state)
         for name, value in self.settings.items():
             (KSM / name).write_text(value)
         (KSM / "run").write_text("1")
         return self
 
     def __exit__(self, *exc) -> None:
-        (KSM / "run").write_text("2")  # unmerge everything
-        for name, value in self.saved.items():
-            if name != "run":
-                (KSM / name).write_text(value)
-        (KSM / "run").write_text(self.saved["run"])
+        _restore(self.saved)
+        if self.state:
+            self.state.unlink(missing_ok=True)
+
+
+def _restore(saved: dict[str, str]) -> None:
+    (KSM / "run").write_text("2")  # unmerge everything
+    for name, value in saved.items():
+        if name != "run":
+            (KSM / name).write_text(value)
+    (KSM / "run").write_text(saved["run"])
+
+
+def restore_ksm_left_by(state: Path) -> bool:
+    """Puts back the host's KSM settings a killed run left in `state` (its process gone);
+    True if it did."""
+    try:
+        left = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(left["pid"], 0)
+        return False  # that run still goes on
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False
+    _restore(left["saved"])
+    state.unlink(missing_ok=True)
+    return True
 
 
 def guest_meminfo(vm, timeout: float = 120) -> dict[str, int]:
