@@ -369,6 +369,8 @@ def summarize(arm: Arm, a, guests: list[Guest], samples: list[Sample], boot_s: f
     agent_cpu = samples[-1].agent_cpu if samples else 0.0
     n = len(guests)
     tail = [l.strip() for l in service_log if "WARNING" in l or "ERROR" in l or "Traceback" in l][-5:]
+    summary = next((l.strip() for l in reversed(service_log) if "stopped after" in l), None)
+    skipped = sum("not paused while that lasts" in l for l in service_log)
     row = {"arm": arm.name, "ram": arm.ram, "service": arm.service, "ksm": arm.ksm, "balloon": arm.balloon,
            "vms": n, "kinds": {g.name: g.kind for g in guests}, "boot_s": round(boot_s, 1),
            "guest_ram": ram, "guest_memtotal": sum(g.used[-1][2] for g in guests if g.used), "host_mean": host, "used_mean": used, "host_over_used": host / used if used else None,
@@ -381,7 +383,8 @@ def summarize(arm: Arm, a, guests: list[Guest], samples: list[Sample], boot_s: f
            "used_by_guest": {g.name: mean([u for t, u, _ in g.used if t >= a.seconds / 2]) for g in guests},
            "qemu_core_pct": 100 * (samples[-1].qemu_cpu if samples else 0.0) / span,
            "service_rss": service_rss, "service_exit": service.returncode if service else None,
-           "service_warnings": tail, "meminfo_failures": {g.name: g.errors for g in guests if g.errors},
+           "service_warnings": tail, "service_summary": summary,
+           "service_overrun_warnings": skipped, "meminfo_failures": {g.name: g.errors for g in guests if g.errors},
            "memcheck": checks, "loadavg_start": [round(x, 2) for x in load_start],
            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
            "parts_mean": {k: mean([getattr(s, k) for s in half]) for k in ("files", "private", "page_cache", "store")},
@@ -431,6 +434,9 @@ def print_table(rows: list[dict], targets: dict) -> None:
               + (f"; KSM saves {r['ksm_sharing_mean_pages'] * 4096 / MiB:.0f} MiB" if r["ksm"] else "")
               + (f"; service RSS {r['service_rss'] / MiB:.0f} MiB" if r.get("service_rss") else "")
               + (f"; {'; '.join(r['notes'])}" if r["notes"] else ""))
+        if r.get("service_summary"):
+            print(f"{'':>15}  service: {r['service_summary'].split('INFO ', 1)[-1]}; "
+                  f"{r.get('service_overrun_warnings', 0)} times a pause was predicted over the budget")
     for key, what in (("host_over_used", "host / used with the service <= 1.25"),
                       ("ksm_over_hvkit", "KSM alone / the service >= 2"),
                       ("core_pct_per_vm", "service CPU <= 2% of a core per VM")):
