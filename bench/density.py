@@ -11,7 +11,9 @@ Run as root (the KSM arms switch the host's KSM on; /sys/kernel/mm/ksm). The arm
 after the other; each boots its own VMs in a runtime folder of its own under /dev/shm,
 runs them for --seconds, then stops them, the memory server, the service and KSM (the
 host's KSM settings written back, `run` last, also on Ctrl-C or SIGTERM), so each arm
-leaves the host as it found it. The VMs of an arm:
+leaves the host as it found it. A run killed with -9 leaves its VMs and KSM on: the next
+run stops those VMs (their folders are named by the killed run's pid) and writes back the
+KSM settings it had saved in /dev/shm/hvkit-bench-density.ksm. The VMs of an arm:
 
   --vms default guests of --memory: the first runs the memory checker (`memcheck`, data it
       checks, allocated and freed all the time; corrupt words are counted) and is forked
@@ -26,8 +28,9 @@ leaves the host as it found it. The VMs of an arm:
 
 Arms (what gives guest memory back; the VMs' RAM as that arm needs it):
   nothing          RAM files, nothing given back
-  hvkit            RAM files; the service `hvkit share --all --watch --watch` (at the
-                   systemd unit's nice), which shares the fork children too
+  hvkit            RAM files; the service `hvkit share --all --watch WATCH` (at the
+                   systemd unit's nice; --max-pause for another pause budget), which
+                   shares the fork family too
   KSM              RAM inside QEMU (anonymous, mem-merge) but the fork family; ksmd with
                    pages_to_scan 1000, sleep 20 ms
   page-reporting   RAM files; virtio-balloon with free page reporting (the guest's driver
