@@ -367,6 +367,64 @@ def render_service(results: Path, docs: Path) -> str:
     return text + "\n\n" + conditions(data, "service")
 
 
+DENSITY_ARMS = {"nothing": "nothing (RAM files)", "hvkit": "hvkit service (`share --all --watch`)",
+                "KSM": "KSM (RAM inside QEMU)", "page-reporting": "free page reporting (virtio-balloon)",
+                "hvkit+KSM": "hvkit service + KSM (RAM inside QEMU)"}
+
+
+def render_density(results: Path, docs: Path) -> str:
+    data = load(results, "density")
+    arms = data["arms"]
+    ksm = next((r for r in arms if r["arm"] == "KSM"), None)
+    out, parts = [], []
+    for r in arms:
+        agent = (None if not (r["service"] or r["ksm"]) else
+                 f"{r['agent_core_pct_per_vm']:.2f}% ({num(r.get('agent_core_pct_per_vm_second_half'), '{:.2f}%') or '-'})")
+        out.append([DENSITY_ARMS.get(r["arm"], r["arm"]), r["vms"], f"{r['guest_ram'] / MiB:.0f} MiB",
+                    f"{r['used_mean'] / MiB:.0f} MiB", f"{r['host_mean'] / MiB:.0f} MiB", num(r["host_over_used"]),
+                    num(r["guest_mib_per_host_mib"]),
+                    f"{r['host_mean'] / ksm['host_mean']:.2f}x" if ksm and ksm["host_mean"] else None, agent,
+                    f"{r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}"])
+        m = {k: v / MiB for k, v in r["parts_mean"].items()}
+        extra = []
+        if r["ksm"]:
+            extra.append(f"KSM saved {r['ksm_sharing_mean_pages'] * 4096 / MiB:.0f} MiB")
+        if r.get("service_rss"):
+            extra.append(f"service RSS {r['service_rss'] / MiB:.0f} MiB")
+        if r.get("service_summary"):
+            extra.append("service " + r["service_summary"].split("INFO ", 1)[-1])
+        extra += r.get("notes") or []
+        parts.append([r["arm"], f"{m['files']:.0f}", f"{m['private']:.0f}", f"{m['page_cache']:.0f}",
+                      f"{m['store']:.0f}", "; ".join(extra) or None])
+    kinds = arms[0]["kinds"].values()
+    what = (f"{data['vms']} default guests of {data['memory']} (memory checker or alloc cycles of {data['alloc']} MiB), "
+            f"{sum(k == 'child' for k in kinds)} fork children of the first"
+            + (f", one Debian 12 image guest of {data['image_memory']} with page-cache churn "
+               f"({data['image_churn']} MiB file)" if data["image"] else ", no image guest")
+            + f"; {data['seconds']:.0f} s per arm, means over its second half; service every {data['watch']:g} s.\n\n")
+    text = what + table(["arm", "VMs", "guest RAM", "guests' used", "host memory", "host / used",
+                         "guest MiB per host MiB", "host vs KSM", "agent CPU per VM (2nd half)",
+                         "load 1-min start / end"], out)
+    text += ("\n\nWhere the host memory is (MiB, means over the second half):\n\n"
+             + table(["arm", "RAM files", "QEMUs' own pages", "snapshot page cache", "fork store", "also"], parts))
+    t = data.get("targets") or {}
+    verdicts = []
+    for key, what in (("host_over_used", "host / used with the service <= 1.25"),
+                      ("ksm_over_hvkit", "KSM alone / the service >= 2"),
+                      ("core_pct_per_vm", "the service's CPU <= 2% of a core per VM")):
+        v = t.get(key)
+        verdicts.append(f"{what}: " + ("not measured" if not v else
+                                       f"{v['value']:.2f} ({'met' if v['met'] else 'not met'})"))
+    text += "\n\nTargets (issue 22): " + "; ".join(verdicts) + "."
+    checks = [c for r in arms for c in (r.get("memcheck") or {}).values()]
+    if checks:
+        text += (f" Memory checker: {sum(c['errors'] for c in checks)} errors, "
+                 f"{sum(c['corrupt'] for c in checks)} corrupt, in {sum(c['rounds'] for c in checks)} rounds "
+                 f"of {len(checks)} guests.")
+    return (text + chart("density", "host memory for the guests' RAM over time, per arm", results, docs)
+            + "\n\n" + conditions(data, "density"))
+
+
 def render_remote(results: Path, docs: Path) -> str:
     data = load(results, "remote")
     rows = data["rows"]
@@ -414,6 +472,7 @@ RENDERERS: dict[str, Callable[[Path, Path], str]] = {
     "share-page-cache": render_share_cache, "share-private": render_share_private,
     "identify": render_identify, "isf": render_isf,
     "hypercall": render_hypercall, "service": render_service, "remote": render_remote, "soak": render_soak,
+    "density": render_density,
 }
 
 

@@ -62,6 +62,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import KSM, KSM_SETTINGS, KsmOn, guest_meminfo, host_mem_available, ksmd_cpu, rss_pss  # noqa: E402
 from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
 
 from hvkit.cli.pictures import timeline_picture  # noqa: E402
@@ -71,8 +72,6 @@ from hvkit.guest.control import frozen_ground_truth, ground_truth, request  # no
 from hvkit.qemu import VM, start_vm  # noqa: E402
 from hvkit.sharing import Sharer  # noqa: E402
 
-KSM = Path("/sys/kernel/mm/ksm")
-KSM_SETTINGS = {"pages_to_scan": "1000", "sleep_millisecs": "20"}
 MiB = 1 << 20
 
 
@@ -97,38 +96,6 @@ class Samples:
             if t >= since and condition(host):
                 return t - since, cpu - start_cpu
         return None
-
-
-def ksmd_cpu() -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                stat = (proc / "stat").read_text()
-            except OSError:
-                continue
-            if stat.split()[1] == "(ksmd)":
-                fields = stat.rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12])) / ticks
-    return 0.0
-
-
-class KsmOn:
-    """KSM running with the bench's settings; everything unmerged and restored after."""
-
-    def __enter__(self):
-        self.saved = {name: (KSM / name).read_text().strip() for name in ("run", *KSM_SETTINGS)}
-        for name, value in KSM_SETTINGS.items():
-            (KSM / name).write_text(value)
-        (KSM / "run").write_text("1")
-        return self
-
-    def __exit__(self, *exc):
-        (KSM / "run").write_text("2")  # unmerge everything
-        for name, value in self.saved.items():
-            if name != "run":
-                (KSM / name).write_text(value)
-        (KSM / "run").write_text(self.saved["run"])
 
 
 def run_workload(vm: VM, lock: threading.Lock, line: str, done: str, timeout: float = 300) -> None:
@@ -229,13 +196,6 @@ def cpu_per_gib(row: dict, target: int) -> float | None:
     return spent / (goal / (1 << 30)) if goal > 0 else None
 
 
-def guest_meminfo(vm: VM) -> dict[str, int]:
-    """/proc/meminfo of a disk guest over ssh, in bytes."""
-    out = subprocess.run(vm.ssh_command("cat", "/proc/meminfo"), capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
-
-
 def run_page_cache_arm(arm: str, args, paths: Paths) -> dict:
     """A Debian image guest whose RAM is mostly page cache, then one arm (module comment)."""
     options = {"hvkit share": {}, "KSM": {"ram": "anonymous"}, "page reporting": {"balloon": True}}[arm]
@@ -319,17 +279,6 @@ def print_page_cache(rows: list[dict], args) -> None:
               f"{r['window_s']:>6.1f}  {note}")
     print("(MemFree, Cached: the guest's /proc/meminfo after the fill; host: memory the host holds for the VM; "
           "one guest at a time on a shared 2-core TCG host: noisy)")
-
-
-def host_mem_available() -> int:
-    return int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()
-                    if l.startswith("MemAvailable:"))) * 1024
-
-
-def rss_pss(pid: int) -> tuple[int, int]:
-    """RSS and PSS of a whole QEMU process, in bytes (/proc/<pid>/smaps_rollup)."""
-    kb = dict(line.split()[:2] for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
-    return int(kb["Rss:"]) * 1024, int(kb["Pss:"]) * 1024
 
 
 def touch_and_share(vm: VM, paths: Paths, kind: str) -> dict:
