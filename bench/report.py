@@ -349,7 +349,9 @@ def render_service(results: Path, docs: Path) -> str:
                      None if ratio is None or not took else f"{ratio:.2f}"])
     t = data.get("targets") or {}
     checks = data.get("memcheck") or {}
-    text = (f"{data['vms']} VMs of {data['memory']} ({data['children']} fork children), {data['seconds']:.0f} s per "
+    kids = data["children"]
+    text = (f"{data['vms']} VMs of {data['memory']}" + (f" and {kids} fork children of the first" if kids else "")
+            + f", {data['seconds']:.0f} s per "
             f"arm, service every {data['watch']:g} s, budget {data['max_pause'] * 1000:.0f} ms:\n\n"
             + table(["arm", "nice", "busy loops", "pauses", "p50", "p99", "longest", "over budget", "given back",
                      "load 1-min start / end", "longest vs watchers"], rows))
