@@ -11,8 +11,8 @@ allocate and free all the time, so every share has pages to give back: half run 
 memory checker (`memcheck:96`, which also proves no page of guest data is lost: its
 error count is recorded), half allocate and free in a loop (`alloc` again and again
 through the guest's control port). With --children N, the first VM is forked into N
-children (`hvkit fork`), which join the service's VMs (until hvkit shares RAM that is
-private to QEMU, the service refuses them and the forked parent: the JSON says so).
+children (`hvkit fork`), which join the service's VMs (their RAM, and the forked
+parent's, is private to QEMU: given back by an madvise run inside QEMU).
 
 Arms, one after the other, each --seconds long, on the same VMs:
   idle           the service, as its systemd unit runs it (nice NICE), nothing else added
