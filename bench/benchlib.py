@@ -1,14 +1,20 @@
 """Helpers more than one bench needs: the host's KSM (on with a bench's settings, restored
 after), ksmd's CPU time, the host's MemAvailable, a QEMU's RSS/PSS, a disk guest's
-/proc/meminfo over ssh. Moved here from bench/share.py so that bench/density.py uses
-the same code (bench/ is on sys.path when a bench runs: `from benchlib import ...`)."""
+/proc/meminfo over ssh, the memory checker's rounds on a guest's console, the end of a
+bench's VMs. Moved here from bench/share.py so that bench/density.py, service.py and
+soak.py use the same code (bench/ is on sys.path when a bench runs: `from benchlib
+import ...`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
+
+MEMCHECK_ROUND = re.compile(r"HVKIT-MEMCHECK round=(\d+) live_mib=\d+ errors=(\d+)")
 
 KSM = Path("/sys/kernel/mm/ksm")
 KSM_SETTINGS = {"pages_to_scan": "1000", "sleep_millisecs": "20"}
@@ -126,3 +132,29 @@ def rss_pss(pid: int) -> tuple[int, int]:
     """RSS and PSS of a whole QEMU process, in bytes (/proc/<pid>/smaps_rollup)."""
     kb = dict(line.split()[:2] for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
     return int(kb["Rss:"]) * 1024, int(kb["Pss:"]) * 1024
+
+
+def checker_rounds(console: str) -> list[tuple[int, int]]:
+    """(round, errors) of each round the guest's memory checker reported on `console`."""
+    return [(int(r), int(e)) for r, e in MEMCHECK_ROUND.findall(console)]
+
+
+def memcheck_summary(console: str) -> dict:
+    """The memory checker's rounds, errors counted and whether it saw a corrupt word."""
+    rounds = checker_rounds(console)
+    return {"rounds": len(rounds), "errors": sum(e for _, e in rounds), "corrupt": "HVKIT-MEMCHECK-CORRUPT" in console}
+
+
+def stop_vms_and_memserver(paths, env: dict, hvkit: list[str]) -> None:
+    """Every live VM of a bench's runtime folder (`paths`) stopped, each failure said and
+    the rest stopped anyway, then its memory server (`hvkit memserver stop` with `env`;
+    nothing when none runs)."""
+    from hvkit.qemu import find_vm, list_vms
+
+    for r in list_vms(paths):
+        if r.state != "dead":
+            try:
+                find_vm(r.name, paths).stop()
+            except Exception as e:  # noqa: BLE001
+                print(f"stopping {r.name}: {e}", file=sys.stderr)
+    subprocess.run([*hvkit, "memserver", "stop"], env=env, capture_output=True)

@@ -72,7 +72,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import (KSM_SETTINGS, KsmOn, guest_meminfo, ksm_counter, ksm_usable, ksmd_cpu, process_cpu,  # noqa: E402
+from benchlib import (KSM_SETTINGS, KsmOn, guest_meminfo, ksm_counter, ksm_usable, ksmd_cpu, memcheck_summary,
+                      process_cpu, stop_vms_and_memserver,  # noqa: E402
                       restore_ksm_left_by)
 from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
 
@@ -81,7 +82,7 @@ from hvkit.config import Paths  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
 from hvkit.guest.control import ground_truth, request  # noqa: E402
 from hvkit.image.debian import cached_debian_image  # noqa: E402
-from hvkit.qemu import VM, list_vms, find_vm, start_vm  # noqa: E402
+from hvkit.qemu import VM, find_vm, start_vm  # noqa: E402
 from hvkit.sharing.unit import NICE  # noqa: E402
 
 MiB = 1 << 20
@@ -276,23 +277,14 @@ def memcheck_of(guests: list[Guest], paths: Paths) -> dict:
     for g in guests:
         if g.kind in ("memcheck", "child"):
             with contextlib.suppress(Exception):
-                console = find_vm(g.name, paths).console()
-                errors = [int(e) for e in re.findall(r"HVKIT-MEMCHECK round=\d+ live_mib=\d+ errors=(\d+)", console)]
-                out[g.name] = {"rounds": len(errors), "errors": sum(errors),
-                               "corrupt": "HVKIT-MEMCHECK-CORRUPT" in console}
+                out[g.name] = memcheck_summary(find_vm(g.name, paths).console())
     return out
 
 
 def stop_everything(paths: Paths, env: dict) -> None:
     """Every VM of the arm's runtime folder, then its memory server; the folder goes last."""
     with contextlib.suppress(Exception):
-        for r in list_vms(paths):
-            if r.state != "dead":
-                try:
-                    find_vm(r.name, paths).stop()
-                except Exception as e:  # noqa: BLE001
-                    print(f"stopping {r.name}: {e}", file=sys.stderr)
-    subprocess.run([*HVKIT, "memserver", "stop"], env=env, capture_output=True)
+        stop_vms_and_memserver(paths, env, HVKIT)
     shutil.rmtree(paths.runtime, ignore_errors=True)
 
 

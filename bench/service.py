@@ -43,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import memcheck_summary, stop_vms_and_memserver  # noqa: E402
 from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
 
 from hvkit.config import Paths  # noqa: E402
@@ -196,19 +197,9 @@ def main() -> int:
         churn.join(timeout=90)
         for vm in vms:
             if vm.spec.workload.startswith("memcheck"):
-                console = find_vm(vm.name, paths).console()
-                errors = [int(e) for e in re.findall(r"HVKIT-MEMCHECK round=\d+ live_mib=\d+ errors=(\d+)", console)]
-                checks[vm.name] = {"rounds": len(errors), "errors": sum(errors),
-                                   "corrupt": "HVKIT-MEMCHECK-CORRUPT" in console}
+                checks[vm.name] = memcheck_summary(find_vm(vm.name, paths).console())
     finally:
-        for r in list_vms(paths):
-            if r.state != "dead":
-                try:
-                    find_vm(r.name, paths).stop()
-                except Exception as e:  # noqa: BLE001
-                    print(f"stopping {r.name}: {e}", file=sys.stderr)
-        if a.children:
-            subprocess.run([*HVKIT, "memserver", "stop"], env=env, capture_output=True)
+        stop_vms_and_memserver(paths, env, HVKIT)
         subprocess.run(["rm", "-rf", str(runtime)])
     watchers = next((r for r in rows if r["arm"] == "watchers"), None)
     for r in rows:

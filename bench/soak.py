@@ -28,7 +28,6 @@ import argparse
 import itertools
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import checker_rounds, stop_vms_and_memserver  # noqa: E402
 from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's own folder)
 
 from hvkit.config import Paths  # noqa: E402
@@ -52,7 +52,6 @@ from hvkit.sharing.unit import NICE  # noqa: E402
 
 MiB = 1 << 20
 HVKIT = [sys.executable, "-m", "hvkit"]
-ROUND = re.compile(r"HVKIT-MEMCHECK round=(\d+) live_mib=\d+ errors=(\d+)")
 
 
 @dataclass
@@ -98,10 +97,6 @@ def worker(deadline: float, next_turn: Callable[[], tuple[str, str]], ops: Ops, 
         t0 = time.monotonic()
         error = run_op(op, vm, env, scratch)
         ops.record(op, time.monotonic() - t0, None if error is None else f"{vm}: {error}")
-
-
-def checker_rounds(console: str) -> list[tuple[int, int]]:
-    return [(int(r), int(e)) for r, e in ROUND.findall(console)]
 
 
 def wait_for_rounds(names: list[str], paths: Paths, rounds: int, timeout: float) -> None:
@@ -191,13 +186,7 @@ def main() -> int:
             checks[n] = {"rounds": len(rounds), "errors": sum(e for _, e in rounds),
                          "corrupt_words": console.count("HVKIT-MEMCHECK-CORRUPT"), "given_mib": given.get(n, 0) / MiB}
     finally:
-        for r in list_vms(paths):
-            if r.state != "dead":
-                try:
-                    find_vm(r.name, paths).stop()
-                except Exception as e:  # noqa: BLE001
-                    print(f"stopping {r.name}: {e}", file=sys.stderr)
-        subprocess.run([*HVKIT, "memserver", "stop"], env=env, capture_output=True)
+        stop_vms_and_memserver(paths, env, HVKIT)
         subprocess.run(["rm", "-rf", str(runtime), str(scratch)])
 
     held = bool(checks) and all(c["errors"] == 0 and c["corrupt_words"] == 0 and c["rounds"] > 0
