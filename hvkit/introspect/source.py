@@ -135,28 +135,22 @@ def open_guest(source: str, kernel: str | Path | None = None, headers: str | Pat
     paths = paths or Paths.from_env()
     path = Path(source)
     nodes = _node_files(source)
-    if nodes is not None:
-        if kernel is None:
-            raise HvkitError(f"reading {source} needs the guest's kernel", "pass --kernel FILE (its bzImage or vmlinux)")
-        knowledge = knowledge or load_kernel_knowledge(Path(kernel), headers, paths)
-        with contextlib.closing(RamFileMemory(nodes)) as memory:
-            located = KernelSpace.locate(memory, knowledge.symbols, knowledge.layout.fixed_bases())
-            try:
-                kernel_nodes(located, knowledge.layout, len(nodes))
-            except GuestInconsistent as e:
-                raise HvkitError(f"{source} does not read as one guest's nodes ({e.message})",
-                                 "give the node files in node order") from None
-            yield Guest(memory, located, knowledge.layout)
-        return
-    if path.exists() or "/" in source:
-        if not path.exists():
+    if nodes is not None or path.exists() or "/" in source:
+        if nodes is None and not path.exists():
             raise HvkitError(f"{source} does not exist", "give a VM name, a RAM file or an ELF core")
-        kernel = kernel or kernel_named_by_core(path, paths)
+        kernel = kernel or (kernel_named_by_core(path, paths) if nodes is None else None)
         if kernel is None:
             raise HvkitError(f"reading {source} needs the guest's kernel", "pass --kernel FILE (its bzImage or vmlinux)")
         knowledge = knowledge or load_kernel_knowledge(Path(kernel), headers, paths)
-        with contextlib.closing(_open_file(path)) as memory:
-            yield Guest(memory, KernelSpace.locate(memory, knowledge.symbols, knowledge.layout.fixed_bases()), knowledge.layout)
+        with contextlib.closing(RamFileMemory(nodes) if nodes else _open_file(path)) as memory:
+            located = KernelSpace.locate(memory, knowledge.symbols, knowledge.layout.fixed_bases())
+            if nodes:
+                try:
+                    kernel_nodes(located, knowledge.layout, len(nodes))
+                except GuestInconsistent as e:
+                    raise HvkitError(f"{source} does not read as one guest's nodes ({e.message})",
+                                     "give the node files in node order") from None
+            yield Guest(memory, located, knowledge.layout)
         return
     vm = find_vm(source, paths)
     knowledge = knowledge or load_kernel_knowledge(Path(kernel) if kernel else Path(vm.spec.kernel), headers, paths)
