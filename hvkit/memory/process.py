@@ -84,7 +84,6 @@ class ProcessMemory(GuestMemory):
     def __init__(self, pid: int, pieces: Sequence[RamPiece], machine: str = "pc") -> None:
         self.pid = pid
         self.pieces = list(pieces)
-        self.host_start = self.pieces[0].offset
         ranges = place_on_pieces(pc_ram_ranges(sum(p.size for p in self.pieces), machine), self.pieces)
         try:
             super().__init__(Path(f"/proc/{pid}/mem"), ranges)
