@@ -69,6 +69,22 @@ def kill_processes_with(*cmdline_has: bytes, timeout: float = 5.0) -> list[int]:
     return pids
 
 
+def kill_process(pid: int | None, start_ticks: int | None, timeout: float = 5.0) -> bool:
+    """SIGKILLs process `pid` if it is the one that started at `start_ticks` (not a later
+    process given the same pid) and waits until it is gone, with its threads; whether it
+    was killed."""
+    if not pid or start_ticks is None or process_start_ticks(pid) != start_ticks:
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while (process_runs(pid, b"") or threads_still_exiting(pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return True
+
+
 def left_by_dead_process(pid: str) -> bool:
     """Whether `pid` (digits taken from a file name a process gave its leftovers) names
     a process that is gone: what it left may be removed."""

@@ -47,6 +47,7 @@ def _register() -> None:
     cli.add_command(hv.hv)
     cli.add_command(fork.fork)
     cli.add_command(fork.memserver)
+    cli.add_command(fork.pool)
     cli.add_command(remote.snapshot)
     cli.add_command(remote.store)
     cli.add_command(demo.demo)

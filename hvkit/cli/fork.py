@@ -1,5 +1,5 @@
-"""`hvkit fork` (children of a running VM, or of a stored snapshot) and `hvkit memserver`
-(the FUSE server that holds the snapshots)."""
+"""`hvkit fork` (children of a running VM, or of a stored snapshot), `hvkit memserver`
+(the FUSE server that holds the snapshots) and `hvkit pool` (QEMUs kept ready for children)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hvkit.cli.output import console, json_option, print_json, print_table, stat
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.forking import ChildStarted, child_names, fork as fork_vm, start_children
+from hvkit.forking.pool import PoolDir, clear_pool, pool_status, set_pool
 from hvkit.memserver import MemServer
 from hvkit.qemu import list_vms
 from hvkit.remote import fork_remote
@@ -192,3 +193,53 @@ def status(as_json: bool) -> None:
               s.counters.tables_written, s.counters.tables_replicated, s.counters.runs_split,
               s.counters.pages_written, s.counters.pages_stored, s.counters.pages_deduplicated,
               s.counters.pages_zero, served.get(s.name, {}).get("pages", 0)] for s in snaps])
+
+
+@click.group()
+def pool() -> None:
+    """The warm pool: child QEMUs started ahead of time, so that a fork's children only
+    load their device state (no QEMU start on the fork's path). Each pooled QEMU maps a
+    memory-server slot that the fork binds to its snapshot; a keeper process refills the
+    pool in the background and replaces a QEMU that died. Pooled QEMUs belong to the
+    memory server: 'hvkit memserver stop' stops them."""
+
+
+@pool.command("set")
+@click.argument("vm")
+@click.option("-n", "size", type=int, required=True, help="QEMUs to keep ready (0: none for this kind).")
+@json_option
+def pool_set(vm: str, size: int, as_json: bool) -> None:
+    """Keep SIZE QEMUs ready for children of VM's kind of machine (its memory size,
+    CPUs and devices): any VM of that kind forks from them."""
+    row = set_pool(Paths.from_env(), vm, size)
+    if as_json:
+        print_json(row.to_json())
+        return
+    console().print(f"pool for VMs like {vm} ({mib(row.memory):.0f} MiB, {row.cpus} CPU): {size} QEMUs kept "
+                    f"ready ({row.ready} ready now, {row.starting} starting); 'hvkit pool status' shows them")
+
+
+@pool.command("status")
+@json_option
+def pool_status_command(as_json: bool) -> None:
+    """What the pool keeps, what is ready, and what it costs (resident memory)."""
+    paths = Paths.from_env()
+    rows = pool_status(paths)
+    keeper = PoolDir.of(paths).keeper_pid()
+    if as_json:
+        print_json({"keeper_pid": keeper, "pools": [r.to_json() for r in rows]})
+        return
+    console().print(f"pool keeper: {'running, pid ' + str(keeper) if keeper else 'not running'}")
+    if rows:
+        print_table(["like VM", "memory MiB", "CPUs", "kept", "ready", "starting", "resident MiB"],
+                    [[r.like, f"{mib(r.memory):.0f}", r.cpus, r.size, r.ready, r.starting, f"{mib(r.rss):.1f}"]
+                     for r in rows])
+    else:
+        console().print("no pool: 'hvkit pool set VM -n K' keeps K QEMUs ready for VM's children")
+
+
+@pool.command("clear")
+def pool_clear() -> None:
+    """Keep no pooled QEMUs: the keeper and every pooled QEMU are stopped."""
+    clear_pool(Paths.from_env())
+    console().print("pool cleared: no QEMU kept ready")

@@ -46,7 +46,7 @@ from typing import Callable
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
-from hvkit.forking import disks, settle
+from hvkit.forking import disks, pool, settle
 from hvkit.forking.written import written_pages
 from hvkit.leftovers import remove_staged_states
 from hvkit.memserver import MemServer, Snapshot, Store
@@ -123,13 +123,17 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
     ram_file = server.snapshot_file(snapshot.name)
     started: list[VM] = []
     first_runs = threading.Event()
+    claimed = pool.claim(paths, snapshot, len(names))  # QEMUs ready for them, if the pool has any
+    pooled = dict(zip(names, claimed))
 
     def one(name: str) -> ChildStarted:
         owner = Ownership(paths.runtime, name)
         with owner.hold("fork child"):
             owner.write_intent(op="fork child", undo="stop")
-            vm = launch_from_snapshot(name, snapshot.machine, snapshot.name, ram_file, server_pid,
-                                         parent, paths)
+            vm = _pooled_child(pooled.pop(name, None), name, snapshot, server_pid, parent, paths)
+            if vm is None:  # none in the pool: a QEMU started now
+                vm = launch_from_snapshot(name, snapshot.machine, snapshot.name, ram_file, server_pid,
+                                          parent, paths)
             started.append(vm)
             fault_point("fork child launched")
             receive_state(vm, state)
@@ -147,18 +151,36 @@ def start_children(snapshot: Snapshot, names: list[str], server: MemServer, serv
         # the first child alone until it runs, so that it does not wait for the CPU
         # behind the others' QEMU start-up; then all the others at once (while the
         # first one settles, if it has a disk)
-        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            first = pool.submit(one, names[0])
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as workers:
+            first = workers.submit(one, names[0])
             first.add_done_callback(lambda _: first_runs.set())  # it failed, or ran and settled
             first_runs.wait()
             if first.done():
                 first.result()  # its error, if it failed, before any other starts
-            rest = [pool.submit(one, name) for name in names[1:]]
+            rest = [workers.submit(one, name) for name in names[1:]]
             return [first.result()] + [f.result() for f in rest]
     except BaseException:
         for vm in started:
             vm.stop()
         raise
+    finally:
+        # claimed and not taken (a batch larger than needed, or children that never started)
+        pool.stop_entries_of(claimed[len(names):] + list(pooled.values()))
+        pool.release_claims(paths)
+        pool.ensure_keeper(paths)  # a configured pool refills (its keeper runs from here on)
+
+
+def _pooled_child(entry: Path | None, name: str, snapshot: Snapshot, server_pid: int, parent: str | None,
+                  paths: Paths) -> VM | None:
+    """Child `name` in pooled QEMU `entry` (its slot bound to `snapshot`), or None."""
+    if entry is None:
+        return None
+    try:
+        return pool.take(entry, name, snapshot, server_pid, parent, paths)
+    except (OSError, HvkitError) as e:
+        log.warning("child %s: its pooled QEMU could not be used (%s); starting one", name, e)
+        pool.stop_entries_of([entry])
+        return None
 
 
 def fork(name: str, n: int, paths: Paths | None = None, stay_paused: bool = False,

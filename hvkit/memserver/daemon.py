@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,14 +25,47 @@ from pathlib import Path
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.memserver.server import STATS
+from hvkit.memserver.slots import clear_slots
 from hvkit.memserver.store import SNAPSHOT_SUFFIX, Snapshot, Store, state_file
-from hvkit.procs import process_runs
+from hvkit.procs import kill_process, kill_processes_with, process_runs, process_start_ticks
 from hvkit.config import make_private_dir
 
 
 def memserver_alive(pid: int | None) -> bool:
     """Whether `pid` is a live memory server process."""
     return process_runs(pid, b"hvkit.memserver.server")
+
+
+def stop_pool_processes(root: Path, store: Path) -> None:
+    """Stops the fork's warm pool of this server (hvkit.forking.pool: <root>/pool): its
+    keeper, then every QEMU still in the pool's folders (those a fork took are VMs now,
+    and live in their own folders), and forgets their slots; the pool's configuration
+    stays, so the next fork fills it again."""
+    pool = root / "pool"
+    try:
+        pid, ticks = (int(x) for x in (pool / "keeper.pid").read_text().split())
+    except (OSError, ValueError):
+        pid = ticks = 0
+    if pid and process_start_ticks(pid) == ticks:
+        os.kill(pid, signal.SIGTERM)  # it stops its QEMUs and exits
+        deadline = time.monotonic() + 10
+        while process_runs(pid, b"hvkit.forking.pool") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        kill_process(pid, ticks)
+    for batch in (pool / "starting").iterdir() if (pool / "starting").is_dir() else []:
+        # QEMUs coming up (never claimed): also one spawned by a keeper killed before it
+        # wrote its spec, found by its folder on its command line
+        kill_processes_with(f"{batch}/".encode())
+    for folder in ("starting", "ready", "claimed"):
+        for spec in sorted((pool / folder).rglob("vm.json")) if (pool / folder).is_dir() else []:
+            try:
+                d = json.loads(spec.read_text())
+            except (OSError, ValueError):
+                continue
+            kill_process(d.get("pid"), d.get("proc_start"))
+        shutil.rmtree(pool / folder, ignore_errors=True)
+    (pool / "keeper.pid").unlink(missing_ok=True)
+    clear_slots(store)
 
 
 def fuse_unavailable_reason() -> str | None:
@@ -121,6 +155,7 @@ class MemServer:
             raise HvkitError(f"the memory server cannot run: {reason}")
         if pid:  # alive but not mounted: a server half-started or hung
             os.kill(pid, signal.SIGKILL)
+        stop_pool_processes(self.root, self.store_path)  # a dead server's pool: its slots are gone
         self._unmount(lazy=True)
         make_private_dir(self.root)
         make_private_dir(self.mount)
@@ -145,6 +180,7 @@ class MemServer:
         """Unmounts and ends the server. Refused while VMs still map its snapshots
         unless `force` (they then stop at their next read of it)."""
         pid = self.pid()
+        stop_pool_processes(self.root, self.store_path)  # they map its slots, and end with it
         # a QEMU that just exited may hold its RAM file open for a moment longer (its
         # files close after /proc stops showing its command line): try for a while
         deadline = time.monotonic() + 3.0

@@ -3,6 +3,8 @@
     <mount>/<snapshot>.ram   the snapshot's guest RAM, read-only (QEMU children map it
                              with share=off: pages they only read stay shared in the
                              host's page cache, pages they write become their own)
+    <mount>/slots/<id>.ram   a slot: a file mapped before it is bound to a snapshot
+                             (slots.py; the fork's warm pool), then read as that snapshot
     <mount>/stats.json       what the server did: per snapshot, pages and bytes served
 
 Binding: mfusepy (a maintained fork of fusepy): pure Python over libfuse 3 with ctypes,
@@ -29,6 +31,7 @@ from pathlib import Path
 from hvkit.errors import HvkitError
 import numpy as np
 
+from hvkit.memserver.slots import SLOTS, Slot, read_slot
 from hvkit.memserver.store import PAGE, SNAPSHOT_SUFFIX, Snapshot, Store, is_frames, read_frames
 from hvkit.memserver.table import FILE_MASK, FILE_SHIFT, PAGE_MASK, resolve
 
@@ -53,6 +56,7 @@ class SnapshotFS:
         self.store = store
         self._lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
+        self._bound: dict[str, Snapshot] = {}  # slot id -> the snapshot it was bound to (never changes)
         self._fds: dict[int, int] = {}  # frame file id -> fd
         self._sources: dict[int, object | None] = {}  # frame file id -> what fills it (Store.frame_source)
         self._recording: dict[str, np.ndarray] = {}  # snapshot -> pages read in its first seconds
@@ -78,6 +82,26 @@ class SnapshotFS:
             with self._lock:
                 self._snapshots[name] = snap
         return snap
+
+    def _slot(self, path: str) -> tuple[Slot | None, Snapshot | None]:
+        """The slot a path names ("/slots/<id>.ram") and its snapshot once bound."""
+        folder, _, name = path.lstrip("/").partition("/")
+        if folder != SLOTS or not name.endswith(SNAPSHOT_SUFFIX):
+            return None, None
+        slot_id = name[: -len(SNAPSHOT_SUFFIX)]
+        with self._lock:
+            snap = self._bound.get(slot_id)
+        if snap is not None:  # bound: for good, whatever becomes of its record
+            return Slot(slot_id, snap.size, snap.name), snap
+        slot = read_slot(self.store.path, slot_id)
+        if slot is None or slot.snapshot is None:
+            return slot, None
+        snap = self._snapshot("/" + slot.snapshot + SNAPSHOT_SUFFIX)
+        if snap is None or snap.size != slot.size:
+            return slot, None
+        with self._lock:
+            self._bound[slot_id] = snap
+        return slot, snap
 
     def _fd(self, file_id: int) -> int:
         with self._lock:
@@ -155,6 +179,12 @@ class SnapshotFS:
             return dict(st_mode=stat.S_IFDIR | 0o700, st_nlink=2)
         if path == "/" + STATS:
             return dict(st_mode=stat.S_IFREG | 0o400, st_nlink=1, st_size=0)
+        if path == "/" + SLOTS:
+            return dict(st_mode=stat.S_IFDIR | 0o700, st_nlink=2)
+        slot, _ = self._slot(path)
+        if slot is not None:
+            return dict(st_mode=stat.S_IFREG | 0o600, st_nlink=1, st_size=slot.size,
+                        st_mtime=self.started, st_ctime=self.started, st_atime=self.started)
         snap = self._snapshot(path)
         if snap is None:
             raise fuse.FuseOSError(errno.ENOENT)
@@ -162,12 +192,17 @@ class SnapshotFS:
                     st_mtime=snap.created, st_ctime=snap.created, st_atime=snap.created)
 
     def readdir(self, path, fh):
-        return [".", "..", STATS, *(n + SNAPSHOT_SUFFIX for n in self.store.snapshot_names())]
+        if path == "/" + SLOTS:
+            return [".", ".."]  # slots are opened by name, never listed
+        return [".", "..", STATS, SLOTS, *(n + SNAPSHOT_SUFFIX for n in self.store.snapshot_names())]
 
     def open(self, path, fi):
         fuse = _fuse()
         if path == "/" + STATS:
             fi.direct_io = 1  # its size is not known in advance
+            return 0
+        if self._slot(path)[0] is not None:
+            fi.keep_cache = 1  # bound once, never rebound: its pages never change
             return 0
         if self._snapshot(path) is None:
             raise fuse.FuseOSError(errno.ENOENT)
@@ -179,7 +214,13 @@ class SnapshotFS:
     def read(self, path, size, offset, fi):
         if path == "/" + STATS:
             return json.dumps(self.stats(), indent=1).encode()[offset:offset + size]
-        snap = self._snapshot(path)
+        slot, snap = self._slot(path)
+        if slot is not None and snap is None:
+            # read before it was bound: QEMU never reads guest RAM before it loads a
+            # device state, so this is not one of hvkit's; it gets no memory at all
+            log.error("slot %s was read before it was bound to a snapshot: refused", slot.id)
+            raise _fuse().FuseOSError(errno.EIO)
+        snap = snap or self._snapshot(path)
         if snap is None:
             raise _fuse().FuseOSError(errno.ENOENT)
         size = max(0, min(size, snap.size - offset))

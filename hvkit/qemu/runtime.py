@@ -28,7 +28,7 @@ from pathlib import Path
 
 from hvkit.errors import HvkitError
 from hvkit.config import make_private_dir
-from hvkit.procs import kill_processes_with
+from hvkit.procs import kill_process, kill_processes_with
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
@@ -157,7 +157,11 @@ class RuntimeDir:
         """SIGKILLs every QEMU hvkit started for this folder (its command line names the
         VM, `-name hvkit-NAME`, and a file here): also one spawned just before the spec
         that names its pid was written. Waits until they are gone; their pids."""
-        return kill_processes_with(f"\0hvkit-{self.name}\0".encode(), f"{self.path}/".encode())
+        pids = kill_processes_with(f"\0hvkit-{self.name}\0".encode(), f"{self.path}/".encode())
+        spec = self.read_spec()  # a pooled QEMU that became this VM's: its command line names the pool
+        if spec is not None and spec.origin == "hvkit" and kill_process(spec.pid, spec.proc_start):
+            pids.append(spec.pid)
+        return pids
 
     def tail(self, which: Path, lines: int = 5) -> str:
         try:

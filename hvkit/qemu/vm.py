@@ -77,6 +77,7 @@ class VM:
         that leaving the with-block stops it."""
         self._process, self._started_here = process, True
         self.spec.pid = process.pid
+        self.spec.proc_start = process_start_ticks(process.pid)  # with the pid: which process it is
         self.spec.started_at = time.time()
 
     # ---- what it is -------------------------------------------------------------------
@@ -164,7 +165,12 @@ class VM:
             return self._process.poll() is None
         if self.attached:  # the same process as when attached: pid and start time
             return process_runs(self.pid, b"qemu") and process_start_ticks(self.pid) == self.spec.proc_start
-        return process_runs(self.pid, str(self.rundir.path).encode())  # a QEMU of this folder
+        if process_runs(self.pid, str(self.rundir.path).encode()):  # a QEMU started for this folder
+            return True
+        # or the QEMU its spec names by pid and start time: a pooled QEMU (forking/pool.py)
+        # was started in the pool's folder, then its folder became this one
+        return (self.spec.proc_start is not None and process_runs(self.pid, b"qemu")
+                and process_start_ticks(self.pid) == self.spec.proc_start)
 
     def is_alive(self) -> bool:
         alive = self.qemu_alive()
