@@ -12,6 +12,12 @@ For every guest size and N, a fresh default guest (idle workload) is booted and 
                       FUSE. The server is started before the clock starts (once per run).
   migrate + restore   QMP `migrate` of the whole VM (RAM included) to a file, then N
                       QEMUs with their own RAM restore it with `-incoming`.
+  hvkit fork, warm    the same, with N child QEMUs kept ready beforehand (`hvkit pool set
+                      VM -n N`, filled before the clock starts): each child only loads
+                      its device state; its RAM is a memory-server slot bound to the
+                      snapshot at the fork. For both hvkit rows, N more children of the
+                      same snapshot are then started (`fork --snapshot`): the child's own
+                      path, without the parent's pause and seal.
   template copy       the device state saved without RAM, the RAM file copied
                       (`cp --sparse=always`) into a template, N children map the copy
                       share=off and load the device state.
@@ -66,7 +72,8 @@ from runinfo import run_info  # noqa: E402  (bench/ is on sys.path: the script's
 
 from hvkit.cli.output import print_table  # noqa: E402
 from hvkit.config import Paths  # noqa: E402
-from hvkit.forking import fork  # noqa: E402
+from hvkit.forking import child_names, fork, start_children  # noqa: E402
+from hvkit.forking.pool import pool_status, set_pool  # noqa: E402
 from hvkit.forking.reset import reset as reset_child  # noqa: E402
 from hvkit.forking import settle as child_settling  # noqa: E402
 from hvkit.guest import build_default_guest  # noqa: E402
@@ -81,6 +88,7 @@ from hvkit.units import format_size, parse_size  # noqa: E402
 
 MiB = 1 << 20
 UNSETTLED = "hvkit fork (not settled)"  # children not given their clock, MAC and lease: what that costs
+WARM = "hvkit fork, warm pool"  # N QEMUs kept ready (`hvkit pool set VM -n N`) before the request
 
 
 class RawChild:
@@ -216,10 +224,35 @@ def hvkit_fork(parent: VM, n: int, paths: Paths, extra: dict) -> tuple[list[floa
     """hvkit's fork; the parent runs on (as `hvkit fork` leaves it), and how long it was
     paused, and where that time went, go into `extra`."""
     report = fork(parent.name, n, paths)
-    extra.update(parent_paused_s=report.parent_paused_seconds,
+    extra.update(snapshot=report.snapshot, parent_paused_s=report.parent_paused_seconds,
                  pause_steps_ms={k: round(v * 1000, 1) for k, v in report.pause_steps.items()})
     kids = [find_vm(c.name, paths) for c in report.children]
     return [c.seconds for c in report.children], [k.pid for k in kids], kids
+
+
+def wait_pool_ready(paths: Paths, n: int, timeout: float = 300.0) -> None:
+    """Until the pool has `n` QEMUs ready (outside the clock: a pool is filled ahead)."""
+    deadline = time.monotonic() + timeout
+    while sum(s.ready for s in pool_status(paths)) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the pool did not fill to {n} QEMUs within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def children_of_snapshot(snapshot: str, parent: str, n: int, paths: Paths) -> tuple[float, float]:
+    """(first, all) seconds from the request until N more children of `snapshot` run
+    (`hvkit fork --snapshot`): the child's own path, without the parent's pause and seal."""
+    server = MemServer.of(paths)
+    store = server.store()
+    try:
+        snap = store.snapshot(snapshot)
+        t0 = time.monotonic()
+        started = start_children(snap, child_names(f"{parent}-s", n, paths), server, server.start(), parent, paths, t0)
+    finally:
+        store.close()
+    for c in started:
+        find_vm(c.name, paths).stop()
+    return min(c.seconds for c in started), max(c.seconds for c in started)
 
 
 def jit_of(vm) -> tuple[float, int]:
@@ -322,7 +355,10 @@ def run_case(size: str, n: int, method: str, paths: Paths, settle: float, name: 
     children, extra = [], {}
     try:
         parent.wait_for_console(r"HVKIT-HEARTBEAT 2\b", timeout=120)
-        if method == "hvkit fork":
+        if method == WARM:
+            set_pool(paths, name, n)
+            wait_pool_ready(paths, n)
+        if method in ("hvkit fork", WARM):
             times, pids, children = hvkit_fork(parent, n, paths, extra)
         elif method == "migrate + restore":
             times, pids, children = migrate_restore(parent, n, root)
@@ -333,9 +369,13 @@ def run_case(size: str, n: int, method: str, paths: Paths, settle: float, name: 
         row = {"size": size, "n": n, "method": method, "first_child_s": min(times),
                "all_children_s": max(times), "settle_s": settle if n > 1 else 1.0,
                "pss_mib_mean": sum(pss) / len(pss) / MiB, "pss_mib_max": max(pss) / MiB, **extra}
-        if method == "hvkit fork":
+        if method in ("hvkit fork", WARM):
             jit = [jit_of(c) for c in children]
             row.update(jit_code_mib_mean=sum(j[0] for j in jit) / len(jit), jit_flushes_max=max(j[1] for j in jit))
+            if method == WARM:
+                wait_pool_ready(paths, n)
+            row["snapshot_first_child_s"], row["snapshot_all_children_s"] = children_of_snapshot(
+                extra["snapshot"], name, n, paths)
         if method == "hvkit fork" and n == 1:
             # fork the child in turn: its cost follows the pages it wrote, not its size
             again = fork(children[0].name, 1, paths)
@@ -424,7 +464,7 @@ def main() -> int:
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: where is it stuck?
     paths = Paths.from_env()
     build_default_guest(paths)
-    methods = ["hvkit fork", "migrate + restore", "template copy"]
+    methods = ["hvkit fork", WARM, "migrate + restore", "template copy"]
     sizes = [s for s in args.sizes.split(",") if s]  # --sizes '': the Debian guest only
     rows = []
     for size in sizes:
@@ -434,7 +474,7 @@ def main() -> int:
                 # shows: the median of --repeat runs (samples kept in the JSON); the
                 # baselines take seconds and run once
                 runs = [run_case(size, n, method, paths, args.settle, args.vm_name)
-                        for _ in range(args.repeat if method == "hvkit fork" else 1)]
+                        for _ in range(args.repeat if method in ("hvkit fork", WARM) else 1)]
                 row = median_row(runs)
                 rows.append(row)
                 print(f"{size} N={n} {method}: first child {row['first_child_s'] * 1000:.0f} ms, "
@@ -455,6 +495,15 @@ def main() -> int:
                       f"{r['pss_mib_mean']:.1f}", f"{r['settle_s']:.0f}",
                       f"{r['jit_code_mib_mean']:.1f} / {r['jit_flushes_max']}" if "jit_code_mib_mean" in r else "-"]
                      for r in rows], title="fork: time until children run, host memory they hold")
+        snaps = [r for r in rows if "snapshot_first_child_s" in r]
+        if snaps:
+            cold = {(r["size"], r["n"]): r for r in snaps if r["method"] == "hvkit fork"}
+            print_table(["size", "N", "method", "first child ms", "all N ms", "x warm (first)"],
+                        [[r["size"], r["n"], r["method"], f"{r['snapshot_first_child_s'] * 1000:.1f}",
+                          f"{r['snapshot_all_children_s'] * 1000:.1f}",
+                          f"{cold[(r['size'], r['n'])]['snapshot_first_child_s'] / r['snapshot_first_child_s']:.1f}"
+                          if r["method"] == WARM and (r["size"], r["n"]) in cold else "-"] for r in snaps],
+                        title="more children of the same snapshot (hvkit fork --snapshot): the child's own path")
         resets = [r for r in rows if "reset_s" in r]
         if resets:
             print_table(["size", "pages the child wrote", "reset ms", "not running ms"],

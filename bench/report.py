@@ -135,6 +135,7 @@ def render_fork(results: Path, docs: Path) -> str:
     text = table(["size", "N", "hvkit fork: first / all", "hvkit: parent paused", "migrate + restore: first / all",
                   "template copy: first / all", "PSS MiB per child (hvkit / migrate / template)",
                   "hvkit child's translated code / buffer flushes"], out)
+    text += _fork_warm(rows, by)
     refork = [r for r in rows if "refork_pages_written" in r]
     if refork:
         text += "\n\nForking a forked VM (the 1-second-old child of the N = 1 case):\n\n" + table(
@@ -154,6 +155,33 @@ def render_fork(results: Path, docs: Path) -> str:
             if hv else "Every row is a single run (`--repeat 1`).")
     return (text + "\n\n" + note + " " + conditions(data, "fork")
             + chart("fork", "time to the first child against size, PSS per child against N", results, docs))
+
+
+def _fork_warm(rows: list[dict], by: dict) -> str:
+    """The warm pool's rows (`hvkit pool set VM -n N` before the request) beside the cold
+    fork: a fork of the running VM, and N more children of the same snapshot."""
+    out = []
+    for r in rows:
+        cold = by.get((r["size"], r["n"], "hvkit fork"))
+        if r["method"] != "hvkit fork, warm pool" or not cold:
+            continue
+
+        def pair(key: str) -> str:
+            w, c = r.get(key), cold.get(key)
+            if w is None or c is None:
+                return "-"
+            return f"{w * 1000:.1f} / {c * 1000:.1f} ms ({c / w:.1f}x)"
+
+        out.append([r["size"], r["n"], pair("first_child_s"), pair("all_children_s"),
+                    pair("snapshot_first_child_s"), pair("snapshot_all_children_s"), pair("parent_paused_s"),
+                    f"{r['pss_mib_mean']:.1f} / {cold['pss_mib_mean']:.1f}"])
+    if not out:
+        return ""
+    return ("\n\nWarm pool (N child QEMUs kept ready by `hvkit pool set VM -n N`) / cold, and how many times "
+            "faster warm is; \"of the snapshot\" is N more children of the same snapshot (`fork --snapshot`: "
+            "the child's own path, without the parent's pause and seal):\n\n"
+            + table(["size", "N", "fork: first child", "fork: all N", "of the snapshot: first",
+                     "of the snapshot: all N", "parent paused", "PSS MiB per child"], out))
 
 
 def _fork_before(results: Path, by: dict) -> str:
