@@ -97,8 +97,13 @@ def test_children_run_in_pooled_qemus_and_the_pool_refills(paths, guest):
 
             grandchild, = _fork(children[0], "-n", "1")  # a pooled child forked in turn
             assert "/slots/" in find_vm(grandchild, paths).spec.ram_file
-            proc = run_cli("vm", "reset", children[1], "--json")
+            before = find_vm(children[1], paths)
+            lines = before.console()
+            proc = run_cli("vm", "reset", children[1], "--json")  # in a pooled QEMU of the pool's kind
             assert proc.returncode == 0, proc.stderr
+            after = find_vm(children[1], paths)
+            assert after.pid != before.pid and after.spec.ram_file != before.spec.ram_file
+            assert "/slots/" in after.spec.ram_file and after.console().startswith(lines)  # its console goes on
             for name in children + [grandchild]:
                 wait_rounds(find_vm(name, paths), 2)
                 assert_clean(find_vm(name, paths))

@@ -54,7 +54,7 @@ from hvkit.procs import kill_processes_with, process_runs, process_start_ticks
 from hvkit.qemu import VM, find_vm
 from hvkit.qemu.launch import qemu_binary, qemu_command, spawn_process, wait_qmp_ready
 from hvkit.qemu.ownership import fault_point
-from hvkit.qemu.runtime import RuntimeDir, VMSpec, check_name
+from hvkit.qemu.runtime import RuntimeDir, SuccessorDir, VMSpec, check_name
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +339,26 @@ def take(entry: Path, name: str, snapshot: Snapshot, server_pid: int, parent: st
                      "command": pooled.command})
     rundir.write_spec(spec)
     return VM(rundir, spec)
+
+
+def take_as_successor(entry: Path, vm: VM) -> VM:
+    """Pooled QEMU `entry` (claimed, its slot bound to `vm`'s snapshot) as `vm`'s next
+    QEMU: its files moved into `vm`'s folder under the successor's names (SuccessorDir;
+    its console as console-next.log), its spec (naming `vm`) written last; the caller
+    switches to it as to any successor (`SuccessorDir.take_over`)."""
+    pooled = RuntimeDir(entry).read_spec()
+    if pooled is None or not pooled.pid:
+        raise HvkitError(f"pooled QEMU {entry.name} has no spec")
+    mine, nxt = RuntimeDir(entry), SuccessorDir(vm.rundir.path)
+    nxt.discard()
+    for src, dst in ((mine.qmp_sock, nxt.qmp_sock), (mine.ctl_sock, nxt.ctl_sock), (mine.qemu_log, nxt.qemu_log),
+                     (mine.console_log, nxt.own_console)):
+        os.rename(src, dst)
+    spec = VMSpec(**{**asdict(vm.spec), "pid": pooled.pid, "proc_start": pooled.proc_start,
+                     "started_at": pooled.started_at, "command": pooled.command, "ram_file": pooled.ram_file})
+    nxt.write_spec(spec)  # from here on a recovery finds it by its pid and start
+    shutil.rmtree(entry, ignore_errors=True)
+    return VM(nxt, spec)
 
 
 def release_claims(paths: Paths) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
+from hvkit.forking import pool
 from hvkit.memserver import MemServer
 from hvkit.memserver.store import state_file
 from hvkit.qemu import VM, find_vm, launch_from_snapshot, receive_state
@@ -74,7 +75,9 @@ def reset(name: str, paths: Paths | None = None, stay_paused: bool = False) -> R
         run = was_running and not stay_paused
         own.write_intent(op="vm reset", undo="reset", recover=RECOVER, step="prestarting", state=str(state),
                          old_pid=vm.pid, was_running=was_running, run_after=run, machine=asdict(vm.spec))
-        successor = start_successor(vm)
+        successor = _pooled_successor(vm, paths)
+        if successor is None:  # no pool of its kind: a QEMU started now
+            successor = start_successor(vm)
         try:
             wait_qmp_ready(successor, 30.0)
         except BaseException:
@@ -97,6 +100,23 @@ def reset(name: str, paths: Paths | None = None, stay_paused: bool = False) -> R
         own.clear_intent()
         return ResetReport(vm.name, vm.spec.snapshot or "", pages, time.monotonic() - t0,
                            stopped, successor.run_state())
+
+
+def _pooled_successor(vm: VM, paths: Paths) -> VM | None:
+    """A pooled QEMU (forking/pool.py), its slot bound to the child's snapshot, made the
+    child's next QEMU; None when the pool has none of its kind."""
+    store, snap = MemServer.of(paths).open_snapshot(vm.spec.snapshot)
+    store.close()
+    claimed = pool.claim(paths, snap, 1)
+    try:
+        for entry in claimed:
+            try:
+                return pool.take_as_successor(entry, vm)
+            except (OSError, HvkitError) as e:
+                log.warning("VM %s: a pooled QEMU could not be used (%s)", vm.name, e)
+        return None
+    finally:
+        pool.release_claims(paths)  # the rest of its batch: a bound slot serves nothing else
 
 
 def _check_resettable(vm: VM, paths: Paths) -> Path:

@@ -19,6 +19,7 @@ found dead has its folder removed by whoever notices first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -183,11 +184,19 @@ class SuccessorDir(RuntimeDir):
     qga_sock = property(lambda self: self.path / "qga-next.sock")
     qemu_log = property(lambda self: self.path / "qemu-next.log")
     spec_file = property(lambda self: self.path / "vm-next.json")
+    # a pooled QEMU (forking/pool.py) writes to a console file of its own: it replaces
+    # the VM's at the takeover, the VM's lines copied into it first
+    own_console = property(lambda self: self.path / "console-next.log")
 
     def take_over(self, spec: VMSpec) -> RuntimeDir:
         """Its files renamed to the VM's own names (the current QEMU is gone), `spec`
         written as the VM's spec last: until then the folder's spec names the old QEMU."""
         current = RuntimeDir(self.path)
+        if self.own_console.exists():
+            with open(self.own_console, "ab") as out, contextlib.suppress(FileNotFoundError), \
+                    open(current.console_log, "rb") as before:
+                shutil.copyfileobj(before, out)  # it has not run yet: the VM's lines come first
+            os.replace(self.own_console, current.console_log)
         for mine, theirs in zip(self.own_files()[:-1], current.own_files()[:-1]):
             if mine.exists():
                 os.replace(mine, theirs)
@@ -196,13 +205,18 @@ class SuccessorDir(RuntimeDir):
         return current
 
     def discard(self) -> None:
-        for f in self.own_files():
+        for f in self.own_files() + (self.own_console,):
             f.unlink(missing_ok=True)
 
     def kill_qemu(self) -> list[int]:
         """SIGKILLs the successor QEMU of this folder, if one runs (found by its QMP
-        socket on its command line: also one whose spec was never written)."""
-        return kill_processes_with(f"\0hvkit-{self.name}\0".encode(), str(self.qmp_sock).encode())
+        socket on its command line: also one whose spec was never written; or a pooled
+        QEMU, by the pid and start time its spec names)."""
+        pids = kill_processes_with(f"\0hvkit-{self.name}\0".encode(), str(self.qmp_sock).encode())
+        spec = self.read_spec()
+        if spec is not None and kill_process(spec.pid, spec.proc_start):
+            pids.append(spec.pid)
+        return pids
 
 
 def free_space_note(folder: Path) -> str:
