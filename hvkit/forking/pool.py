@@ -165,7 +165,9 @@ def _batch_info(batch: Path) -> dict:
 
 
 def stop_entries(batch: Path, store: Path | None = None) -> None:
-    """Stops every QEMU of a batch folder and removes it (and its slot record)."""
+    """Stops every QEMU of a batch folder and removes it; with `store`, its slot record
+    too (only for a batch never claimed: a claimed batch's slot may be the RAM of the
+    children that took its other QEMUs; a new server forgets every slot)."""
     for entry in entries(batch):
         vm = entry_vm(entry)
         if vm is not None:
@@ -303,7 +305,7 @@ def claim(paths: Paths, snapshot: Snapshot, n: int) -> list[Path]:
             bind_slot(store, info["slot"], snapshot.name, snapshot.size)
         except (HvkitError, KeyError) as e:
             log.warning("a pooled batch could not be bound (%s): stopping it", e)
-            stop_entries(mine, store)
+            stop_entries(mine)
             continue
         fault_point("pool bound")
         for entry in entries(mine):
@@ -365,9 +367,8 @@ def release_claims(paths: Paths) -> None:
     """Stops the QEMUs this process claimed and did not take (a child that failed), and
     removes its claimed batch folders."""
     pool = PoolDir.of(paths)
-    store = MemServer.of(paths).store_path
     for batch in (pool.claimed.glob(f"*.{os.getpid()}") if pool.claimed.is_dir() else []):
-        stop_entries(batch, store)
+        stop_entries(batch)
 
 
 # ---- the keeper ---------------------------------------------------------------------------
@@ -455,7 +456,7 @@ def _stop_orphaned_claims(pool: PoolDir, server: MemServer) -> None:
     for batch in (pool.claimed.iterdir() if pool.claimed.is_dir() else []):
         pid = batch.name.rpartition(".")[2]
         if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
-            stop_entries(batch, server.store_path)
+            stop_entries(batch)
 
 
 def _reap() -> None:

@@ -153,7 +153,9 @@ def finish_reset(owner: Ownership, journal: dict, paths: Paths) -> None:
             vm.qmp("cont")
         log.warning("the reset of VM %s (%s) died once it was done: the VM runs from its snapshot", owner.name, by)
         return
-    rundir.kill_qemus()  # the child's old QEMU, and a next one that did not load the state
+    rundir.kill_qemus()  # the child's old QEMU, and a next one that did not load the state ...
+    successor.kill_qemu()  # ... also a pooled one, known by the pid its own spec names
+    successor.discard()
     machine = journal["machine"]
     again = launch_from_snapshot(owner.name, machine, machine["snapshot"], Path(machine["ram_file"]),
                                  machine.get("memserver_pid"), machine.get("parent"), paths, in_place=True)
