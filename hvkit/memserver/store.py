@@ -318,7 +318,8 @@ class Store:
         entries = np.zeros(n, dtype=np.uint64)
         if n == 0:
             return entries
-        nonzero = data.view("<u8").reshape(n, 512).any(axis=1)
+        words = data.view("<u8").reshape(n, PAGE // 8)  # compared 8 bytes at a time
+        nonzero = words.any(axis=1)
         counters.pages_zero = int(n - nonzero.sum())
         idx = np.flatnonzero(nonzero)
         hash_of = page_hashes(data)  # each page hashed once, for all three steps (no copy of data)
@@ -332,8 +333,8 @@ class Store:
         if cand.any():
             frames = (known_e[pos[cand]] & np.uint64((1 << 36) - 1)).astype(np.int64)
             with open(pool, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-                stored = np.frombuffer(m, dtype=np.uint8).reshape(-1, PAGE)
-                same = (stored[frames] == data[idx[cand]]).all(axis=1)
+                stored = np.frombuffer(m, dtype="<u8").reshape(-1, PAGE // 8)
+                same = (stored[frames] == words[idx[cand]]).all(axis=1)
                 del stored
             hit = np.flatnonzero(cand)[same]
             entries[idx[hit]] = known_e[pos[hit]]
@@ -344,12 +345,15 @@ class Store:
             th = hash_of[todo]
             _, first, inverse = np.unique(th, return_index=True, return_inverse=True)
             rep = todo[first[inverse]]
-            dup = (rep != todo) & (data[rep] == data[todo]).all(axis=1)
+            maybe = np.flatnonzero(rep != todo)  # only pages whose hash an earlier one has
+            dup = np.zeros(len(todo), dtype=bool)
+            dup[maybe] = (words[rep[maybe]] == words[todo[maybe]]).all(axis=1)
             new = todo[~dup]
-            # 3. the rest goes at the end of the pool
+            # 3. the rest goes at the end of the pool, a write per run of consecutive pages (no copy)
             with _open_private(pool, "ab") as f:
                 start = f.tell() // PAGE
-                f.write(np.ascontiguousarray(data if len(new) == n else data[new]))  # often all new: no copy
+                for a, b in _runs(new):
+                    f.write(data[a:b])
             new_e = np.uint64(frames_entry(pool_id, 0)) + np.arange(start, start + len(new), dtype=np.uint64)
             entries[new] = new_e
             entries[todo[dup]] = entries[rep[dup]]
@@ -392,6 +396,16 @@ def _replace_private(path: Path, text: str) -> None:
     with _open_private(tmp, "w") as f:
         f.write(text)
     tmp.replace(path)
+
+
+def _runs(sorted_pages: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive numbers in `sorted_pages`."""
+    if len(sorted_pages) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(sorted_pages)]))
+    return list(zip(sorted_pages[starts].tolist(), (sorted_pages[ends - 1] + 1).tolist()))
 
 
 def is_frames(entries: np.ndarray) -> np.ndarray:
