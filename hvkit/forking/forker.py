@@ -47,7 +47,7 @@ from typing import Callable
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.forking import disks, pool, settle
-from hvkit.forking.written import written_pages
+from hvkit.forking.written import read_pages, written_pages
 from hvkit.leftovers import remove_staged_states
 from hvkit.memserver import MemServer, Snapshot, Store
 from hvkit.memserver.store import disk_layer
@@ -413,13 +413,12 @@ def _fork_forked(vm: VM, store: Store, server: MemServer, server_pid: int, names
         vm.save_state(state, pause_first=was_running)
         steps["state_saved"] = time.monotonic() - t_pause
         own.update_intent(step="sealing")
-        pages, data = written_pages(vm.pid, vm.spec.ram_file, vm.spec.memory)
-        steps["pages_read"] = time.monotonic() - t_pause
-        with store.lock():
+        pages, start = written_pages(vm.pid, vm.spec.ram_file, vm.spec.memory)
+        steps["pages_found"] = time.monotonic() - t_pause
+        with store.lock():  # the pages read straight into their place in the store
             parent = store.snapshot(vm.spec.snapshot)
-            snap = store.fork_pages(parent, pages, data, vm.name, state,
-                                    disks.machine_after_freeze(asdict(vm.spec), plan), fork_id)
-        del data
+            snap = store.fork_pages(parent, pages, lambda out: read_pages(vm.pid, start, pages, out), vm.name,
+                                    state, disks.machine_after_freeze(asdict(vm.spec), plan), fork_id)
         own.update_intent(step="sealed", snapshot=snap.name)
         if plan:
             disks.switch_disk(vm, plan)  # before anything runs on the frozen layer

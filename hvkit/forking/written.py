@@ -35,26 +35,35 @@ def ram_mapping(pid: int, ram_file: str) -> tuple[int, int]:
                      "the VM was not started from a snapshot by this hvkit")
 
 
-def written_pages(pid: int, ram_file: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(page numbers, contents as (n, 4096) bytes) of the pages of guest RAM that QEMU
-    process `pid` holds privately. Read it paused: a running guest changes them."""
+def written_pages(pid: int, ram_file: str, size: int) -> tuple[np.ndarray, int]:
+    """(page numbers of the pages of guest RAM that QEMU process `pid` holds privately,
+    where its RAM mapping starts): read them with `read_pages`, paused (a running guest
+    changes them)."""
     start, end = ram_mapping(pid, ram_file)
     pages = min(size, end - start) // PAGE
     try:
         with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
             f.seek(start // PAGE * 8)
             raw = f.read(pages * 8)
-        entries = np.frombuffer(raw, dtype="<u8")
-        own = ((entries & np.uint64(PRESENT | SWAPPED)) != 0) & ((entries & np.uint64(FILE_OR_SHARED)) == 0)
-        which = np.flatnonzero(own)
-        data = np.empty((len(which), PAGE), dtype=np.uint8)
-        # one read per run of consecutive pages
-        breaks = np.flatnonzero(np.diff(which) != 1) + 1
-        firsts = np.concatenate(([0], breaks)).astype(np.int64)
-        lasts = np.concatenate((breaks, [len(which)])).astype(np.int64)
+    except OSError as e:
+        raise _unreadable(pid, e) from None
+    entries = np.frombuffer(raw, dtype="<u8")
+    own = ((entries & np.uint64(PRESENT | SWAPPED)) != 0) & ((entries & np.uint64(FILE_OR_SHARED)) == 0)
+    return np.flatnonzero(own).astype(np.uint64), start
+
+
+def read_pages(pid: int, start: int, which: np.ndarray, out: np.ndarray) -> None:
+    """Pages `which` of the RAM mapping at `start` of QEMU process `pid` into `out`
+    ((n, 4096) bytes, e.g. their place in the memory server's store), one read per run
+    of consecutive pages."""
+    which = which.astype(np.int64)
+    breaks = np.flatnonzero(np.diff(which) != 1) + 1
+    firsts = np.concatenate(([0], breaks)).astype(np.int64)
+    lasts = np.concatenate((breaks, [len(which)])).astype(np.int64)
+    try:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
         try:
-            flat = memoryview(data.reshape(-1))
+            flat = memoryview(out.reshape(-1))
             for a, b in zip(firsts.tolist(), lasts.tolist()):
                 if b > a:
                     want = (b - a) * PAGE
@@ -64,6 +73,9 @@ def written_pages(pid: int, ram_file: str, size: int) -> tuple[np.ndarray, np.nd
         finally:
             os.close(fd)
     except OSError as e:
-        raise HvkitError(f"cannot read the guest memory of QEMU process {pid} ({e.strerror or e})",
-                         "hvkit needs to read /proc/<pid>/mem of the VMs it forks (run it as root)") from None
-    return which.astype(np.uint64), data
+        raise _unreadable(pid, e) from None
+
+
+def _unreadable(pid: int, e: OSError) -> HvkitError:
+    return HvkitError(f"cannot read the guest memory of QEMU process {pid} ({e.strerror or e})",
+                      "hvkit needs to read /proc/<pid>/mem of the VMs it forks (run it as root)")

@@ -140,8 +140,14 @@ class RamFileMemory(GuestMemory):
 
     @staticmethod
     def _punch(fd: int, offset: int, length: int, path: Path) -> None:
-        if _libc().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-            err = ctypes.get_errno()
-            raise HvkitError(f"cannot punch a hole in {path}: {os.strerror(err)}",
-                             "the RAM file must be on tmpfs or a file system that supports "
-                             "hole punching" if err == errno.EOPNOTSUPP else None)
+        punch_hole(fd, offset, length, path)
+
+
+def punch_hole(fd: int, offset: int, length: int, path: Path) -> None:
+    """Bytes offset .. offset+length of file `fd` (`path`) given back to the file
+    system: they read as zeros and hold no memory."""
+    if _libc().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise HvkitError(f"cannot punch a hole in {path}: {os.strerror(err)}",
+                         "the RAM file must be on tmpfs or a file system that supports "
+                         "hole punching" if err == errno.EOPNOTSUPP else None)

@@ -31,6 +31,7 @@ import numpy as np
 
 from hvkit.errors import HvkitError
 from hvkit.memory import PAGE_SIZE
+from hvkit.memory.ramfile import punch_hole
 from hvkit.config import make_private_dir
 from hvkit.memserver.table import (FANOUT, FILE_MASK, FILE_SHIFT, FRAMES, KIND_SHIFT, PAGE_MASK, TableFile,
                                    TableWriter, frames_entry, levels_for, table_entry)
@@ -294,14 +295,18 @@ class Store:
                         Counters(tables_written=1), fork_id)
         return self._seal(snap, state)
 
-    def fork_pages(self, parent: Snapshot, pages: np.ndarray, data: np.ndarray, vm: str,
-                   state: Path, machine: dict, fork_id: str | None = None) -> Snapshot:
+    def fork_pages(self, parent: Snapshot, pages: np.ndarray, data: np.ndarray | Callable[[np.ndarray], None],
+                   vm: str, state: Path, machine: dict, fork_id: str | None = None) -> Snapshot:
         """A snapshot of a VM that runs from `parent` and has since written `pages`
-        (sorted page numbers) with `data` ((n, 4096) bytes): the parent's top-level table
-        copied, then tables replicated under the written pages only."""
+        (sorted page numbers): the parent's top-level table copied, then tables
+        replicated under the written pages only. `data`: their contents ((n, 4096)
+        bytes), or a function that reads them into the (n, 4096) array it is given,
+        which is their place at the end of the store's pool: each page is faulted in
+        once, where it stays (a fresh page is the expensive part of copying one)."""
         writer = TableWriter.fork(self.tables, parent.root, parent.levels)
         counters = Counters(metadata_copied=FANOUT * 8, pages_written=len(pages))
-        entries = self._store_frames(data, counters)
+        fill = data if callable(data) else (lambda out: np.copyto(out, data))
+        entries = self._store_frames(len(pages), fill, counters)
         writer.set_pages(pages.astype(np.uint64), entries)
         root, written = writer.seal()
         counters.tables_written = written
@@ -311,56 +316,35 @@ class Store:
                         time.time(), machine, counters, fork_id)
         return self._seal(snap, state)
 
-    def _store_frames(self, data: np.ndarray, counters: Counters) -> np.ndarray:
-        """Entries for pages `data`: zero pages -> ZERO, a page already in the pool (or
-        twice in `data`) -> that frame, any other -> a new frame at the pool's end."""
-        n = len(data)
+    def _store_frames(self, n: int, fill: Callable[[np.ndarray], None], counters: Counters) -> np.ndarray:
+        """Entries for `n` pages that `fill` writes at the end of the pool: zero pages ->
+        ZERO, a page already in the pool (or twice among them) -> that frame, any other
+        -> the frame it was written to. The frames of the first two kinds are punched
+        out of the pool again (a hole: no memory, and no frame points there)."""
         entries = np.zeros(n, dtype=np.uint64)
         if n == 0:
             return entries
-        words = data.view("<u8").reshape(n, PAGE // 8)  # compared 8 bytes at a time
-        nonzero = words.any(axis=1)
-        counters.pages_zero = int(n - nonzero.sum())
-        idx = np.flatnonzero(nonzero)
-        hash_of = page_hashes(data)  # each page hashed once, for all three steps (no copy of data)
-        hashes = hash_of[idx]
         pool_id, pool = self._pool()
         known_h, known_e = self._pool_index()
-        # 1. same content as a frame in the pool already (hash match, then bytes)
-        pos = np.searchsorted(known_h, hashes)
-        pos[pos == len(known_h)] = 0
-        cand = (len(known_h) > 0) & (known_h[pos] == hashes) if len(known_h) else np.zeros(len(idx), bool)
-        if cand.any():
-            frames = (known_e[pos[cand]] & np.uint64((1 << 36) - 1)).astype(np.int64)
-            with open(pool, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-                stored = np.frombuffer(m, dtype="<u8").reshape(-1, PAGE // 8)
-                same = (stored[frames] == words[idx[cand]]).all(axis=1)
-                del stored
-            hit = np.flatnonzero(cand)[same]
-            entries[idx[hit]] = known_e[pos[hit]]
-            counters.pages_deduplicated += len(hit)
-        todo = idx[entries[idx] == 0]
-        if len(todo):
-            # 2. repeats within this batch: keep the first of each content
-            th = hash_of[todo]
-            _, first, inverse = np.unique(th, return_index=True, return_inverse=True)
-            rep = todo[first[inverse]]
-            maybe = np.flatnonzero(rep != todo)  # only pages whose hash an earlier one has
-            dup = np.zeros(len(todo), dtype=bool)
-            dup[maybe] = (words[rep[maybe]] == words[todo[maybe]]).all(axis=1)
-            new = todo[~dup]
-            # 3. the rest goes at the end of the pool, a write per run of consecutive pages (no copy)
-            with _open_private(pool, "ab") as f:
-                start = f.tell() // PAGE
-                for a, b in _runs(new):
-                    f.write(data[a:b])
-            new_e = np.uint64(frames_entry(pool_id, 0)) + np.arange(start, start + len(new), dtype=np.uint64)
-            entries[new] = new_e
-            entries[todo[dup]] = entries[rep[dup]]
-            counters.pages_stored += len(new)
-            counters.pages_deduplicated += int(dup.sum())
+        base = np.uint64(frames_entry(pool_id, 0))
+        with open(pool, "r+b") as f:
+            start = os.fstat(f.fileno()).st_size // PAGE
+            os.ftruncate(f.fileno(), (start + n) * PAGE)
+            with mmap.mmap(f.fileno(), n * PAGE, offset=start * PAGE) as m:
+                data = np.frombuffer(m, dtype=np.uint8).reshape(n, PAGE)
+                fill(data)
+                hashes = page_hashes(data)  # each page hashed once
+                kept, repeats, firsts = _dedupe(data, hashes, entries, known_h, known_e, pool, counters)
+                del data
+            new = np.flatnonzero(kept)
+            entries[new] = base + np.uint64(start) + new.astype(np.uint64)
+            entries[repeats] = entries[firsts]
+            for a, b in _runs(np.flatnonzero(~kept)):  # zero and repeated pages: no frame of their own
+                punch_hole(f.fileno(), (start + a) * PAGE, (b - a) * PAGE, pool)
+        counters.pages_stored += len(new)
+        if len(new):
             with _open_private(self.path / "pool.index", "ab") as f:
-                f.write(np.stack([hash_of[new], new_e], axis=1).astype("<u8").tobytes())
+                f.write(np.stack([hashes[new], entries[new]], axis=1).astype("<u8").tobytes())
         return entries
 
     def _pool(self) -> tuple[int, Path]:
@@ -396,6 +380,54 @@ def _replace_private(path: Path, text: str) -> None:
     with _open_private(tmp, "w") as f:
         f.write(text)
     tmp.replace(path)
+
+
+def _dedupe(data: np.ndarray, hashes: np.ndarray, entries: np.ndarray, known_h: np.ndarray,
+            known_e: np.ndarray, pool: Path, counters: Counters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which pages of `data` need a frame of their own (True), and the pages that repeat
+    an earlier one of `data` with those earlier ones (they get its entry once it has
+    one). Sets `entries` of the others: zeros stay 0 (the ZERO entry), a page whose
+    content a pool frame has gets that frame (hash match, then bytes)."""
+    n = len(data)
+    words = data.view("<u8").reshape(n, PAGE // 8)  # compared 8 bytes at a time
+    kept = words.any(axis=1)
+    counters.pages_zero = int(n - kept.sum())
+    idx = np.flatnonzero(kept)
+    if len(known_h) and len(idx):
+        pos = np.searchsorted(known_h, hashes[idx])
+        pos[pos == len(known_h)] = 0
+        cand = known_h[pos] == hashes[idx]
+        if cand.any():
+            frames = (known_e[pos[cand]] & np.uint64((1 << 36) - 1)).astype(np.int64)
+            with open(pool, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                stored = np.frombuffer(m, dtype="<u8").reshape(-1, PAGE // 8)
+                same = _same_pages(stored, frames, words, idx[cand])
+                del stored
+            hit = np.flatnonzero(cand)[same]
+            entries[idx[hit]] = known_e[pos[hit]]
+            kept[idx[hit]] = False
+            counters.pages_deduplicated += len(hit)
+    todo = np.flatnonzero(kept)
+    if not len(todo):
+        return kept, todo, todo
+    _, first, inverse = np.unique(hashes[todo], return_index=True, return_inverse=True)
+    rep = todo[first[inverse]]
+    maybe = np.flatnonzero(rep != todo)  # only pages whose hash an earlier one has
+    dup = np.zeros(len(todo), dtype=bool)
+    dup[maybe] = _same_pages(words, rep[maybe], words, todo[maybe])
+    kept[todo[dup]] = False
+    counters.pages_deduplicated += int(dup.sum())
+    return kept, todo[dup], rep[dup]
+
+
+def _same_pages(a: np.ndarray, at: np.ndarray, b: np.ndarray, bt: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Whether page a[at[i]] equals page b[bt[i]] (pages as rows of u64 words), compared
+    `chunk` pages at a time: the copies fancy indexing makes stay small, and reuse the
+    same memory (a fresh page costs far more to fault in than to compare)."""
+    out = np.empty(len(at), dtype=bool)
+    for s in range(0, len(at), chunk):
+        out[s:s + chunk] = (a[at[s:s + chunk]] == b[bt[s:s + chunk]]).all(axis=1)
+    return out
 
 
 def _runs(sorted_pages: np.ndarray) -> list[tuple[int, int]]:
