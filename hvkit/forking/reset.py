@@ -96,10 +96,10 @@ def reset(name: str, paths: Paths | None = None, stay_paused: bool = False) -> R
         own.update_intent(step="switched")
         receive_state(successor, state, run=run)
         stopped = time.monotonic() - t_stop
+        seconds = time.monotonic() - t0  # the child runs: its old QEMU's exit is not its wait
         vm.wait_gone(30.0)
         own.clear_intent()
-        return ResetReport(vm.name, vm.spec.snapshot or "", pages, time.monotonic() - t0,
-                           stopped, successor.run_state())
+        return ResetReport(vm.name, vm.spec.snapshot or "", pages, seconds, stopped, successor.run_state())
 
 
 def _pooled_successor(vm: VM, paths: Paths) -> VM | None:
