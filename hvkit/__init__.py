@@ -10,10 +10,10 @@ The Python API mirrors the CLI (api.py; docs/api.md):
         report = hvkit.fork(vm, 2)
 """
 
-from hvkit.api import Identification, fork, ground_truth, identify, ps, reset, share, start, vm, vms
+from hvkit.api import Identification, fork, ground_truth, identify, pool, ps, reset, share, start, vm, vms
 from hvkit.errors import HvkitError, VMDied, VMNotFound
 from hvkit.qemu import VM, VMStatus
 
 __version__ = "0.1.0"
 __all__ = ["HvkitError", "Identification", "VM", "VMDied", "VMNotFound", "VMStatus", "__version__", "fork",
-           "ground_truth", "identify", "ps", "reset", "share", "start", "vm", "vms"]
+           "ground_truth", "identify", "pool", "ps", "reset", "share", "start", "vm", "vms"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from hvkit.config import Paths
 from hvkit.forking import ForkReport
 from hvkit.forking import fork as _fork
+from hvkit.forking.pool import PoolStatus, set_pool
 from hvkit.forking.reset import ResetReport
 from hvkit.forking.reset import reset as _reset
 from hvkit.guest import GroundTruth
@@ -78,9 +79,17 @@ def fork(source: VM | str, n: int = 1, *, paused: bool = False, keep_free: bool 
 
 def reset(child: VM | str, *, paused: bool = False, paths: Paths | None = None) -> ResetReport:
     """Takes fork child `child` back to the exact state of the snapshot it started from
-    (its writes dropped, its CPUs and devices loaded again), in the same QEMU; it runs
-    on unless `paused` (see hvkit.forking.reset)."""
+    (its writes dropped, its CPUs and devices loaded again) in a fresh QEMU (a pooled one
+    when `pool` keeps some of its kind); it runs on unless `paused` (see
+    hvkit.forking.reset)."""
     return _reset(_source_of(child), paths=_paths_of(child, paths), stay_paused=paused)
+
+
+def pool(like: VM | str, n: int, *, paths: Paths | None = None) -> PoolStatus:
+    """Keeps `n` child QEMUs ready for VMs of `like`'s kind (0: none), so that their
+    forks' children only load their device state (see hvkit.forking.pool); what is
+    ready and what it costs."""
+    return set_pool(_paths_of(like, paths) or Paths.from_env(), _source_of(like), n)
 
 
 def share(source: VM | str, *, dry_run: bool = False, max_pause: float = MAX_PAUSE,
