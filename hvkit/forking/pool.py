@@ -115,7 +115,7 @@ class PoolDir:
     def write_config(self, config: dict[str, dict]) -> None:
         make_private_dir(self.root)
         tmp = self.config_file.with_name(f".config.{os.getpid()}")
-        tmp.write_text(json.dumps(config, indent=1))
+        _write_private(tmp, json.dumps(config, indent=1))
         os.replace(tmp, self.config_file)
 
     def keeper_pid(self) -> int | None:
@@ -146,8 +146,18 @@ class PoolDir:
         return max(1, min(wanted, last))
 
 
+def _write_private(path: Path, text: str) -> None:
+    """`text` into `path`, its owner's alone (a pool's files name VMs and their commands)."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)
+
+
 def entries(batch: Path) -> list[Path]:
-    return sorted((e for e in batch.iterdir() if e.is_dir()), key=lambda e: e.name) if batch.is_dir() else []
+    """The QEMU folders of a batch ([] if a fork claimed it away meanwhile)."""
+    try:
+        return sorted((e for e in batch.iterdir() if e.is_dir()), key=lambda e: e.name)
+    except OSError:
+        return []
 
 
 def entry_vm(entry: Path) -> VM | None:
@@ -267,7 +277,7 @@ def ensure_keeper(paths: Paths) -> int | None:
         return pid
     MemServer.of(paths).start()
     make_private_dir(pool.root)
-    with pool.keeper_log.open("ab") as out:
+    with os.fdopen(os.open(pool.keeper_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
         proc = subprocess.Popen([sys.executable, "-c", KEEPER_MAIN, str(paths.runtime)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                                 umask=0o077, env={**os.environ, "HVKIT_RUNTIME": str(paths.runtime)})
@@ -288,7 +298,7 @@ def claim(paths: Paths, snapshot: Snapshot, n: int) -> list[Path]:
         return []
     store = MemServer.of(paths).store_path
     with contextlib.suppress(OSError):
-        pool.last_claim_file.write_text(str(n))  # the keeper makes batches of this size
+        _write_private(pool.last_claim_file, str(n))  # the keeper makes batches of this size
     got: list[Path] = []
     for batch in pool.batches(key, n):
         if len(got) >= n:
@@ -379,7 +389,7 @@ def start_batch(pool: PoolDir, key: str, machine: dict, count: int, server: MemS
     batch_id = secrets.token_hex(5)
     batch = make_private_dir(pool.starting) / batch_id
     os.mkdir(batch, 0o700)
-    (batch / "batch.json").write_text(json.dumps({"slot": batch_id, "size": machine["memory"], "key": key}))
+    _write_private(batch / "batch.json", json.dumps({"slot": batch_id, "size": machine["memory"], "key": key}))
     new_slot(server.store_path, batch_id, machine["memory"])
     ram_file = str(server.mount / "slots" / f"{batch_id}.ram")
     try:
@@ -408,11 +418,14 @@ def keep(paths: Paths) -> None:
     server_pid = server.pid()
     if server_pid is None or pool.keeper_pid():
         return
-    pool.keeper_pid_file.write_text(f"{os.getpid()} {process_start_ticks(os.getpid())}")
+    _write_private(pool.keeper_pid_file, f"{os.getpid()} {process_start_ticks(os.getpid())}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while memserver_alive(server_pid) and pool.config():
-            _keep_once(pool, server, server_pid)
+            try:
+                _keep_once(pool, server, server_pid)
+            except (OSError, HvkitError) as e:  # a fork moved something meanwhile: look again
+                log.warning("pool: %s", e)
             _reap()
             time.sleep(POLL_SECONDS)
     finally:
