@@ -236,6 +236,25 @@ def test_forking_a_forked_vm_costs_the_pages_it_wrote(origin, paths):
 
 
 @needs_fuse
+def test_pagemap_scan_finds_the_pages_pagemap_says_a_forked_vm_wrote(origin, paths):
+    """PAGEMAP_SCAN (what a fork uses where the kernel has it) and the whole pagemap
+    read name the same pages, in a paused forked VM that has written some."""
+    from hvkit.forking.written import FILE_OR_SHARED, PRESENT, SWAPPED, ram_mapping, scanned_own_pages
+
+    vm = find_vm("origin-2", paths)
+    with vm.paused("test"):
+        start, end = ram_mapping(vm.pid, vm.spec.ram_file)
+        with open(f"/proc/{vm.pid}/pagemap", "rb", buffering=0) as f:
+            scanned = scanned_own_pages(f.fileno(), start, end)
+            if scanned is None:
+                pytest.skip("this kernel has no PAGEMAP_SCAN (Linux 6.7+): forks read pagemap whole")
+            f.seek(start // PAGE * 8)
+            entries = np.frombuffer(f.read((end - start) // PAGE * 8), dtype="<u8")
+    own = ((entries & np.uint64(PRESENT | SWAPPED)) != 0) & ((entries & np.uint64(FILE_OR_SHARED)) == 0)
+    assert MARK_MIB * 256 <= len(scanned) and np.array_equal(scanned, np.flatnonzero(own).astype(np.uint64))
+
+
+@needs_fuse
 def test_vm_list_shows_pss_and_parent(origin, paths):
     rows = {r.name: r for r in list_vms(paths)}
     assert rows["origin-1-1"].parent == "origin-1" and rows["origin-1"].parent == "origin"
