@@ -4,7 +4,9 @@
            files.json             frame file id -> file name under frames/
            frames/<id>.ram        a VM's RAM file, frozen (moved here, not copied)
            frames/<id>.pool       frames a child wrote, each stored once (pool.index)
-           pool.index             (content hash, entry) pairs of the pool's frames
+           pool.index             (content hash, entry) pairs of the pool's frames, sorted
+           pool.index.new         pairs added since, in the order stored (merged into
+                                  pool.index once they are many)
            snapshots/<name>.json  one snapshot: size, levels, root table, counters, the
                                   machine it came from; written last, so it seals it
            snapshots/<name>.state the VM's device state (QEMU, without RAM)
@@ -325,7 +327,7 @@ class Store:
         if n == 0:
             return entries
         pool_id, pool = self._pool()
-        known_h, known_e = self._pool_index()
+        index = self._pool_index()
         base = np.uint64(frames_entry(pool_id, 0))
         with open(pool, "r+b") as f:
             start = os.fstat(f.fileno()).st_size // PAGE
@@ -334,7 +336,7 @@ class Store:
                 data = np.frombuffer(m, dtype=np.uint8).reshape(n, PAGE)
                 fill(data)
                 hashes = page_hashes(data)  # each page hashed once
-                kept, repeats, firsts = _dedupe(data, hashes, entries, known_h, known_e, pool, counters)
+                kept, repeats, firsts = _dedupe(data, hashes, entries, index, pool, counters)
                 del data
             new = np.flatnonzero(kept)
             entries[new] = base + np.uint64(start) + new.astype(np.uint64)
@@ -343,7 +345,7 @@ class Store:
                 punch_hole(f.fileno(), (start + a) * PAGE, (b - a) * PAGE, pool)
         counters.pages_stored += len(new)
         if len(new):
-            with _open_private(self.path / "pool.index", "ab") as f:
+            with _open_private(self.path / "pool.index.new", "ab") as f:
                 f.write(np.stack([hashes[new], entries[new]], axis=1).astype("<u8").tobytes())
         return entries
 
@@ -355,14 +357,31 @@ class Store:
         path.touch(mode=0o600)
         return file_id, path
 
-    def _pool_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """(hashes, entries) of the pool's frames, sorted by hash."""
-        try:
-            raw = np.fromfile(self.path / "pool.index", dtype="<u8").reshape(-1, 2)
-        except (FileNotFoundError, ValueError):
-            raw = np.zeros((0, 2), dtype="<u8")
-        order = np.argsort(raw[:, 0], kind="stable")
-        return raw[order, 0], raw[order, 1]
+    def _pool_index(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The pool's (hashes, entries), each part sorted by hash: the sorted index, and
+        what was added since (sorted here: it is small). Once the added part is an
+        eighth of the whole, both are merged into the sorted file (the caller holds the
+        store's lock), so no fork sorts the whole index again. (A merge cut short leaves
+        pairs in both: a frame found twice is the same frame.)"""
+        def pairs(name: str) -> np.ndarray:
+            try:
+                return np.fromfile(self.path / name, dtype="<u8").reshape(-1, 2)
+            except (FileNotFoundError, ValueError):
+                return np.zeros((0, 2), dtype="<u8")
+
+        whole, added = pairs("pool.index"), pairs("pool.index.new")
+        added = added[np.argsort(added[:, 0], kind="stable")]
+        unsorted = bool((whole[1:, 0] < whole[:-1, 0]).any())  # a store of before this layout
+        if unsorted or len(added) > max(4096, len(whole) // 8):
+            whole = np.concatenate([whole, added])
+            whole = whole[np.argsort(whole[:, 0], kind="stable")]
+            tmp = self.path / f".pool.index.{os.getpid()}"
+            with _open_private(tmp, "wb") as f:
+                f.write(whole.tobytes())
+            os.replace(tmp, self.path / "pool.index")
+            (self.path / "pool.index.new").unlink(missing_ok=True)
+            added = added[:0]
+        return [(part[:, 0], part[:, 1]) for part in (whole, added) if len(part)]
 
 
 def _open_private(path: Path, mode: str):
@@ -382,8 +401,9 @@ def _replace_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _dedupe(data: np.ndarray, hashes: np.ndarray, entries: np.ndarray, known_h: np.ndarray,
-            known_e: np.ndarray, pool: Path, counters: Counters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _dedupe(data: np.ndarray, hashes: np.ndarray, entries: np.ndarray,
+            index: list[tuple[np.ndarray, np.ndarray]], pool: Path,
+            counters: Counters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which pages of `data` need a frame of their own (True), and the pages that repeat
     an earlier one of `data` with those earlier ones (they get its entry once it has
     one). Sets `entries` of the others: zeros stay 0 (the ZERO entry), a page whose
@@ -392,8 +412,10 @@ def _dedupe(data: np.ndarray, hashes: np.ndarray, entries: np.ndarray, known_h: 
     words = data.view("<u8").reshape(n, PAGE // 8)  # compared 8 bytes at a time
     kept = words.any(axis=1)
     counters.pages_zero = int(n - kept.sum())
-    idx = np.flatnonzero(kept)
-    if len(known_h) and len(idx):
+    for known_h, known_e in index:  # each part of the pool's index, sorted by hash
+        idx = np.flatnonzero(kept)
+        if not len(idx):
+            break
         pos = np.searchsorted(known_h, hashes[idx])
         pos[pos == len(known_h)] = 0
         cand = known_h[pos] == hashes[idx]
