@@ -57,6 +57,8 @@ def test_vm_lifecycle_through_the_cli(paths, guest):
     (["vm", "start", "--kernel", "/nonexistent/vmlinuz"], ["does not exist"]),
     (["vm", "start", "--kernel", "/etc/passwd"], ["is not a Linux kernel"]),
     (["vm", "start", "--workload", "dance"], ["unknown workload 'dance'"]),
+    (["pool", "set", "nosuchvm", "-n", "2"], ["no VM named 'nosuchvm'"]),
+    (["pool", "set", "nosuchvm", "-n", "100"], ["invalid pool size 100"]),
 ])
 def test_bad_input_is_one_clear_line(paths, args, fragments):
     assert_one_line_error(run_cli(*args), *fragments)
@@ -77,7 +79,8 @@ def test_qemu_error_while_starting_is_shown(paths):
 def test_every_command_has_help():
     for args in (["--help"], ["vm", "--help"], ["vm", "start", "--help"], ["vm", "list", "--help"],
                  ["vm", "log", "--help"], ["vm", "groundtruth", "--help"], ["guest", "build", "--help"],
-                 ["demo", "--help"], ["fork", "--help"], ["memserver", "status", "--help"]):
+                 ["demo", "--help"], ["fork", "--help"], ["memserver", "status", "--help"],
+                 ["pool", "--help"], ["pool", "set", "--help"], ["pool", "status", "--help"]):
         proc = run_cli(*args)
         assert proc.returncode == 0 and "Usage:" in proc.stdout, (args, proc.stderr)
 
