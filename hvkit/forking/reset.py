@@ -34,13 +34,13 @@ from pathlib import Path
 from hvkit.config import Paths
 from hvkit.errors import HvkitError
 from hvkit.forking import pool
+from hvkit.forking.written import written_pages
 from hvkit.memserver import MemServer
 from hvkit.memserver.store import state_file
 from hvkit.qemu import VM, find_vm, launch_from_snapshot, receive_state
 from hvkit.qemu.launch import start_successor, wait_qmp_ready
 from hvkit.qemu.ownership import Ownership
 from hvkit.qemu.runtime import RuntimeDir, SuccessorDir
-from hvkit.qemu.vm import resident_ram_of
 from hvkit.signals import deferred_signals
 
 log = logging.getLogger(__name__)
@@ -75,17 +75,17 @@ def reset(name: str, paths: Paths | None = None, stay_paused: bool = False) -> R
         run = was_running and not stay_paused
         own.write_intent(op="vm reset", undo="reset", recover=RECOVER, step="prestarting", state=str(state),
                          old_pid=vm.pid, was_running=was_running, run_after=run, machine=asdict(vm.spec))
-        successor = _pooled_successor(vm, paths)
+        successor = _pooled_successor(vm, paths)  # ready: it answered its keeper
         if successor is None:  # no pool of its kind: a QEMU started now
             successor = start_successor(vm)
-        try:
-            wait_qmp_ready(successor, 30.0)
-        except BaseException:
-            successor.kill(signal.SIGKILL)
-            SuccessorDir(vm.rundir.path).discard()
-            own.clear_intent()
-            raise
-        pages = resident_ram_of(vm.pid, vm.spec.memory, own_only=True) // 4096
+            try:
+                wait_qmp_ready(successor, 30.0)
+            except BaseException:
+                successor.kill(signal.SIGKILL)
+                SuccessorDir(vm.rundir.path).discard()
+                own.clear_intent()
+                raise
+        pages = _pages_written(vm)
         own.update_intent(step="stopping")
         t_stop = time.monotonic()
         os.kill(vm.pid, signal.SIGKILL)  # its writes go with it
@@ -100,6 +100,14 @@ def reset(name: str, paths: Paths | None = None, stay_paused: bool = False) -> R
         vm.wait_gone(30.0)
         own.clear_intent()
         return ResetReport(vm.name, vm.spec.snapshot or "", pages, seconds, stopped, successor.run_state())
+
+
+def _pages_written(vm: VM) -> int:
+    """How many pages the child holds of its own (the writes the reset drops)."""
+    try:
+        return len(written_pages(vm.pid, vm.spec.ram_file, vm.spec.memory)[0])
+    except HvkitError:
+        return 0
 
 
 def _pooled_successor(vm: VM, paths: Paths) -> VM | None:
