@@ -45,6 +45,18 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
+# 1b. /dev/kvm as Debian's udev rule leaves it (group kvm, mode 0660), where no udev set it up
+#     (a container: root's alone). libvirt's QEMU user (libvirt-qemu, in group kvm) must be
+#     able to open it: else libvirt finds its cached QEMU capabilities (probed with KVM)
+#     "outdated" at every lookup and probes QEMU again, ~45 s per domain started here
+#     (the libvirt tests' domains run under TCG all the same).
+if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$(stat -c %G /dev/kvm)" != kvm ] &&
+   [ $(( 0$(stat -c %a /dev/kvm) & 060 )) -eq 0 ]; then
+    say "giving group kvm access to /dev/kvm (as Debian's udev rule does)"
+    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO chgrp kvm /dev/kvm && $SUDO chmod g+rw /dev/kvm
+fi
+
 # 2. Python packages, in a virtual environment of the checkout.
 if [ ! -x .venv/bin/python ]; then
     say "creating .venv"

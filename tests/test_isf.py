@@ -316,6 +316,15 @@ def _vol_batches(symbols: Path, raw: Path, cache: Path, plugins: list[str],
     return runs
 
 
+def _why(proc: subprocess.CompletedProcess) -> str:
+    """What went wrong in a failed `vol` run, in one line: the last line of its stderr that
+    names something (vol's own explanation, an argument error, an exception's last line),
+    not its banner, hints or closing words."""
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    named = [line for line in lines if ":" in line and not line.startswith(("Volatility 3 Framework", "*"))]
+    return (named or lines or ["?"])[-1][:300]
+
+
 def _dump(vm, dest: Path) -> Path:
     vm.pause()
     try:
@@ -343,9 +352,9 @@ def _check_guest(vm, isf, tmp_path, plugins, release: str) -> None:
     truth = ground_truth(vm)
     raw = _dump(vm, tmp_path / "ram.raw")
     runs = _vol_batches(symbols, raw, cache, plugins, tmp_path / "batches")
-    failed = {plugin: (proc.stderr.strip().splitlines() or ["?"])[-1] for plugin, proc in runs.items()
+    failed = {plugin: _why(proc) for plugin, proc in runs.items()
               if proc.returncode != 0 or "Traceback" in proc.stderr or "Unsatisfied" in proc.stderr}
-    assert failed == {}
+    assert not failed, "plugins failed in vol:\n" + "\n".join(f"  {p}: {why}" for p, why in failed.items())
     assert {row["PID"] for row in _rows(runs["linux.pslist.PsList"])} == {p.pid for p in truth.processes}
     if "linux.lsmod.Lsmod" in runs:
         modules = {row["Module Name"] for row in _rows(runs["linux.lsmod.Lsmod"])}
