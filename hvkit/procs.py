@@ -69,11 +69,17 @@ def kill_processes_with(*cmdline_has: bytes, timeout: float = 5.0) -> list[int]:
     return pids
 
 
+def same_process(pid: int | None, start_ticks: int | None, cmdline_has: bytes = b"") -> bool:
+    """Whether `pid` is the live process that started at `start_ticks` (not a later one
+    given the same pid) and whose command line contains `cmdline_has`."""
+    return start_ticks is not None and process_runs(pid, cmdline_has) and process_start_ticks(pid) == start_ticks
+
+
 def kill_process(pid: int | None, start_ticks: int | None, timeout: float = 5.0) -> bool:
     """SIGKILLs process `pid` if it is the one that started at `start_ticks` (not a later
     process given the same pid) and waits until it is gone, with its threads; whether it
     was killed."""
-    if not pid or start_ticks is None or process_start_ticks(pid) != start_ticks:
+    if not same_process(pid, start_ticks):
         return False
     try:
         os.kill(pid, signal.SIGKILL)

@@ -47,28 +47,23 @@ def _wait_ready(paths, n: int, without: set[int] = frozenset(), timeout: float =
         time.sleep(0.1)
 
 
-def _qemus(paths) -> list[int]:
-    """QEMUs of the runtime folder (the memory server and the pool's keeper left out)."""
+def _qemus(paths, started_in: bytes = b"") -> list[int]:
+    """QEMUs of the runtime folder (the memory server and the pool's keeper left out);
+    with `started_in`, those whose command line also names that (b"/memserver/pool/":
+    started by the pool, in it or VMs now)."""
     found = []
     for pid in qemus_of(paths.runtime):
         try:
-            if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
-            pass
+            continue
+        if b"qemu-system" in cmdline and started_in in cmdline:
+            found.append(pid)
     return found
 
 
 def _pooled_qemus(paths) -> list[int]:
-    """QEMUs started by the pool (their command line names its folder): in it, or VMs."""
-    found = []
-    for pid in _qemus(paths):
-        try:
-            if b"/memserver/pool/" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            pass
-    return found
+    return _qemus(paths, b"/memserver/pool/")
 
 
 def _fork(*args: str) -> list[str]:

@@ -48,11 +48,11 @@ from pathlib import Path
 from hvkit.config import Paths, make_private_dir
 from hvkit.errors import HvkitError
 from hvkit.memserver import MemServer, Snapshot
-from hvkit.memserver.daemon import memserver_alive, stop_pool_processes
+from hvkit.memserver.daemon import KEEPER, keeper_of, memserver_alive, stop_pool_processes
 from hvkit.memserver.slots import bind_slot, new_slot, remove_slot
-from hvkit.procs import kill_processes_with, process_runs, process_start_ticks
+from hvkit.procs import kill_processes_with, left_by_dead_process, process_start_ticks, same_process
 from hvkit.qemu import VM, find_vm
-from hvkit.qemu.launch import qemu_binary, qemu_command, spawn_process, wait_qmp_ready
+from hvkit.qemu.launch import cpu_model_of, qemu_binary, qemu_command, spawn_process, wait_qmp_ready
 from hvkit.qemu.ownership import fault_point
 from hvkit.qemu.runtime import RuntimeDir, SuccessorDir, VMSpec, check_name
 
@@ -65,11 +65,6 @@ POLL_SECONDS = 0.2
 
 
 # ---- which machines a pooled QEMU can be a child of ------------------------------------
-
-def _cpu_model(machine: dict) -> str | None:
-    old = machine.get("command") or []
-    return old[old.index("-cpu") + 1] if "-cpu" in old[:-1] else None
-
 
 def _child_spec(machine: dict, name: str, ram_file: str, server_pid: int | None) -> VMSpec:
     return VMSpec(**{**machine, "name": check_name(name), "ram": "snapshot", "snapshot": None,
@@ -85,7 +80,7 @@ def machine_key(machine: dict) -> str | None:
     if machine.get("disk") or machine.get("origin", "hvkit") != "hvkit" or machine.get("ram_nodes"):
         return None
     spec = _child_spec(machine, "x", "@ram", None)
-    shape = qemu_command(qemu_binary(), RuntimeDir(Path("/@")), spec, _cpu_model(machine))
+    shape = qemu_command(qemu_binary(), RuntimeDir(Path("/@")), spec, cpu_model_of(machine.get("command") or []))
     return hashlib.sha256("\0".join(shape).encode()).hexdigest()[:12]
 
 
@@ -120,11 +115,8 @@ class PoolDir:
 
     def keeper_pid(self) -> int | None:
         """The live keeper's pid, or None."""
-        try:
-            pid, ticks = (int(x) for x in self.keeper_pid_file.read_text().split())
-        except (OSError, ValueError):
-            return None
-        return pid if process_runs(pid, b"hvkit.forking.pool") and process_start_ticks(pid) == ticks else None
+        pid, ticks = keeper_of(self.root.parent)  # the server folder holds the pool
+        return pid if same_process(pid, ticks, KEEPER) else None
 
     last_claim_file = property(lambda self: self.root / "last_claim")
 
@@ -178,11 +170,7 @@ def stop_entries(batch: Path, store: Path | None = None) -> None:
     """Stops every QEMU of a batch folder and removes it; with `store`, its slot record
     too (only for a batch never claimed: a claimed batch's slot may be the RAM of the
     children that took its other QEMUs; a new server forgets every slot)."""
-    for entry in entries(batch):
-        vm = entry_vm(entry)
-        if vm is not None:
-            vm.kill(signal.SIGKILL)
-        kill_processes_with(f"{entry}/qmp.sock".encode())  # spawned, its spec not written yet
+    stop_entries_of(entries(batch))
     info = _batch_info(batch)
     if store is not None and info.get("slot"):
         remove_slot(store, info["slot"])
@@ -326,11 +314,20 @@ def claim(paths: Paths, snapshot: Snapshot, n: int) -> list[Path]:
 
 
 def stop_entries_of(found: list[Path]) -> None:
+    """Stops the pooled QEMUs of folders `found` and removes the folders."""
     for entry in found:
         vm = entry_vm(entry)
         if vm is not None:
             vm.kill(signal.SIGKILL)
+        kill_processes_with(f"{entry}/qmp.sock".encode())  # spawned, its spec not written yet
         shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pooled_spec(entry: Path) -> VMSpec:
+    spec = RuntimeDir(entry).read_spec()
+    if spec is None or not spec.pid:
+        raise HvkitError(f"pooled QEMU {entry.name} has no spec")
+    return spec
 
 
 def take(entry: Path, name: str, snapshot: Snapshot, server_pid: int, parent: str | None,
@@ -339,9 +336,7 @@ def take(entry: Path, name: str, snapshot: Snapshot, server_pid: int, parent: st
     child's (sockets, console and log keep working: the files stay the same), the child's
     spec written. The caller holds the child with an intent to stop it (a kill before
     the spec is written leaves the pooled spec, which names the same QEMU)."""
-    pooled = RuntimeDir(entry).read_spec()
-    if pooled is None or not pooled.pid:
-        raise HvkitError(f"pooled QEMU {entry.name} has no spec")
+    pooled = _pooled_spec(entry)
     rundir = RuntimeDir(paths.vm_dir(name))
     os.rename(entry, rundir.path)  # fails if a folder of that name appeared meanwhile
     fault_point("pool taken")
@@ -358,9 +353,7 @@ def take_as_successor(entry: Path, vm: VM) -> VM:
     QEMU: its files moved into `vm`'s folder under the successor's names (SuccessorDir;
     its console as console-next.log), its spec (naming `vm`) written last; the caller
     switches to it as to any successor (`SuccessorDir.take_over`)."""
-    pooled = RuntimeDir(entry).read_spec()
-    if pooled is None or not pooled.pid:
-        raise HvkitError(f"pooled QEMU {entry.name} has no spec")
+    pooled = _pooled_spec(entry)
     mine, nxt = RuntimeDir(entry), SuccessorDir(vm.rundir.path)
     nxt.discard()
     for src, dst in ((mine.qmp_sock, nxt.qmp_sock), (mine.ctl_sock, nxt.ctl_sock), (mine.qemu_log, nxt.qemu_log),
@@ -398,7 +391,7 @@ def start_batch(pool: PoolDir, key: str, machine: dict, count: int, server: MemS
             entry = RuntimeDir(batch / str(i))
             os.mkdir(entry.path, 0o700)
             spec = _child_spec(machine, f"pool-{batch_id}-{i}", ram_file, server_pid)
-            spec.command = qemu_command(qemu_binary(), entry, spec, _cpu_model(machine))
+            spec.command = qemu_command(qemu_binary(), entry, spec, cpu_model_of(machine.get("command") or []))
             vm = VM(entry, spec)
             spawn_process(vm)  # its spec names its pid and start: found by those once its folder moves
             vms.append(vm)
@@ -468,7 +461,7 @@ def _stop_orphaned_claims(pool: PoolDir, server: MemServer) -> None:
     """QEMUs a fork claimed and did not take before it died (its pid ends the name)."""
     for batch in (pool.claimed.iterdir() if pool.claimed.is_dir() else []):
         pid = batch.name.rpartition(".")[2]
-        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+        if not pid.isdigit() or left_by_dead_process(pid):
             stop_entries(batch)
 
 

@@ -27,7 +27,7 @@ from hvkit.errors import HvkitError
 from hvkit.memserver.server import STATS
 from hvkit.memserver.slots import clear_slots
 from hvkit.memserver.store import SNAPSHOT_SUFFIX, Snapshot, Store, state_file
-from hvkit.procs import kill_process, kill_processes_with, process_runs, process_start_ticks
+from hvkit.procs import kill_process, kill_processes_with, process_runs, same_process
 from hvkit.config import make_private_dir
 
 
@@ -36,20 +36,30 @@ def memserver_alive(pid: int | None) -> bool:
     return process_runs(pid, b"hvkit.memserver.server")
 
 
+KEEPER = b"hvkit.forking.pool"  # on the command line of the fork pool's keeper process
+
+
+def keeper_of(root: Path) -> tuple[int | None, int | None]:
+    """(pid, start ticks) of the pool keeper of server folder `root`, as its pid file
+    (<root>/pool/keeper.pid) says; (None, None) without one."""
+    try:
+        pid, ticks = (int(x) for x in (root / "pool" / "keeper.pid").read_text().split())
+    except (OSError, ValueError):
+        return None, None
+    return pid, ticks
+
+
 def stop_pool_processes(root: Path, store: Path) -> None:
     """Stops the fork's warm pool of this server (hvkit.forking.pool: <root>/pool): its
     keeper, then every QEMU still in the pool's folders (those a fork took are VMs now,
     and live in their own folders), and forgets their slots; the pool's configuration
     stays, so the next fork fills it again."""
     pool = root / "pool"
-    try:
-        pid, ticks = (int(x) for x in (pool / "keeper.pid").read_text().split())
-    except (OSError, ValueError):
-        pid = ticks = 0
-    if pid and process_start_ticks(pid) == ticks:
+    pid, ticks = keeper_of(root)
+    if same_process(pid, ticks, KEEPER):
         os.kill(pid, signal.SIGTERM)  # it stops its QEMUs and exits
         deadline = time.monotonic() + 10
-        while process_runs(pid, b"hvkit.forking.pool") and time.monotonic() < deadline:
+        while same_process(pid, ticks, KEEPER) and time.monotonic() < deadline:
             time.sleep(0.02)
         kill_process(pid, ticks)
     for batch in (pool / "starting").iterdir() if (pool / "starting").is_dir() else []:

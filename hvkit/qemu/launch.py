@@ -204,8 +204,7 @@ def launch_from_snapshot(name: str, machine: dict, snapshot: str, ram_file: Path
     spec = VMSpec(**{**machine, "name": check_name(name), "ram": "snapshot", "snapshot": snapshot,
                      "ram_file": str(ram_file), "memserver_pid": memserver_pid, "parent": parent,
                      "pid": None, "started_at": None, "command": []})
-    old = machine.get("command") or []
-    cpu_model = old[old.index("-cpu") + 1] if "-cpu" in old[:-1] else None
+    cpu_model = cpu_model_of(machine.get("command") or [])
     rundir = RuntimeDir(paths.vm_dir(spec.name))
     if in_place:
         rundir.clear_for_restart()
@@ -237,8 +236,7 @@ def start_successor(vm: VM) -> VM:
     before an incoming migration), so it then sees the file as frozen. A reset gives
     a child a fresh QEMU of its snapshot this way. Its files are its own (SuccessorDir)
     until it takes over (`SuccessorDir.take_over`). The caller holds the VM."""
-    old = vm.spec.command or []
-    cpu_model = old[old.index("-cpu") + 1] if "-cpu" in old[:-1] else None
+    cpu_model = cpu_model_of(vm.spec.command or [])
     child = vm.spec.ram == "snapshot"
     spec = VMSpec(**{**asdict(vm.spec), "ram": "snapshot", "ram_file": vm.spec.ram_file if child else str(vm.ram_path),
                      "snapshot": vm.spec.snapshot if child else None,
@@ -323,6 +321,12 @@ def claim_folder(rundir: RuntimeDir) -> None:
                          "choose another --name, or stop it with 'hvkit vm stop'")
     rundir.remove()  # leftovers of a dead VM, or of a start that never finished
     rundir.claim()
+
+
+def cpu_model_of(command: list[str]) -> str | None:
+    """The `-cpu` model of a QEMU command line, or None: a VM started again (a fork's
+    child, its next QEMU) gets the CPU it had."""
+    return command[command.index("-cpu") + 1] if "-cpu" in command[:-1] else None
 
 
 def qemu_command(binary: str, rundir: RuntimeDir, spec: VMSpec, cpu_model: str | None) -> list[str]:

@@ -158,11 +158,17 @@ class RuntimeDir:
         """SIGKILLs every QEMU hvkit started for this folder (its command line names the
         VM, `-name hvkit-NAME`, and a file here): also one spawned just before the spec
         that names its pid was written. Waits until they are gone; their pids."""
-        pids = kill_processes_with(f"\0hvkit-{self.name}\0".encode(), f"{self.path}/".encode())
-        spec = self.read_spec()  # a pooled QEMU that became this VM's: its command line names the pool
+        return kill_processes_with(f"\0hvkit-{self.name}\0".encode(), f"{self.path}/".encode()) \
+            + self.kill_spec_process()
+
+    def kill_spec_process(self) -> list[int]:
+        """SIGKILLs the QEMU this folder's spec names by pid and start time (a pooled QEMU
+        that became this VM's: its command line names the pool's folder, not this one),
+        never an attached one; [its pid] if it was killed."""
+        spec = self.read_spec()
         if spec is not None and spec.origin == "hvkit" and kill_process(spec.pid, spec.proc_start):
-            pids.append(spec.pid)
-        return pids
+            return [spec.pid]
+        return []
 
     def tail(self, which: Path, lines: int = 5) -> str:
         try:
@@ -212,11 +218,8 @@ class SuccessorDir(RuntimeDir):
         """SIGKILLs the successor QEMU of this folder, if one runs (found by its QMP
         socket on its command line: also one whose spec was never written; or a pooled
         QEMU, by the pid and start time its spec names)."""
-        pids = kill_processes_with(f"\0hvkit-{self.name}\0".encode(), str(self.qmp_sock).encode())
-        spec = self.read_spec()
-        if spec is not None and kill_process(spec.pid, spec.proc_start):
-            pids.append(spec.pid)
-        return pids
+        return kill_processes_with(f"\0hvkit-{self.name}\0".encode(), str(self.qmp_sock).encode()) \
+            + self.kill_spec_process()
 
 
 def free_space_note(folder: Path) -> str:

@@ -35,7 +35,7 @@ from hvkit.memory import GuestMemory, RamFileMemory
 from hvkit.memory.base import RamPiece
 from hvkit.memory.process import ProcessMemory, process_mappings, ram_mappings
 from hvkit.memserver.daemon import memserver_alive
-from hvkit.procs import left_by_dead_process, process_runs, process_start_ticks, threads_still_exiting
+from hvkit.procs import left_by_dead_process, process_runs, process_start_ticks, same_process, threads_still_exiting
 from hvkit.qemu import imagevm
 from hvkit.qemu.agent import GuestAgent
 from hvkit.qemu.ownership import LOCK_WAIT, Ownership, fault_point
@@ -163,14 +163,12 @@ class VM:
         """Whether this VM's QEMU process runs (not whether it is usable: is_alive)."""
         if self._process is not None:  # our own child: its pid cannot have been reused
             return self._process.poll() is None
-        if self.attached:  # the same process as when attached: pid and start time
-            return process_runs(self.pid, b"qemu") and process_start_ticks(self.pid) == self.spec.proc_start
-        if process_runs(self.pid, str(self.rundir.path).encode()):  # a QEMU started for this folder
-            return True
-        # or the QEMU its spec names by pid and start time: a pooled QEMU (forking/pool.py)
-        # was started in the pool's folder, then its folder became this one
-        return (self.spec.proc_start is not None and process_runs(self.pid, b"qemu")
-                and process_start_ticks(self.pid) == self.spec.proc_start)
+        same = same_process(self.pid, self.spec.proc_start, b"qemu")  # pid and start time
+        if self.attached:  # the same process as when attached
+            return same
+        # a QEMU started for this folder, or the one its spec names: a pooled QEMU
+        # (forking/pool.py) was started in the pool's folder, then its folder became this one
+        return same or process_runs(self.pid, str(self.rundir.path).encode())
 
     def is_alive(self) -> bool:
         alive = self.qemu_alive()
