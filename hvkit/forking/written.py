@@ -21,6 +21,7 @@ import numpy as np
 
 from hvkit.errors import HvkitError
 from hvkit.memory import PAGE_SIZE
+from hvkit.memory.base import consecutive_runs
 
 PAGE = PAGE_SIZE
 PRESENT, SWAPPED, FILE_OR_SHARED = 1 << 63, 1 << 62, 1 << 61
@@ -110,10 +111,7 @@ def read_pages(pid: int, start: int, which: np.ndarray, out: np.ndarray) -> None
     """Pages `which` of the RAM mapping at `start` of QEMU process `pid` into `out`
     ((n, 4096) bytes, e.g. their place in the memory server's store), one read per run
     of consecutive pages."""
-    which = which.astype(np.int64)
-    breaks = np.flatnonzero(np.diff(which) != 1) + 1
-    firsts = np.concatenate(([0], breaks)).astype(np.int64)
-    lasts = np.concatenate((breaks, [len(which)])).astype(np.int64)
+    firsts, lasts = consecutive_runs(which)
     try:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
         try:

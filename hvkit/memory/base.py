@@ -52,6 +52,15 @@ class RamPiece:
     file: int = 0
 
 
+def consecutive_runs(sorted_numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, end) positions in `sorted_numbers` of each run of consecutive numbers
+    (end exclusive): one read, write or hole per run of pages instead of one per page."""
+    breaks = np.flatnonzero(np.diff(sorted_numbers.astype(np.int64)) != 1) + 1
+    if len(sorted_numbers) == 0:
+        return breaks, breaks
+    return np.concatenate(([0], breaks)), np.concatenate((breaks, [len(sorted_numbers)]))
+
+
 def place_on_pieces(ranges: list[MemoryRange], pieces: Sequence[RamPiece]) -> list[MemoryRange]:
     """`ranges` (whose offsets are offsets into the machine's whole RAM) split where one
     piece ends and the next begins, each with the file and offset of its piece."""

@@ -33,6 +33,7 @@ import numpy as np
 
 from hvkit.errors import HvkitError
 from hvkit.memory import PAGE_SIZE
+from hvkit.memory.base import consecutive_runs
 from hvkit.memory.ramfile import punch_hole
 from hvkit.config import make_private_dir
 from hvkit.memserver.table import (FANOUT, FILE_MASK, FILE_SHIFT, FRAMES, KIND_SHIFT, PAGE_MASK, TableFile,
@@ -341,8 +342,9 @@ class Store:
             new = np.flatnonzero(kept)
             entries[new] = base + np.uint64(start) + new.astype(np.uint64)
             entries[repeats] = entries[firsts]
-            for a, b in _runs(np.flatnonzero(~kept)):  # zero and repeated pages: no frame of their own
-                punch_hole(f.fileno(), (start + a) * PAGE, (b - a) * PAGE, pool)
+            gone = np.flatnonzero(~kept)  # zero and repeated pages: no frame of their own
+            for a, b in zip(*consecutive_runs(gone)):
+                punch_hole(f.fileno(), (start + int(gone[a])) * PAGE, int(gone[b - 1] - gone[a] + 1) * PAGE, pool)
         counters.pages_stored += len(new)
         if len(new):
             with _open_private(self.path / "pool.index.new", "ab") as f:
@@ -450,16 +452,6 @@ def _same_pages(a: np.ndarray, at: np.ndarray, b: np.ndarray, bt: np.ndarray, ch
     for s in range(0, len(at), chunk):
         out[s:s + chunk] = (a[at[s:s + chunk]] == b[bt[s:s + chunk]]).all(axis=1)
     return out
-
-
-def _runs(sorted_pages: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) of each run of consecutive numbers in `sorted_pages`."""
-    if len(sorted_pages) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(sorted_pages) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(sorted_pages)]))
-    return list(zip(sorted_pages[starts].tolist(), (sorted_pages[ends - 1] + 1).tolist()))
 
 
 def is_frames(entries: np.ndarray) -> np.ndarray:
